@@ -1,0 +1,252 @@
+"""SLA2 backward.
+
+Two kernels, as in FlashAttention-2's backward: one program per query block accumulates dQ (sparse
+branch from recomputed probabilities, linear branch through phi(Q)) and writes the per-query-block
+linear-state gradients dH_i, dz_i; one program per key block walks the query blocks that selected
+it (a reverse look-up table) for dK, dV of the sparse branch, and takes the linear branch's dK, dV
+from dG_j = sum of dH_i over the query blocks that did NOT select it (one GEMM outside).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from sla2_kernels.common import LOG2E, dot_precision, feature_softmax, row_stride_args
+
+
+@triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks", "k_sel"])
+def _sla2_backward_query_kernel(
+    Q, K, V, DO, OutSparse, Lse, Lut, Alpha, CompState, CompNorm,
+    DQ, Delta, DAlpha, DStateQ, DNormQ,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_oh, stride_ol,
+    heads, length, num_q_blocks, num_k_blocks, k_sel,
+    qk_scale_log2, scale, linear_eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    batch, head = bh // heads, bh % heads
+    rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    key_offsets = tl.arange(0, BLOCK_N)
+    row_valid = rows < length
+    q_offsets = batch * stride_qb + head * stride_qh + rows[:, None] * stride_ql + cols[None, :]
+    o_offsets = batch * stride_ob + head * stride_oh + rows[:, None] * stride_ol + cols[None, :]
+
+    q = tl.load(Q + q_offsets, mask=row_valid[:, None], other=0.0)
+    grad_out = tl.load(DO + o_offsets, mask=row_valid[:, None], other=0.0).to(tl.float32)
+    out_sparse = tl.load(OutSparse + o_offsets, mask=row_valid[:, None], other=0.0).to(tl.float32)
+    lse = tl.load(Lse + bh * length + rows, mask=row_valid, other=0.0)
+    if HAS_LINEAR:
+        mix = tl.load(Alpha + bh * num_q_blocks + q_block)
+    else:
+        mix = 1.0
+    grad_sparse = grad_out * mix
+    delta = tl.sum(grad_sparse * out_sparse, axis=1)
+    tl.store(Delta + bh * length + rows, delta, mask=row_valid)
+    grad_sparse_in = grad_sparse.to(q.dtype)
+
+    k_base = K + batch * stride_kb + head * stride_kh
+    v_base = V + batch * stride_vb + head * stride_vh
+    lut_base = Lut + (bh * num_q_blocks + q_block) * k_sel
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for t in range(0, k_sel):
+        key_block = tl.load(lut_base + t)
+        keys = key_block * BLOCK_N + key_offsets
+        key_valid = keys < length
+        k = tl.load(k_base + keys[:, None] * stride_kl + cols[None, :], mask=key_valid[:, None], other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vl + cols[None, :], mask=key_valid[:, None], other=0.0)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        probs = tl.math.exp2(scores - lse[:, None])
+        probs = tl.where(key_valid[None, :] & row_valid[:, None], probs, 0.0)
+        grad_probs = tl.dot(grad_sparse_in, tl.trans(v), input_precision=DOT_PRECISION)
+        grad_scores = probs * (grad_probs - delta[:, None])
+        dq = tl.dot(grad_scores.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    dq = dq * scale
+
+    if HAS_LINEAR:
+        block_offset = bh * num_q_blocks + q_block
+        state = tl.load(CompState + block_offset * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM
+                        + cols[None, :]).to(tl.float32)
+        norm = tl.load(CompNorm + block_offset * HEAD_DIM + cols)
+        phi = feature_softmax(q.to(tl.float32))
+        denominator = tl.sum(phi * norm[None, :], axis=1) + linear_eps
+        out_linear = tl.dot(phi, state, input_precision=DOT_PRECISION) / denominator[:, None]
+        tl.store(DAlpha + bh * num_q_blocks + q_block, tl.sum(tl.sum(grad_out * (out_sparse - out_linear), 1), 0))
+        grad_linear = grad_out * (1.0 - mix)
+        grad_numerator = grad_linear / denominator[:, None]
+        grad_denominator = -tl.sum(grad_linear * out_linear, axis=1) / denominator
+        grad_phi = tl.dot(grad_numerator, tl.trans(state), input_precision=DOT_PRECISION)
+        grad_phi += grad_denominator[:, None] * norm[None, :]
+        dq += phi * (grad_phi - tl.sum(grad_phi * phi, axis=1)[:, None])
+        grad_state = tl.dot(tl.trans(phi), grad_numerator, input_precision=DOT_PRECISION)
+        tl.store(DStateQ + block_offset * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :],
+                 grad_state.to(DStateQ.dtype.element_ty))
+        tl.store(DNormQ + block_offset * HEAD_DIM + cols, tl.sum(grad_denominator[:, None] * phi, axis=0))
+    tl.store(DQ + q_offsets, dq.to(DQ.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks"])
+def _sla2_backward_key_kernel(
+    Q, K, V, DO, Lse, Delta, Alpha, RevIndex, RevOffset, DStateK, DNormK,
+    DK, DV,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_oh, stride_ol,
+    heads, length, num_q_blocks, num_k_blocks, rev_len,
+    qk_scale_log2, scale,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    k_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    batch, head = bh // heads, bh % heads
+    keys = k_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, HEAD_DIM)
+    query_offsets = tl.arange(0, BLOCK_M)
+    key_valid = keys < length
+    k = tl.load(K + batch * stride_kb + head * stride_kh + keys[:, None] * stride_kl + cols[None, :],
+                mask=key_valid[:, None], other=0.0)
+    v = tl.load(V + batch * stride_vb + head * stride_vh + keys[:, None] * stride_vl + cols[None, :],
+                mask=key_valid[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    q_base = Q + batch * stride_qb + head * stride_qh
+    o_base = DO + batch * stride_ob + head * stride_oh
+    start = tl.load(RevOffset + bh * (num_k_blocks + 1) + k_block)
+    stop = tl.load(RevOffset + bh * (num_k_blocks + 1) + k_block + 1)
+    for t in range(start, stop):
+        q_block = tl.load(RevIndex + bh * rev_len + t)
+        rows = q_block * BLOCK_M + query_offsets
+        row_valid = rows < length
+        q = tl.load(q_base + rows[:, None] * stride_ql + cols[None, :], mask=row_valid[:, None], other=0.0)
+        grad_out = tl.load(o_base + rows[:, None] * stride_ol + cols[None, :], mask=row_valid[:, None], other=0.0)
+        lse = tl.load(Lse + bh * length + rows, mask=row_valid, other=0.0)
+        delta = tl.load(Delta + bh * length + rows, mask=row_valid, other=0.0)
+        if HAS_LINEAR:
+            mix = tl.load(Alpha + bh * num_q_blocks + q_block)
+            grad_sparse = (grad_out.to(tl.float32) * mix).to(q.dtype)
+        else:
+            grad_sparse = grad_out
+        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
+        probs_t = tl.math.exp2(scores_t - lse[None, :])
+        probs_t = tl.where(key_valid[:, None] & row_valid[None, :], probs_t, 0.0)
+        dv = tl.dot(probs_t.to(q.dtype), grad_sparse, dv, input_precision=DOT_PRECISION)
+        grad_probs_t = tl.dot(v, tl.trans(grad_sparse), input_precision=DOT_PRECISION)
+        grad_scores_t = probs_t * (grad_probs_t - delta[None, :])
+        dk = tl.dot(grad_scores_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    dk = dk * scale
+    if HAS_LINEAR:
+        block_offset = bh * num_k_blocks + k_block
+        dstate = tl.load(DStateK + block_offset * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM
+                         + cols[None, :]).to(tl.float32)
+        dnorm = tl.load(DNormK + block_offset * HEAD_DIM + cols)
+        kf = k.to(tl.float32)
+        phi = tl.where(key_valid[:, None], feature_softmax(kf), 0.0)
+        dv += tl.dot(phi, dstate, input_precision=DOT_PRECISION)
+        grad_phi = tl.dot(v.to(tl.float32), tl.trans(dstate), input_precision=DOT_PRECISION) + dnorm[None, :]
+        dk += phi * (grad_phi - tl.sum(grad_phi * phi, axis=1)[:, None])
+    dk_offsets = batch * stride_kb + head * stride_kh + keys[:, None] * stride_kl + cols[None, :]
+    dv_offsets = batch * stride_vb + head * stride_vh + keys[:, None] * stride_vl + cols[None, :]
+    tl.store(DK + dk_offsets, dk.to(DK.dtype.element_ty), mask=key_valid[:, None])
+    tl.store(DV + dv_offsets, dv.to(DV.dtype.element_ty), mask=key_valid[:, None])
+
+
+def reverse_lut(lut: torch.Tensor, num_k_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each key block, the query blocks that selected it (CSR: indices, offsets). No host sync."""
+    batch, heads, num_q_blocks, k_sel = lut.shape
+    flat = lut.reshape(batch * heads, num_q_blocks * k_sel).long()
+    order = flat.sort(dim=1, stable=True).indices
+    rev_index = (order // k_sel).to(torch.int32).contiguous()
+    counts = torch.zeros(batch * heads, num_k_blocks, dtype=torch.int64, device=lut.device)
+    counts.scatter_add_(1, flat, torch.ones_like(flat))
+    rev_offset = torch.nn.functional.pad(counts.cumsum(dim=1), (1, 0)).to(torch.int32).contiguous()
+    return rev_index, rev_offset
+
+
+def sla2_backward_query(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor,
+    alpha: torch.Tensor | None,
+    out_sparse: torch.Tensor,
+    lse: torch.Tensor,
+    comp_states: torch.Tensor | None,
+    comp_norms: torch.Tensor | None,
+    block_q: int,
+    block_k: int,
+    linear_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Query-side backward: (dq, delta, dalpha, dH per query block, dz per query block).
+
+    alpha None means the pure sparse branch (no linear terms; dalpha and dH/dz are None).
+    grad_out must have out_sparse's strides.
+    """
+    batch, heads, length, head_dim = q.shape
+    num_q_blocks, num_k_blocks = triton.cdiv(length, block_q), triton.cdiv(length, block_k)
+    has_linear = alpha is not None
+    empty = q.new_empty(0, dtype=torch.float32)
+    dq = torch.empty_like(q)
+    delta = torch.empty(batch, heads, length, device=q.device, dtype=torch.float32)
+    dalpha = dstate_q = dnorm_q = None
+    if has_linear:
+        dalpha = torch.empty(batch, heads, num_q_blocks, device=q.device, dtype=torch.float32)
+        dstate_q = q.new_empty(batch, heads, num_q_blocks, head_dim, head_dim)
+        dnorm_q = q.new_empty(batch, heads, num_q_blocks, head_dim, dtype=torch.float32)
+    num_warps = 8 if head_dim == 128 else 4
+    _sla2_backward_query_kernel[(num_q_blocks, batch * heads)](
+        q, k, v, grad_out, out_sparse, lse, lut,
+        *(x if has_linear else empty for x in (alpha, comp_states, comp_norms)),
+        dq, delta, *(x if has_linear else empty for x in (dalpha, dstate_q, dnorm_q)),
+        *row_stride_args(q), *row_stride_args(k), *row_stride_args(v), *row_stride_args(grad_out),
+        heads, length, num_q_blocks, num_k_blocks, lut.shape[-1],
+        head_dim**-0.5 * LOG2E, head_dim**-0.5, linear_eps,
+        BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
+        HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=1,
+    )
+    return dq, delta, dalpha, dstate_q, dnorm_q
+
+
+def sla2_backward_key(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor,
+    alpha: torch.Tensor | None,
+    lse: torch.Tensor,
+    delta: torch.Tensor,
+    key_dstates: torch.Tensor | None,
+    key_dnorms: torch.Tensor | None,
+    block_q: int,
+    block_k: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key-side backward: (dk, dv). key_dstates/key_dnorms: dG_j, dg_j per key block (B, H, T_n, ...)."""
+    batch, heads, length, head_dim = q.shape
+    num_q_blocks, num_k_blocks = triton.cdiv(length, block_q), triton.cdiv(length, block_k)
+    has_linear = alpha is not None
+    empty = q.new_empty(0, dtype=torch.float32)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    rev_index, rev_offset = reverse_lut(lut, num_k_blocks)
+    num_warps = 8 if head_dim == 128 else 4
+    _sla2_backward_key_kernel[(num_k_blocks, batch * heads)](
+        q, k, v, grad_out, lse, delta, alpha if has_linear else empty, rev_index, rev_offset,
+        key_dstates if has_linear else empty, key_dnorms if has_linear else empty,
+        dk, dv,
+        *row_stride_args(q), *row_stride_args(k), *row_stride_args(v), *row_stride_args(grad_out),
+        heads, length, num_q_blocks, num_k_blocks, rev_index.shape[-1],
+        head_dim**-0.5 * LOG2E, head_dim**-0.5,
+        BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
+        HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=1,
+    )
+    return dk, dv

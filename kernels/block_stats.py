@@ -1,0 +1,87 @@
+"""Per-block statistics: block means for the router, and linear-branch states per key block.
+
+One pass over K and V gives, for every key block j, h_j = phi(K_j)^T V_j (D x D) and
+z_j = sum phi(K_j) (D), from which each query block's linear branch over its unselected blocks is
+one batched matrix product (sla2cli.ops.complement).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from sla2_kernels.common import dot_precision, feature_softmax, last_dim_contiguous, row_stride_args
+
+
+@triton.jit(do_not_specialize=["length", "num_blocks"])
+def _block_mean_kernel(
+    X, Out,
+    stride_xb, stride_xh, stride_xl,
+    heads, length, num_blocks,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    block_id = tl.program_id(0)
+    bh = tl.program_id(1)
+    batch, head = bh // heads, bh % heads
+    rows = block_id * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, HEAD_DIM)
+    ptrs = X + batch * stride_xb + head * stride_xh + rows[:, None] * stride_xl + cols[None, :]
+    x = tl.load(ptrs, mask=rows[:, None] < length, other=0.0).to(tl.float32)
+    count = tl.minimum(length - block_id * BLOCK, BLOCK).to(tl.float32)
+    mean = tl.sum(x, axis=0) / count
+    tl.store(Out + (bh * num_blocks + block_id) * HEAD_DIM + cols, mean)
+
+
+@triton.jit(do_not_specialize=["length", "num_blocks"])
+def _key_state_kernel(
+    K, V, States, Norms,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    heads, length, num_blocks,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    block_id = tl.program_id(0)
+    bh = tl.program_id(1)
+    batch, head = bh // heads, bh % heads
+    rows = block_id * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, HEAD_DIM)
+    valid = rows[:, None] < length
+    k = tl.load(K + batch * stride_kb + head * stride_kh + rows[:, None] * stride_kl + cols[None, :],
+                mask=valid, other=0.0).to(tl.float32)
+    v = tl.load(V + batch * stride_vb + head * stride_vh + rows[:, None] * stride_vl + cols[None, :],
+                mask=valid, other=0.0)
+    phi = tl.where(valid, feature_softmax(k), 0.0)
+    state = tl.dot(tl.trans(phi.to(v.dtype)), v, input_precision=DOT_PRECISION)
+    out = (bh * num_blocks + block_id) * HEAD_DIM
+    tl.store(States + out * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :],
+             state.to(States.dtype.element_ty))
+    tl.store(Norms + out + cols, tl.sum(phi, axis=0))
+
+
+def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean over the real rows of each block of a (B, H, L, D) tensor -> (B, H, T, D) float32."""
+    x = last_dim_contiguous(x)
+    batch, heads, length, head_dim = x.shape
+    num_blocks = triton.cdiv(length, block)
+    out = torch.empty(batch, heads, num_blocks, head_dim, device=x.device, dtype=torch.float32)
+    _block_mean_kernel[(num_blocks, batch * heads)](
+        x, out, *row_stride_args(x), heads, length, num_blocks, BLOCK=block, HEAD_DIM=head_dim,
+    )
+    return out
+
+
+def key_block_states(
+    k: torch.Tensor, v: torch.Tensor, block: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linear-branch states per key block: h (B, H, T_n, D, D) in the input dtype (float32 for
+    float32 inputs) and z (B, H, T_n, D) float32. Rows past the sequence end contribute nothing."""
+    k, v = last_dim_contiguous(k), last_dim_contiguous(v)
+    batch, heads, length, head_dim = k.shape
+    num_blocks = triton.cdiv(length, block)
+    states = torch.empty(batch, heads, num_blocks, head_dim, head_dim, device=k.device, dtype=k.dtype)
+    norms = torch.empty(batch, heads, num_blocks, head_dim, device=k.device, dtype=torch.float32)
+    _key_state_kernel[(num_blocks, batch * heads)](
+        k, v, states, norms, *row_stride_args(k), *row_stride_args(v), heads, length, num_blocks,
+        BLOCK=block, HEAD_DIM=head_dim, DOT_PRECISION=dot_precision(k.dtype),
+    )
+    return states, norms

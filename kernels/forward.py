@@ -1,0 +1,131 @@
+"""SLA2 forward: block-sparse softmax over the selected key blocks, complement linear branch, mix.
+
+One program per (query block, batch*head). It walks the query block's k_sel selected key blocks
+once (online softmax, exp2 with the scale folded in). The linear branch arrives as the query
+block's complement state (sum of phi(K_j)^T V_j over its unselected blocks, one GEMM for all query
+blocks outside this kernel), so the epilogue is one D x D product: phi(Q) H_i / (phi(Q) z_i + eps),
+then the alpha mix, with no second pass over O. Summing the selected states inside the loop was
+measured slower on an H100 (the k_sel extra D x D loads per query block doubled the loop's bytes).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from sla2_kernels.common import LOG2E, dot_precision, feature_softmax, last_dim_contiguous, row_stride_args
+
+# (num_warps, num_stages) per head dim; benchmarks/gpu_suite.py sweeps these on the GPU.
+FORWARD_LAUNCH: dict[int, tuple[int, int]] = {64: (4, 2), 128: (8, 3)}
+
+
+@triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks", "k_sel"])
+def _sla2_forward_kernel(
+    Q, K, V, Lut, Alpha, CompState, CompNorm,
+    Out, Lse, OutSparse,
+    stride_qb, stride_qh, stride_ql,
+    stride_kb, stride_kh, stride_kl,
+    stride_vb, stride_vh, stride_vl,
+    stride_ob, stride_oh, stride_ol,
+    heads, length, num_q_blocks, num_k_blocks, k_sel,
+    qk_scale_log2, linear_eps,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    q_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    batch, head = bh // heads, bh % heads
+    rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    key_offsets = tl.arange(0, BLOCK_N)
+    row_valid = rows < length
+
+    q = tl.load(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_ql + cols[None, :],
+                mask=row_valid[:, None], other=0.0)
+    k_base = K + batch * stride_kb + head * stride_kh
+    v_base = V + batch * stride_vb + head * stride_vh
+    lut_base = Lut + (bh * num_q_blocks + q_block) * k_sel
+
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+
+    for t in range(0, k_sel):
+        key_block = tl.load(lut_base + t)
+        keys = key_block * BLOCK_N + key_offsets
+        key_valid = keys < length
+        k = tl.load(k_base + keys[None, :] * stride_kl + cols[:, None], mask=key_valid[None, :], other=0.0)
+        scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2
+        scores = tl.where(key_valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        probs = tl.math.exp2(scores - new_max[:, None])
+        rescale = tl.math.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        v = tl.load(v_base + keys[:, None] * stride_vl + cols[None, :], mask=key_valid[:, None], other=0.0)
+        acc = acc * rescale[:, None]
+        acc = tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        row_max = new_max
+
+    out_sparse = acc / row_sum[:, None]
+    out_offsets = batch * stride_ob + head * stride_oh + rows[:, None] * stride_ol + cols[None, :]
+    if HAS_LINEAR:
+        block_offset = bh * num_q_blocks + q_block
+        state = tl.load(CompState + block_offset * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :])
+        norm = tl.load(CompNorm + block_offset * HEAD_DIM + cols)
+        phi = feature_softmax(q.to(tl.float32))
+        numerator = tl.dot(phi.to(state.dtype), state, input_precision=DOT_PRECISION)
+        denominator = tl.sum(phi * norm[None, :], axis=1) + linear_eps
+        out_linear = numerator / denominator[:, None]
+        mix = tl.load(Alpha + bh * num_q_blocks + q_block)
+        out = mix * out_sparse + (1.0 - mix) * out_linear
+    else:
+        out = out_sparse
+    tl.store(Out + out_offsets, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
+    if SAVE:
+        tl.store(OutSparse + out_offsets, out_sparse.to(OutSparse.dtype.element_ty), mask=row_valid[:, None])
+        tl.store(Lse + bh * length + rows, row_max + tl.math.log2(row_sum), mask=row_valid)
+
+
+def sla2_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor,
+    alpha: torch.Tensor | None,
+    comp_states: torch.Tensor | None,
+    comp_norms: torch.Tensor | None,
+    block_q: int,
+    block_k: int,
+    save: bool,
+    linear_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SLA2 forward for a block look-up table.
+
+    q, k, v: (B, H, L, D). lut: (B, H, T_m, k_sel) int32. alpha: (B, H, T_m) float32, or None for
+    the pure sparse branch (also what every-block-selected means). comp_states (B, H, T_m, D, D) and
+    comp_norms (B, H, T_m, D): each query block's linear state over its unselected key blocks,
+    needed when alpha is given. Returns (out, lse_log2, out_sparse); the last two are empty unless
+    `save` (the backward needs them).
+    """
+    q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
+    batch, heads, length, head_dim = q.shape
+    num_q_blocks, num_k_blocks = triton.cdiv(length, block_q), triton.cdiv(length, block_k)
+    k_sel = lut.shape[-1]
+    has_linear = alpha is not None
+    out = torch.empty_like(q)
+    empty = q.new_empty(0, dtype=torch.float32)
+    lse = q.new_empty(batch, heads, length, dtype=torch.float32) if save else empty
+    out_sparse = torch.empty_like(q) if save else q.new_empty(0)
+    num_warps, num_stages = FORWARD_LAUNCH[head_dim]
+    _sla2_forward_kernel[(num_q_blocks, batch * heads)](
+        q, k, v, lut, alpha if has_linear else empty,
+        comp_states if has_linear else empty, comp_norms if has_linear else empty,
+        out, lse, out_sparse,
+        *row_stride_args(q), *row_stride_args(k), *row_stride_args(v), *row_stride_args(out),
+        heads, length, num_q_blocks, num_k_blocks, k_sel,
+        head_dim**-0.5 * LOG2E, linear_eps,
+        BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
+        HAS_LINEAR=has_linear, SAVE=save, DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out, lse, out_sparse

@@ -1,0 +1,82 @@
+"""Public SLA2 attention entry points: validate, route, then run the fastest available backend."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from sla2cli.ops.blockwise import blockwise_sla2
+from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
+from sla2cli.ops.routing import route
+from sla2cli.ops.validation import check_attention_inputs
+
+
+def triton_enabled(t: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors; CPU tensors take the PyTorch block-gather path.
+
+    SLA2_BACKEND=torch forces the PyTorch path on GPU too (for comparisons); SLA2_BACKEND=triton
+    sends CPU tensors through the Triton interpreter (needs TRITON_INTERPRET=1; slow, for tests).
+    """
+    backend = os.environ.get("SLA2_BACKEND", "").lower()
+    if backend == "torch":
+        return False
+    if t.is_cuda:
+        return True
+    return backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def sla2_attention_routed(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor,
+    *,
+    alpha: torch.Tensor | None = None,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+) -> torch.Tensor:
+    """SLA2 attention for a given block look-up table (B, H, T_m, k_sel) from `route`."""
+    if triton_enabled(q):
+        from sla2cli.ops.triton_op import triton_sla2
+
+        return triton_sla2(q, k, v, lut, alpha, block_q, block_k)
+    return blockwise_sla2(q, k, v, lut, alpha, block_q, block_k)
+
+
+def sla2_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    sparsity: float,
+    alpha: torch.Tensor | None = None,
+    proj_q: torch.Tensor | None = None,
+    proj_k: torch.Tensor | None = None,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+) -> torch.Tensor:
+    """SLA2 attention (hard routing) on (B, H, L, D) tensors; returns (B, H, L, D) in the input dtype.
+
+    Differentiable in q, k, v and alpha. The router (top-k) has no gradient.
+    """
+    check_attention_inputs(
+        q, k, v, sparsity=sparsity, alpha=alpha, proj_q=proj_q, proj_k=proj_k,
+        block_q=block_q, block_k=block_k,
+    )
+    routing = route(q, k, sparsity=sparsity, proj_q=proj_q, proj_k=proj_k, block_q=block_q, block_k=block_k)
+    return sla2_attention_routed(q, k, v, routing.lut, alpha=alpha, block_q=block_q, block_k=block_k)
+
+
+def sla2_attention_bshd(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    **kwargs,
+) -> torch.Tensor:
+    """The same op on diffusers' (B, L, H, D) layout: strided views in and out, no copies."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a rank-4 tensor (B, L, H, D)")
+    out = sla2_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **kwargs)
+    return out.transpose(1, 2)

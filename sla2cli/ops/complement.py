@@ -1,0 +1,58 @@
+"""Linear-branch states over each query block's complement, as one batched matrix product.
+
+The linear branch of query block i needs H_i = sum over its NOT-selected key blocks of h_j. With
+the block map M (T_m x T_n, 1 = selected), that is (1 - M) @ h for all query blocks at once: a
+dense GEMM on tensor cores (T_m x T_n x D^2) instead of gathering k_sel states per query block
+inside the attention kernel, which cost more than the sparse branch itself on an H100. The
+backward uses the transpose: dG_j = sum over query blocks that did NOT select j of dH_i.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def complement_map(lut: torch.Tensor, num_k_blocks: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B*H, T_m, T_n) map with 1 where a key block is NOT selected by the query block."""
+    batch, heads, num_q_blocks, k_sel = lut.shape
+    flat = lut.reshape(batch * heads, num_q_blocks, k_sel).long()
+    ones = torch.ones(flat.shape, dtype=dtype, device=lut.device)
+    selected = torch.zeros(batch * heads, num_q_blocks, num_k_blocks, dtype=dtype, device=lut.device)
+    return 1.0 - selected.scatter_(2, flat, ones)
+
+
+def complement_states(
+    lut: torch.Tensor, states: torch.Tensor, norms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per query block: (sum of h_j, sum of z_j) over its unselected key blocks.
+
+    states: (B, H, T_n, D, D); norms: (B, H, T_n, D) float32. Returns (B, H, T_m, D, D) in the
+    states' dtype and (B, H, T_m, D) float32.
+    """
+    batch, heads, num_k_blocks, head_dim, _ = states.shape
+    num_q_blocks = lut.shape[2]
+    comp = complement_map(lut, num_k_blocks, states.dtype)
+    summed = torch.bmm(comp, states.reshape(batch * heads, num_k_blocks, head_dim * head_dim))
+    summed_norms = torch.bmm(comp.float(), norms.reshape(batch * heads, num_k_blocks, head_dim))
+    return (
+        summed.reshape(batch, heads, num_q_blocks, head_dim, head_dim),
+        summed_norms.reshape(batch, heads, num_q_blocks, head_dim),
+    )
+
+
+def complement_state_grads(
+    lut: torch.Tensor, num_k_blocks: int, grad_states: torch.Tensor, grad_norms: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per key block: sums of dH_i and dz_i over the query blocks that did NOT select it.
+
+    grad_states: (B, H, T_m, D, D); grad_norms: (B, H, T_m, D) float32. Returns (B, H, T_n, D, D)
+    in grad_states' dtype and (B, H, T_n, D) float32.
+    """
+    batch, heads, num_q_blocks, head_dim, _ = grad_states.shape
+    comp_t = complement_map(lut, num_k_blocks, grad_states.dtype).transpose(1, 2)
+    summed = torch.bmm(comp_t, grad_states.reshape(batch * heads, num_q_blocks, head_dim * head_dim))
+    summed_norms = torch.bmm(comp_t.float(), grad_norms.reshape(batch * heads, num_q_blocks, head_dim))
+    return (
+        summed.reshape(batch, heads, num_k_blocks, head_dim, head_dim),
+        summed_norms.reshape(batch, heads, num_k_blocks, head_dim),
+    )

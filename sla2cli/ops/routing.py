@@ -1,0 +1,72 @@
+"""Hard routing: which key blocks each query block sends to the exact branch.
+
+The scores use block means of Q and of smoothed K; the means come from the pooling kernel on GPU
+and from PyTorch elsewhere. Top-k runs on the (B, H, T_m, T_n) score map, which is tiny next to
+attention itself (T_n = 512 at 32K tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, k_selected, num_blocks
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Result of hard routing.
+
+    scores: (B, H, T_m, T_n) float32 router scores S_c.
+    lut: (B, H, T_m, k_sel) int32 indices of the selected key blocks, ascending per row.
+    k_sel: selected key blocks per row (from shapes alone, never from data).
+    """
+
+    scores: torch.Tensor
+    lut: torch.Tensor
+    k_sel: int
+
+    @property
+    def all_selected(self) -> bool:
+        return self.k_sel == self.scores.shape[-1]
+
+
+def pooled_scores(
+    q_pooled: torch.Tensor,
+    k_pooled_smoothed: torch.Tensor,
+    proj_q: torch.Tensor | None,
+    proj_k: torch.Tensor | None,
+) -> torch.Tensor:
+    """S_c from block means: (qbar W_q) . (kbar~ W_k) / sqrt(D)."""
+    if proj_q is not None:
+        q_pooled = q_pooled @ proj_q.to(q_pooled.dtype)
+    if proj_k is not None:
+        k_pooled_smoothed = k_pooled_smoothed @ proj_k.to(k_pooled_smoothed.dtype)
+    return q_pooled @ k_pooled_smoothed.transpose(-1, -2) * q_pooled.shape[-1] ** -0.5
+
+
+def select_blocks(scores: torch.Tensor, k_sel: int) -> torch.Tensor:
+    """Top k_sel key blocks per row as an ascending int32 look-up table."""
+    top = scores.topk(k_sel, dim=-1, sorted=False).indices
+    return top.sort(dim=-1).values.to(torch.int32)
+
+
+def route(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    sparsity: float,
+    proj_q: torch.Tensor | None = None,
+    proj_k: torch.Tensor | None = None,
+    block_q: int = DEFAULT_BLOCK_Q,
+    block_k: int = DEFAULT_BLOCK_K,
+) -> Routing:
+    """Hard routing of design.md section 2 (no gradient: top-k has none)."""
+    from sla2cli.ops.pooling import pooled_means
+
+    with torch.no_grad():
+        q_pooled, k_pooled_smoothed = pooled_means(q, k, block_q, block_k)
+        scores = pooled_scores(q_pooled, k_pooled_smoothed, proj_q, proj_k)
+        k_sel = k_selected(num_blocks(q.shape[2], block_k), sparsity)
+        return Routing(scores=scores, lut=select_blocks(scores, k_sel), k_sel=k_sel)

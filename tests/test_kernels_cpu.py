@@ -1,0 +1,144 @@
+"""Triton path (through the interpreter on CPU) against the oracle, forward and backward.
+
+Covers the acceptance matrix: L in {1, 63, 64, 65, 200, 1000} x D in {64, 128} x sparsity in
+{0, 0.5, 0.9, 0.97} x {float32, float16}, each case with random alpha; (B, H) cycles through
+{1, 2} x {1, 3} so that every length meets batch > 1 and several heads (B * H <= 3 at L = 1000
+keeps the interpreter affordable).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from kernel_cases import random_alpha, random_qkv, rel_l2
+from sla2cli.ops import num_blocks, route, sla2_attention, sla2_attention_bshd, sla2_reference
+
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
+LENGTHS = (1, 63, 64, 65, 200, 1000)
+SPARSITIES = (0.0, 0.5, 0.9, 0.97)
+HEAD_DIMS = (64, 128)
+BATCH_HEADS = ((2, 3), (1, 1), (2, 1), (1, 3))
+SMALL_BATCH_HEADS = ((2, 1), (1, 3))
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("SLA2_BACKEND", "triton")
+
+
+def _matrix():
+    cases = []
+    for index, (length, sparsity, head_dim, dtype) in enumerate(
+        itertools.product(LENGTHS, SPARSITIES, HEAD_DIMS, (torch.float32, torch.float16))
+    ):
+        choices = SMALL_BATCH_HEADS if length >= 1000 else BATCH_HEADS
+        batch, heads = choices[index % len(choices)]
+        cases.append(pytest.param(batch, heads, length, head_dim, sparsity, dtype,
+                                  id=f"B{batch}H{heads}L{length}D{head_dim}s{sparsity}-{str(dtype)[6:]}"))
+    return cases
+
+
+def _outputs_and_grads(fn, q, k, v, alpha, grad):
+    out = fn(q, k, v, alpha)
+    grads = torch.autograd.grad(out, (q, k, v, alpha), grad, allow_unused=True)
+    return (out, *grads)
+
+
+@pytest.mark.parametrize("batch,heads,length,head_dim,sparsity,dtype", _matrix())
+def test_matches_reference(batch, heads, length, head_dim, sparsity, dtype):
+    seed = length * 7 + head_dim + int(sparsity * 100)
+    q, k, v = random_qkv(batch, heads, length, head_dim, dtype, seed)
+    alpha = random_alpha(batch, heads, num_blocks(length, 128), seed)
+    grad = torch.randn(batch, heads, length, head_dim, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    actual = _outputs_and_grads(lambda *a: sla2_attention(*a[:3], sparsity=sparsity, alpha=a[3]), q, k, v, alpha, grad)
+    expected = _outputs_and_grads(lambda *a: sla2_reference(*a[:3], sparsity=sparsity, alpha=a[3]),
+                                  q, k, v, alpha, grad)
+    errors = {name: rel_l2(a, e) for name, a, e in zip(("out", "dq", "dk", "dv", "dalpha"), actual, expected)}
+    assert max(errors.values()) <= TOLERANCE[dtype], errors
+
+
+@pytest.mark.parametrize("length", [65, 130, 200])
+def test_sparsity_zero_equals_sdpa(length):
+    q, k, v = random_qkv(2, 3, length, 64, torch.float32, 100 + length)
+    alpha = random_alpha(2, 3, num_blocks(length, 128), 100 + length)
+    out = sla2_attention(q, k, v, sparsity=0.0, alpha=alpha)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert rel_l2(out, expected) <= 1e-5
+    grad = torch.randn_like(out)
+    for actual, reference in zip(torch.autograd.grad(out, (q, k, v), grad),
+                                 torch.autograd.grad(expected, (q, k, v), grad)):
+        assert rel_l2(actual, reference) <= 1e-5
+
+
+def test_without_alpha_is_the_sparse_branch():
+    q, k, v = random_qkv(1, 2, 300, 64, torch.float32, 3)
+    out = sla2_attention(q, k, v, sparsity=0.5)
+    assert rel_l2(out, sla2_reference(q, k, v, sparsity=0.5)) <= 1e-5
+    grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    expected = torch.autograd.grad(sla2_reference(q, k, v, sparsity=0.5), (q, k, v), torch.ones_like(out))
+    assert max(rel_l2(a, e) for a, e in zip(grads, expected)) <= 1e-5
+
+
+@pytest.mark.parametrize("alpha_shape", [(), (3, 1), (2, 3, 1)])
+def test_broadcast_alpha_gets_its_own_shape_of_gradient(alpha_shape):
+    q, k, v = random_qkv(2, 3, 260, 64, torch.float32, 4)
+    alpha = torch.rand(alpha_shape, generator=torch.Generator().manual_seed(5)).requires_grad_(True)
+    out = sla2_attention(q, k, v, sparsity=0.5, alpha=alpha)
+    expected = sla2_reference(q, k, v, sparsity=0.5, alpha=alpha)
+    assert rel_l2(out, expected) <= 1e-5
+    (grad_alpha,) = torch.autograd.grad(out.square().sum(), alpha)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), alpha)
+    assert grad_alpha.shape == alpha.shape
+    assert rel_l2(grad_alpha, expected_grad) <= 1e-5
+
+
+def test_non_contiguous_inputs():
+    generator = torch.Generator().manual_seed(6)
+    wide = torch.randn(2, 3, 150, 3 * 64, generator=generator)
+    q, k, v = wide[..., :64], wide[..., 64:128], wide[..., 128:]  # strided rows
+    q_t = torch.randn(2, 3, 64, 150, generator=generator).transpose(-1, -2)  # strided features
+    alpha = torch.rand(2, 3, 2, generator=generator)
+    for query in (q, q_t):
+        out = sla2_attention(query, k, v, sparsity=0.5, alpha=alpha)
+        assert rel_l2(out, sla2_reference(query, k, v, sparsity=0.5, alpha=alpha)) <= 1e-5
+
+
+def test_bshd_entry_point_matches_bhld():
+    q, k, v = random_qkv(2, 3, 190, 128, torch.float32, 7, requires_grad=False)
+    alpha = torch.rand(2, 3, 2, generator=torch.Generator().manual_seed(8))
+    to_bshd = [t.transpose(1, 2).contiguous() for t in (q, k, v)]
+    out = sla2_attention_bshd(*to_bshd, sparsity=0.9, alpha=alpha)
+    assert out.shape == (2, 190, 3, 128) and out.is_contiguous()
+    expected = sla2_reference(q, k, v, sparsity=0.9, alpha=alpha).transpose(1, 2)
+    assert rel_l2(out, expected) <= 1e-5
+
+
+def test_projections_change_routing_like_the_reference():
+    q, k, v = random_qkv(1, 2, 500, 64, torch.float32, 9, requires_grad=False)
+    generator = torch.Generator().manual_seed(10)
+    proj_q = torch.eye(64) + 0.5 * torch.randn(64, 64, generator=generator)
+    proj_k = torch.eye(64) + 0.5 * torch.randn(64, 64, generator=generator)
+    plain = route(q, k, sparsity=0.75).lut
+    projected = route(q, k, sparsity=0.75, proj_q=proj_q, proj_k=proj_k).lut
+    assert not torch.equal(plain, projected)
+    alpha = torch.rand(1, 2, 4, generator=generator)
+    out = sla2_attention(q, k, v, sparsity=0.75, alpha=alpha, proj_q=proj_q, proj_k=proj_k)
+    expected = sla2_reference(q, k, v, sparsity=0.75, alpha=alpha, proj_q=proj_q, proj_k=proj_k)
+    assert rel_l2(out, expected) <= 1e-5
+
+
+def test_compile_fullgraph_traces_without_breaks():
+    q, k, v = random_qkv(1, 2, 130, 64, torch.float32, 11)
+    alpha = random_alpha(1, 2, 2, 11)
+
+    def attention(q, k, v, alpha):
+        return sla2_attention(q, k, v, sparsity=0.5, alpha=alpha) * 2.0
+
+    compiled = torch.compile(attention, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v, alpha)
+    out.sum().backward()
+    assert rel_l2(out, attention(q, k, v, alpha)) <= 1e-6
+    assert alpha.grad is not None and q.grad is not None
