@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One GPU session: install carried wheels, run the GPU tests, then the operator timing suite.
-# Usage: bash benchmarks/gpu_run.sh OUT_DIR [suite args...]
+# One GPU session: install carried wheels, run the GPU tests, the operator suite and the model suite.
+# Usage: bash benchmarks/gpu_run.sh OUT_DIR [operator-suite args...]
 set -uo pipefail
 out=${1:?output folder}; shift
 mkdir -p /tmp/site "$out"
@@ -9,6 +9,8 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 ln -sfn "$PWD/kernels" /tmp/site/sla2_kernels
 export PYTHONPATH="$PWD:/tmp/site:$PWD/tests" PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,driver_version,clocks.sm --format=csv,noheader
-python3 -m pytest -q -x -s -p no:cacheprovider tests/test_kernels_gpu.py 2>&1 | tee "$out/gpu_tests.log" | tail -40
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py tests/test_convert.py 2>&1 | grep -v DEBUG > "$out/gpu_tests.log"
+tail -5 "$out/gpu_tests.log"
 python3 benchmarks/gpu_suite.py --csv "$out/operator.csv" "$@" 2>&1 | tee "$out/suite.log"
+python3 benchmarks/model_suite.py --csv "$out/model.csv" 2>&1 | tee "$out/model.log"

@@ -1,8 +1,9 @@
 """Operator timing on one GPU: SLA2 vs FlashAttention2 (torch SDPA flash backend), same process.
 
 Prints a short table and writes a CSV (one row per measurement) with the device, torch/triton
-versions and commit. Times are medians of triton.testing.do_bench (CUDA events, L2 flushed).
-Usage: python benchmarks/gpu_suite.py --csv results.csv [--shapes 1,12,32760,128 ...]
+versions and commit. Times are medians of triton.testing.do_bench (CUDA events, L2 flushed);
+`-graph` modes replay a CUDA graph of the whole op (GPU time without Python launch overhead).
+Usage: python benchmarks/gpu_suite.py --csv results.csv [--shapes 1,12,32760,128 ...] [--parts]
 """
 
 from __future__ import annotations
@@ -17,116 +18,133 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sla2cli.ops import num_blocks, route, sla2_attention
+from sla2cli.ops.complement import complement_states
 from sla2cli.ops.geometry import LINEAR_EPS
+
+COLUMNS = ["provider", "shape", "sparsity", "mode", "median_ms", "speedup_vs_fa2", "dense_tflops",
+           "sparse_tflops", "note", "device", "torch", "triton", "commit"]
 
 
 def commit() -> str:
-    env = os.environ.get("SLA2_COMMIT")
-    if env:
-        return env
+    if os.environ.get("SLA2_COMMIT"):
+        return os.environ["SLA2_COMMIT"]
     try:
         return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
-def median_ms(fn, rep_ms: int = 200) -> float:
+def median_ms(fn, rep_ms: int) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
 
 def median_graph_ms(fn) -> float:
-    """Median of CUDA-graph replays: the GPU time of the op without Python launch overhead."""
     return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
 
 
-def dense_flops(batch, heads, length, head_dim, mode):
-    forward = 4.0 * batch * heads * length * length * head_dim
-    return forward * (3.5 if mode == "fwd+bwd" else 1.0)
+class Recorder:
+    """Collects rows for one shape; speedups are filled against FA2 of the same mode at the end."""
+
+    def __init__(self, batch, heads, length, head_dim, rows):
+        self.shape = f"{batch}x{heads}x{length}x{head_dim}"
+        self.forward_flops = 4.0 * batch * heads * length * length * head_dim
+        self.rows = rows
+
+    def add(self, provider, sparsity, mode, ms, share=1.0, note=""):
+        flops = self.forward_flops * (3.5 if mode.startswith("fwd+bwd") else 1.0)
+        self.rows.append(dict(provider=provider, shape=self.shape, sparsity=sparsity, mode=mode, median_ms=ms,
+                              dense_tflops=flops / ms / 1e9, sparse_tflops=flops * share / ms / 1e9, note=note))
+
+    def fill_speedups(self):
+        fa2 = {r["mode"]: r["median_ms"] for r in self.rows if r["shape"] == self.shape and r["provider"] == "fa2"}
+        for row in self.rows:
+            base = fa2.get(row["mode"]) or fa2.get(row["mode"].replace("-graph", ""))
+            if row["shape"] == self.shape and base:
+                row["speedup_vs_fa2"] = base / row["median_ms"]
 
 
-def run_shape(batch, heads, length, head_dim, sparsities, modes, rows, rep_ms):
-    device = "cuda"
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, length, head_dim, device=device, dtype=torch.bfloat16, generator=gen)
-               for _ in range(3))
-    grad = torch.randn_like(q)
-    shape = f"{batch}x{heads}x{length}x{head_dim}"
-
-    def fa2_fwd():
+def time_fa2(rec, q, k, v, grad, modes, rep_ms):
+    def forward():
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
-    def record(provider, sparsity, mode, ms, k_share=1.0, note=""):
-        rows.append(dict(provider=provider, shape=shape, sparsity=sparsity, mode=mode, median_ms=ms,
-                         dense_tflops=dense_flops(batch, heads, length, head_dim, mode) / ms / 1e9,
-                         sparse_tflops=dense_flops(batch, heads, length, head_dim, mode) * k_share / ms / 1e9,
-                         note=note))
-
-    fa2 = {}
     if "fwd" in modes:
-        fa2["fwd"] = median_ms(fa2_fwd, rep_ms)
-        record("fa2", "", "fwd", fa2["fwd"])
-        fa2["fwd-graph"] = median_graph_ms(fa2_fwd)
-        record("fa2", "", "fwd-graph", fa2["fwd-graph"], note="CUDA graph replay")
+        rec.add("fa2", "", "fwd", median_ms(forward, rep_ms))
+        rec.add("fa2", "", "fwd-graph", median_graph_ms(forward), note="CUDA graph replay")
     if "fwd+bwd" in modes:
         qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
 
-        def fa2_train():
+        def train():
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 out = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg)
             out.backward(grad)
 
-        fa2["fwd+bwd"] = median_ms(fa2_train, rep_ms)
-        record("fa2", "", "fwd+bwd", fa2["fwd+bwd"])
+        rec.add("fa2", "", "fwd+bwd", median_ms(train, rep_ms))
 
-    num_q_blocks, num_k_blocks = num_blocks(length, 128), num_blocks(length, 64)
-    alpha = torch.rand(batch, heads, num_q_blocks, device=device, generator=gen)
+
+def time_sla2(rec, q, k, v, alpha, grad, sparsity, modes, rep_ms):
+    share = route(q, k, sparsity=sparsity).k_sel / num_blocks(q.shape[2], 64)
+    if "fwd" in modes:
+        rec.add("sla2", sparsity, "fwd", median_ms(lambda: sla2_attention(q, k, v, sparsity=sparsity, alpha=alpha),
+                                                    rep_ms), share)
+        rec.add("sla2", sparsity, "fwd-graph", median_graph_ms(
+            lambda: sla2_attention(q, k, v, sparsity=sparsity, alpha=alpha)), share, note="CUDA graph replay")
+        rec.add("sla2-routing", sparsity, "fwd", median_ms(lambda: route(q, k, sparsity=sparsity), rep_ms), share)
+    if "fwd+bwd" in modes:
+        qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
+        ag = alpha.clone().requires_grad_(True)
+        rec.add("sla2", sparsity, "fwd+bwd", median_ms(
+            lambda: sla2_attention(qg, kg, vg, sparsity=sparsity, alpha=ag).backward(grad), rep_ms), share)
+
+
+def time_parts(rec, q, k, v, alpha, sparsity, rep_ms):
+    """Each stage of the forward alone, and the main kernel under several launch settings."""
+    import sla2_kernels.forward as forward_module
+    from sla2_kernels import block_means, key_block_states, sla2_forward
+
+    routing = route(q, k, sparsity=sparsity)
+    share = routing.k_sel / num_blocks(q.shape[2], 64)
+    states, norms = key_block_states(k, v, 64)
+    comp_states, comp_norms = complement_states(routing.lut, states, norms)
+    parts = {
+        "pool-q": lambda: block_means(q, 128),
+        "pool-k": lambda: block_means(k, 64),
+        "topk": lambda: routing.scores.topk(routing.k_sel, dim=-1, sorted=False),
+        "key-states": lambda: key_block_states(k, v, 64),
+        "complement-gemm": lambda: complement_states(routing.lut, states, norms),
+    }
+    for name, fn in parts.items():
+        rec.add(f"sla2-{name}", sparsity, "fwd", median_ms(fn, rep_ms), share)
+    head_dim = q.shape[-1]
+    default = forward_module.FORWARD_LAUNCH[head_dim], forward_module.FORWARD_LINEAR_FIRST
+    for launch in ((4, 2), (4, 3), (8, 2), (8, 3)):
+        forward_module.FORWARD_LAUNCH[head_dim] = launch
+        for linear_first in (True, False):
+            forward_module.FORWARD_LINEAR_FIRST = linear_first
+            rec.add("sla2-main-kernel", sparsity, "fwd", median_ms(
+                lambda: sla2_forward(q, k, v, routing.lut, alpha, comp_states, comp_norms, 128, 64, False,
+                                     LINEAR_EPS), rep_ms), share,
+                note=f"warps,stages={launch} linear_first={linear_first}")
+        rec.add("sla2-sparse-only", sparsity, "fwd", median_ms(
+            lambda: sla2_forward(q, k, v, routing.lut, None, None, None, 128, 64, False, LINEAR_EPS), rep_ms),
+            share, note=f"no linear branch, no routing; warps,stages={launch}")
+    forward_module.FORWARD_LAUNCH[head_dim], forward_module.FORWARD_LINEAR_FIRST = default
+
+
+def run_shape(spec, sparsities, modes, rows, rep_ms, parts):
+    batch, heads, length, head_dim = (int(x) for x in spec.split(","))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, length, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
+               for _ in range(3))
+    grad = torch.randn_like(q)
+    alpha = torch.rand(batch, heads, num_blocks(length, 128), device="cuda", generator=gen)
+    rec = Recorder(batch, heads, length, head_dim, rows)
+    time_fa2(rec, q, k, v, grad, modes, rep_ms)
     for sparsity in sparsities:
-        routing = route(q, k, sparsity=sparsity)
-        share = routing.k_sel / num_k_blocks
-        if "fwd" in modes:
-            record("sla2", sparsity, "fwd", median_ms(lambda s=sparsity: sla2_attention(q, k, v, sparsity=s, alpha=alpha), rep_ms), share)
-            record("sla2-routing", sparsity, "fwd", median_ms(lambda s=sparsity: route(q, k, sparsity=s), rep_ms), share)
-            record("sla2", sparsity, "fwd-graph", median_graph_ms(
-                lambda s=sparsity: sla2_attention(q, k, v, sparsity=s, alpha=alpha)), share,
-                note="CUDA graph replay (no launch overhead)")
-            from sla2_kernels import block_means, key_block_states, sla2_forward
-            from sla2_kernels.forward import FORWARD_LAUNCH
-
-            from sla2cli.ops.complement import complement_states
-
-            states, norms = key_block_states(k, v, 64)
-            comp_states, comp_norms = complement_states(routing.lut, states, norms)
-            parts = {
-                "pool-q": lambda: block_means(q, 128),
-                "pool-k": lambda: block_means(k, 64),
-                "topk": lambda s=sparsity: routing.scores.topk(routing.k_sel, dim=-1, sorted=False),
-                "key-states": lambda: key_block_states(k, v, 64),
-                "complement-gemm": lambda: complement_states(routing.lut, states, norms),
-            }
-            for name, fn in parts.items():
-                record(f"sla2-{name}", sparsity, "fwd", median_ms(fn, rep_ms), share)
-            default_launch = FORWARD_LAUNCH[head_dim]
-            for launch in ((4, 2), (4, 3), (8, 2), (8, 3)):
-                FORWARD_LAUNCH[head_dim] = launch
-                record("sla2-main-kernel", sparsity, "fwd", median_ms(
-                    lambda: sla2_forward(q, k, v, routing.lut, alpha, comp_states, comp_norms, 128, 64, False,
-                                         LINEAR_EPS), rep_ms), share, note=f"warps,stages={launch}")
-                record("sla2-sparse-only", sparsity, "fwd", median_ms(
-                    lambda: sla2_forward(q, k, v, routing.lut, None, None, None, 128, 64, False, LINEAR_EPS),
-                    rep_ms), share, note=f"no linear branch, no routing; warps,stages={launch}")
-            FORWARD_LAUNCH[head_dim] = default_launch
-        if "fwd+bwd" in modes:
-            qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
-            ag = alpha.clone().requires_grad_(True)
-
-            def sla2_train(s=sparsity):
-                sla2_attention(qg, kg, vg, sparsity=s, alpha=ag).backward(grad)
-
-            record("sla2", sparsity, "fwd+bwd", median_ms(sla2_train, rep_ms), share)
-    for row in rows:
-        if row["shape"] == shape and row["mode"] in fa2:
-            row["speedup_vs_fa2"] = fa2[row["mode"]] / row["median_ms"]
+        time_sla2(rec, q, k, v, alpha, grad, sparsity, modes, rep_ms)
+        if parts:
+            time_parts(rec, q, k, v, alpha, sparsity, rep_ms)
+    rec.fill_speedups()
 
 
 def main() -> None:
@@ -136,26 +154,24 @@ def main() -> None:
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.97])
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     parser.add_argument("--rep-ms", type=int, default=300)
+    parser.add_argument("--parts", action="store_true", help="also time each stage and launch settings")
     args = parser.parse_args()
     rows: list[dict] = []
     for spec in args.shapes:
-        batch, heads, length, head_dim = (int(x) for x in spec.split(","))
-        run_shape(batch, heads, length, head_dim, args.sparsities, args.modes, rows, args.rep_ms)
+        run_shape(spec, args.sparsities, args.modes, rows, args.rep_ms, args.parts)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 commit=commit())
-    columns = ["provider", "shape", "sparsity", "mode", "median_ms", "speedup_vs_fa2", "dense_tflops",
-               "sparse_tflops", "note", "device", "torch", "triton", "commit"]
     with open(args.csv, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
-            writer.writerow({**{c: "" for c in columns}, **row, **meta})
-    print(f"{meta}")
-    print(f"{'provider':22s} {'shape':16s} {'sparsity':>8s} {'mode':9s} {'ms':>8s} {'vs fa2':>7s}  note")
+            writer.writerow({**{c: "" for c in COLUMNS}, **row, **meta})
+    print(meta)
+    print(f"{'provider':20s} {'shape':16s} {'sparsity':>8s} {'mode':9s} {'ms':>8s} {'vs fa2':>7s}  note")
     for row in rows:
         speed = row.get("speedup_vs_fa2")
-        print(f"{row['provider']:22s} {row['shape']:16s} {str(row['sparsity']):>8s} {row['mode']:9s} "
-              f"{row['median_ms']:8.3f} {speed if speed is None else round(speed, 1)!s:>7s}  {row['note']}")
+        print(f"{row['provider']:20s} {row['shape']:16s} {str(row['sparsity']):>8s} {row['mode']:9s} "
+              f"{row['median_ms']:8.3f} {'' if speed is None else round(speed, 1)!s:>7s}  {row['note']}")
 
 
 if __name__ == "__main__":

@@ -46,10 +46,11 @@ def _sla2_backward_query_kernel(
         mix = tl.load(Alpha + bh * num_q_blocks + q_block)
     else:
         mix = 1.0
-    grad_sparse = grad_out * mix
-    delta = tl.sum(grad_sparse * out_sparse, axis=1)
+    grad_sparse_in = (grad_out * mix).to(q.dtype)
+    # Delta from the same rounded dO_s that the dP products use: keeps dS = P (dP - Delta) free of
+    # rounding bias where P concentrates (a one-token block gives an exactly zero dS).
+    delta = tl.sum(grad_sparse_in.to(tl.float32) * out_sparse, axis=1)
     tl.store(Delta + bh * length + rows, delta, mask=row_valid)
-    grad_sparse_in = grad_sparse.to(q.dtype)
 
     k_base = K + batch * stride_kb + head * stride_kh
     v_base = V + batch * stride_vb + head * stride_vh

@@ -3,7 +3,9 @@
 Covers the acceptance matrix: L in {1, 63, 64, 65, 200, 1000} x D in {64, 128} x sparsity in
 {0, 0.5, 0.9, 0.97} x {float32, float16}, each case with random alpha; (B, H) cycles through
 {1, 2} x {1, 3} so that every length meets batch > 1 and several heads (B * H <= 3 at L = 1000
-keeps the interpreter affordable).
+keeps the interpreter affordable). Gradient errors are relative to max(‖expected‖, 5% ‖grad_out‖):
+a query block whose only selected key block holds one token has an analytically zero sparse-branch
+dq, where the FlashAttention-style backward leaves ~1e-6 of rounding noise.
 """
 
 from __future__ import annotations
@@ -56,7 +58,9 @@ def test_matches_reference(batch, heads, length, head_dim, sparsity, dtype):
     actual = _outputs_and_grads(lambda *a: sla2_attention(*a[:3], sparsity=sparsity, alpha=a[3]), q, k, v, alpha, grad)
     expected = _outputs_and_grads(lambda *a: sla2_reference(*a[:3], sparsity=sparsity, alpha=a[3]),
                                   q, k, v, alpha, grad)
-    errors = {name: rel_l2(a, e) for name, a, e in zip(("out", "dq", "dk", "dv", "dalpha"), actual, expected)}
+    floor = 0.05 * grad.float().norm().item()
+    errors = {name: rel_l2(a, e, floor=0.0 if name == "out" else floor)
+              for name, a, e in zip(("out", "dq", "dk", "dv", "dalpha"), actual, expected)}
     assert max(errors.values()) <= TOLERANCE[dtype], errors
 
 

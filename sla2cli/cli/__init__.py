@@ -9,6 +9,9 @@ from rich.console import Console
 
 from sla2cli.errors import UserError
 
+# Typer may ship its own copy of click; find its base error class through a public Typer name.
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
 app = typer.Typer(
     name="sla2",
     help="SLA2 sparse-linear attention for video diffusion transformers: convert a model, "
@@ -29,6 +32,9 @@ def _register_commands() -> None:
     from sla2cli.cli import convert
 
     convert.register(app)
+    from sla2cli.cli import report
+
+    report.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -36,20 +42,18 @@ def main(argv: list[str] | None = None) -> None:
     _register_commands()
     try:
         app(args=argv, standalone_mode=False)
-    except UserError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False)
-        sys.exit(2)
-    except ValueError as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False)
-        sys.exit(2)
+    except (UserError, ValueError) as error:
+        _fail(str(error))
     except typer.Exit as done:
         sys.exit(done.exit_code)
     except typer.Abort:
         sys.exit(130)
-    except Exception as error:  # click's usage errors carry their own exit code
-        import click
+    except _CLICK_ERROR as error:  # usage errors: click's own message
+        error.show()
+        sys.exit(2)
 
-        if isinstance(error, click.exceptions.ClickException):
-            error.show()
-            sys.exit(2)
-        raise
+
+def _fail(message: str) -> None:
+    """One red line on stderr (never wrapped, even in a narrow or non-terminal stream), exit 2."""
+    Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    sys.exit(2)

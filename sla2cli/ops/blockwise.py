@@ -47,6 +47,8 @@ def blockwise_sla2(
     k_sel = lut.shape[-1]
     all_selected = k_sel == num_k_blocks
     qf, kf, vf = q.float(), k.float(), v.float()
+    if all_selected:  # every key block in the exact branch: plain softmax attention, no gathers
+        return torch.nn.functional.scaled_dot_product_attention(qf, kf, vf).to(q.dtype)
     key_valid = (torch.arange(num_k_blocks * block_k, device=q.device) < length).reshape(num_k_blocks, block_k)
     q_blocks = _to_blocks(qf, block_q)
     k_blocks, v_blocks = _to_blocks(kf, block_k), _to_blocks(vf, block_k)
