@@ -116,19 +116,45 @@ def time_parts(rec, q, k, v, alpha, sparsity, rep_ms):
     for name, fn in parts.items():
         rec.add(f"sla2-{name}", sparsity, "fwd", median_ms(fn, rep_ms), share)
     head_dim = q.shape[-1]
-    default = forward_module.FORWARD_LAUNCH[head_dim], forward_module.FORWARD_LINEAR_FIRST
-    for launch in ((4, 2), (4, 3), (8, 2), (8, 3)):
+    default = forward_module.FORWARD_LAUNCH[head_dim]
+    for launch in ((4, 2), (8, 2), (8, 3)):
         forward_module.FORWARD_LAUNCH[head_dim] = launch
-        for linear_first in (True, False):
-            forward_module.FORWARD_LINEAR_FIRST = linear_first
-            rec.add("sla2-main-kernel", sparsity, "fwd", median_ms(
-                lambda: sla2_forward(q, k, v, routing.lut, alpha, comp_states, comp_norms, 128, 64, False,
-                                     LINEAR_EPS), rep_ms), share,
-                note=f"warps,stages={launch} linear_first={linear_first}")
+        rec.add("sla2-main-kernel", sparsity, "fwd", median_ms(
+            lambda: sla2_forward(q, k, v, routing.lut, alpha, comp_states, comp_norms, 128, 64, False,
+                                 LINEAR_EPS), rep_ms), share, note=f"warps,stages={launch}")
         rec.add("sla2-sparse-only", sparsity, "fwd", median_ms(
             lambda: sla2_forward(q, k, v, routing.lut, None, None, None, 128, 64, False, LINEAR_EPS), rep_ms),
             share, note=f"no linear branch, no routing; warps,stages={launch}")
-    forward_module.FORWARD_LAUNCH[head_dim], forward_module.FORWARD_LINEAR_FIRST = default
+    forward_module.FORWARD_LAUNCH[head_dim] = default
+    time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms)
+
+
+def time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms):
+    """The backward's stages alone: query kernel, complement GEMM of dH, reverse map, key kernel."""
+    from sla2_kernels import reverse_lut, sla2_backward_key, sla2_backward_query, sla2_forward
+
+    from sla2cli.ops.complement import complement_state_grads
+
+    _, lse, out_sparse = sla2_forward(q, k, v, routing.lut, alpha, comp_states, comp_norms, 128, 64, True,
+                                      LINEAR_EPS)
+    grad = torch.randn_like(q)
+    num_k_blocks = num_blocks(q.shape[2], 64)
+
+    def query_side():
+        return sla2_backward_query(grad, q, k, v, routing.lut, alpha, out_sparse, lse, comp_states, comp_norms,
+                                   128, 64, LINEAR_EPS)
+
+    _, delta, _, dstate_q, dnorm_q = query_side()
+    key_dstates, key_dnorms = complement_state_grads(routing.lut, num_k_blocks, dstate_q, dnorm_q)
+    parts = {
+        "bwd-query-kernel": query_side,
+        "bwd-complement-gemm": lambda: complement_state_grads(routing.lut, num_k_blocks, dstate_q, dnorm_q),
+        "bwd-reverse-map": lambda: reverse_lut(routing.lut, num_k_blocks),
+        "bwd-key-kernel": lambda: sla2_backward_key(grad, q, k, v, routing.lut, alpha, lse, delta, key_dstates,
+                                                    key_dnorms, 128, 64),
+    }
+    for name, fn in parts.items():
+        rec.add(f"sla2-{name}", sparsity, "bwd", median_ms(fn, rep_ms), share)
 
 
 def run_shape(spec, sparsities, modes, rows, rep_ms, parts):

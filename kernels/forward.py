@@ -3,10 +3,10 @@
 One program per (query block, batch*head). It walks the query block's k_sel selected key blocks
 once (online softmax, exp2 with the scale folded in). The linear branch arrives as the query
 block's complement state (sum of phi(K_j)^T V_j over its unselected blocks, one GEMM for all query
-blocks outside this kernel), so it is one D x D product, phi(Q) H_i / (phi(Q) z_i + eps), done
-before the loop and parked in the output tile; the epilogue mixes it in with alpha. Summing the
-selected states inside the loop was measured slower on an H100 (k_sel extra D x D loads per query
-block: 1.21 ms against 0.67 ms for this kernel at 32K tokens, 97%).
+blocks outside this kernel), so the epilogue adds one D x D product, phi(Q) H_i / (phi(Q) z_i + eps), and the alpha mix.
+Measured on an H100 at (1, 12, 32760, 128), 97%: summing the selected states inside the loop instead
+cost 1.21 ms against 0.67 ms; computing the linear branch before the loop (parked in the output
+tile) 0.74 ms; the sparse branch alone takes 0.53 ms.
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ from sla2_kernels.common import LOG2E, dot_precision, feature_softmax, last_dim_
 
 # (num_warps, num_stages) per head dim; benchmarks/gpu_suite.py sweeps these on the GPU.
 FORWARD_LAUNCH: dict[int, tuple[int, int]] = {64: (4, 2), 128: (8, 3)}
-# Compute the linear branch before the softmax loop (parked in the output tile) or after it.
-FORWARD_LINEAR_FIRST = True
 
 
 @triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks", "k_sel"])
@@ -33,7 +31,7 @@ def _sla2_forward_kernel(
     heads, length, num_q_blocks, num_k_blocks, k_sel,
     qk_scale_log2, linear_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_LINEAR: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, LINEAR_FIRST: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     bh = tl.program_id(1)
@@ -50,19 +48,6 @@ def _sla2_forward_kernel(
     lut_base = Lut + (bh * num_q_blocks + q_block) * k_sel
 
     out_offsets = batch * stride_ob + head * stride_oh + rows[:, None] * stride_ol + cols[None, :]
-    if HAS_LINEAR and LINEAR_FIRST:
-        # Linear branch first, parked in the output tile: its D x D state and phi(Q) are dead before
-        # the loop starts, so the loop runs with FlashAttention's register budget.
-        block_offset = bh * num_q_blocks + q_block
-        state = tl.load(CompState + block_offset * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :])
-        norm = tl.load(CompNorm + block_offset * HEAD_DIM + cols)
-        phi = feature_softmax(q.to(tl.float32))
-        numerator = tl.dot(phi.to(state.dtype), state, input_precision=DOT_PRECISION)
-        denominator = tl.sum(phi * norm[None, :], axis=1) + linear_eps
-        tl.store(Out + out_offsets, (numerator / denominator[:, None]).to(Out.dtype.element_ty),
-                 mask=row_valid[:, None])
-        tl.debug_barrier()
-
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -85,16 +70,12 @@ def _sla2_forward_kernel(
 
     out_sparse = acc / row_sum[:, None]
     if HAS_LINEAR:
-        if LINEAR_FIRST:
-            out_linear = tl.load(Out + out_offsets, mask=row_valid[:, None], other=0.0).to(tl.float32)
-        else:
-            block_offset = bh * num_q_blocks + q_block
-            state = tl.load(CompState + block_offset * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM
-                            + cols[None, :])
-            norm = tl.load(CompNorm + block_offset * HEAD_DIM + cols)
-            phi = feature_softmax(q.to(tl.float32))
-            numerator = tl.dot(phi.to(state.dtype), state, input_precision=DOT_PRECISION)
-            out_linear = numerator / (tl.sum(phi * norm[None, :], axis=1) + linear_eps)[:, None]
+        block_offset = bh * num_q_blocks + q_block
+        state = tl.load(CompState + block_offset * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :])
+        norm = tl.load(CompNorm + block_offset * HEAD_DIM + cols)
+        phi = feature_softmax(q.to(tl.float32))
+        numerator = tl.dot(phi.to(state.dtype), state, input_precision=DOT_PRECISION)
+        out_linear = numerator / (tl.sum(phi * norm[None, :], axis=1) + linear_eps)[:, None]
         mix = tl.load(Alpha + bh * num_q_blocks + q_block)
         out = mix * out_sparse + (1.0 - mix) * out_linear
     else:
@@ -145,6 +126,6 @@ def sla2_forward(
         head_dim**-0.5 * LOG2E, linear_eps,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
         HAS_LINEAR=has_linear, SAVE=save, DOT_PRECISION=dot_precision(q.dtype),
-        LINEAR_FIRST=FORWARD_LINEAR_FIRST, num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse, out_sparse

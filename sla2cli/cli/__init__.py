@@ -23,25 +23,20 @@ app = typer.Typer(
 
 
 def _register_commands() -> None:
-    from sla2cli.cli import demo
+    """Attach every sub-command once (main() may run many times in one process, as in tests)."""
+    if app.registered_commands:
+        return
+    from sla2cli.cli import bench, convert, demo, report
 
-    demo.register(app)
-    from sla2cli.cli import bench
-
-    bench.register(app)
-    from sla2cli.cli import convert
-
-    convert.register(app)
-    from sla2cli.cli import report
-
-    report.register(app)
+    for module in (demo, convert, bench, report):
+        module.register(app)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; user mistakes print one line and exit with code 2."""
     _register_commands()
     try:
-        app(args=argv, standalone_mode=False)
+        result = app(args=argv, standalone_mode=False)
     except (UserError, ValueError) as error:
         _fail(str(error))
     except typer.Exit as done:
@@ -51,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     except _CLICK_ERROR as error:  # usage errors: click's own message
         error.show()
         sys.exit(2)
+    if isinstance(result, int) and result:  # standalone_mode=False hands typer.Exit codes back
+        sys.exit(result)
 
 
 def _fail(message: str) -> None:
