@@ -8,7 +8,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null || exit 1
-export PYTHONPATH="/tmp/site:$PWD/tests" PYTHONUNBUFFERED=1
+export PYTHONPATH="/tmp/site:$PWD:$PWD/tests" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py tests/test_convert.py 2>&1 | grep -v DEBUG > "$out/gpu_tests.log"
 tail -5 "$out/gpu_tests.log"

@@ -132,7 +132,6 @@ def time_parts(rec, q, k, v, alpha, sparsity, rep_ms):
 def time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms):
     """The backward's stages alone: query kernel, complement GEMM of dH, reverse map, key kernel."""
     from sla2_kernels import reverse_lut, sla2_backward_key, sla2_backward_query, sla2_forward
-
     from sla2cli.ops.complement import complement_state_grads
 
     _, lse, out_sparse = sla2_forward(q, k, v, routing.lut, alpha, comp_states, comp_norms, 128, 64, True,
@@ -155,6 +154,17 @@ def time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, s
     }
     for name, fn in parts.items():
         rec.add(f"sla2-{name}", sparsity, "bwd", median_ms(fn, rep_ms), share)
+    import sla2_kernels.backward as backward_module
+
+    head_dim = q.shape[-1]
+    defaults = backward_module.QUERY_LAUNCH[head_dim], backward_module.KEY_LAUNCH[head_dim]
+    for launch in ((4, 1), (4, 2), (8, 2)):
+        backward_module.QUERY_LAUNCH[head_dim] = backward_module.KEY_LAUNCH[head_dim] = launch
+        rec.add("sla2-bwd-query-kernel", sparsity, "bwd", median_ms(query_side, rep_ms), share,
+                note=f"warps,stages={launch}")
+        rec.add("sla2-bwd-key-kernel", sparsity, "bwd", median_ms(parts["bwd-key-kernel"], rep_ms), share,
+                note=f"warps,stages={launch}")
+    backward_module.QUERY_LAUNCH[head_dim], backward_module.KEY_LAUNCH[head_dim] = defaults
 
 
 def run_shape(spec, sparsities, modes, rows, rep_ms, parts):

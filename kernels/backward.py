@@ -12,7 +12,12 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from sla2_kernels.common import LOG2E, dot_precision, feature_softmax, row_stride_args
+
+# (num_warps, num_stages) per head dim for each backward kernel; benchmarks/gpu_suite.py sweeps them.
+QUERY_LAUNCH: dict[int, tuple[int, int]] = {64: (4, 1), 128: (8, 1)}
+KEY_LAUNCH: dict[int, tuple[int, int]] = {64: (4, 1), 128: (8, 1)}
 
 
 @triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks", "k_sel"])
@@ -23,6 +28,7 @@ def _sla2_backward_query_kernel(
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_ol,
+    stride_dqb, stride_dqh, stride_dql,
     heads, length, num_q_blocks, num_k_blocks, k_sel,
     qk_scale_log2, scale, linear_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -89,7 +95,8 @@ def _sla2_backward_query_kernel(
         tl.store(DStateQ + block_offset * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :],
                  grad_state.to(DStateQ.dtype.element_ty))
         tl.store(DNormQ + block_offset * HEAD_DIM + cols, tl.sum(grad_denominator[:, None] * phi, axis=0))
-    tl.store(DQ + q_offsets, dq.to(DQ.dtype.element_ty), mask=row_valid[:, None])
+    dq_offsets = batch * stride_dqb + head * stride_dqh + rows[:, None] * stride_dql + cols[None, :]
+    tl.store(DQ + dq_offsets, dq.to(DQ.dtype.element_ty), mask=row_valid[:, None])
 
 
 @triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks"])
@@ -100,6 +107,8 @@ def _sla2_backward_key_kernel(
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_ol,
+    stride_dkb, stride_dkh, stride_dkl,
+    stride_dvb, stride_dvh, stride_dvl,
     heads, length, num_q_blocks, num_k_blocks, rev_len,
     qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -153,8 +162,8 @@ def _sla2_backward_key_kernel(
         dv += tl.dot(phi, dstate, input_precision=DOT_PRECISION)
         grad_phi = tl.dot(v.to(tl.float32), tl.trans(dstate), input_precision=DOT_PRECISION) + dnorm[None, :]
         dk += phi * (grad_phi - tl.sum(grad_phi * phi, axis=1)[:, None])
-    dk_offsets = batch * stride_kb + head * stride_kh + keys[:, None] * stride_kl + cols[None, :]
-    dv_offsets = batch * stride_vb + head * stride_vh + keys[:, None] * stride_vl + cols[None, :]
+    dk_offsets = batch * stride_dkb + head * stride_dkh + keys[:, None] * stride_dkl + cols[None, :]
+    dv_offsets = batch * stride_dvb + head * stride_dvh + keys[:, None] * stride_dvl + cols[None, :]
     tl.store(DK + dk_offsets, dk.to(DK.dtype.element_ty), mask=key_valid[:, None])
     tl.store(DV + dv_offsets, dv.to(DV.dtype.element_ty), mask=key_valid[:, None])
 
@@ -202,17 +211,18 @@ def sla2_backward_query(
         dalpha = torch.empty(batch, heads, num_q_blocks, device=q.device, dtype=torch.float32)
         dstate_q = q.new_empty(batch, heads, num_q_blocks, head_dim, head_dim)
         dnorm_q = q.new_empty(batch, heads, num_q_blocks, head_dim, dtype=torch.float32)
-    num_warps = 8 if head_dim == 128 else 4
+    num_warps, num_stages = QUERY_LAUNCH[head_dim]
     _sla2_backward_query_kernel[(num_q_blocks, batch * heads)](
         q, k, v, grad_out, out_sparse, lse, lut,
         *(x if has_linear else empty for x in (alpha, comp_states, comp_norms)),
         dq, delta, *(x if has_linear else empty for x in (dalpha, dstate_q, dnorm_q)),
         *row_stride_args(q), *row_stride_args(k), *row_stride_args(v), *row_stride_args(grad_out),
+        *row_stride_args(dq),
         heads, length, num_q_blocks, num_k_blocks, lut.shape[-1],
         head_dim**-0.5 * LOG2E, head_dim**-0.5, linear_eps,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
         HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=1,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return dq, delta, dalpha, dstate_q, dnorm_q
 
@@ -238,16 +248,17 @@ def sla2_backward_key(
     empty = q.new_empty(0, dtype=torch.float32)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     rev_index, rev_offset = reverse_lut(lut, num_k_blocks)
-    num_warps = 8 if head_dim == 128 else 4
+    num_warps, num_stages = KEY_LAUNCH[head_dim]
     _sla2_backward_key_kernel[(num_k_blocks, batch * heads)](
         q, k, v, grad_out, lse, delta, alpha if has_linear else empty, rev_index, rev_offset,
         key_dstates if has_linear else empty, key_dnorms if has_linear else empty,
         dk, dv,
         *row_stride_args(q), *row_stride_args(k), *row_stride_args(v), *row_stride_args(grad_out),
+        *row_stride_args(dk), *row_stride_args(dv),
         heads, length, num_q_blocks, num_k_blocks, rev_index.shape[-1],
         head_dim**-0.5 * LOG2E, head_dim**-0.5,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
         HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=1,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return dk, dv

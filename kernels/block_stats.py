@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from sla2_kernels.common import dot_precision, feature_softmax, last_dim_contiguous, row_stride_args
 
 

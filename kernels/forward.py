@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from sla2_kernels.common import LOG2E, dot_precision, feature_softmax, last_dim_contiguous, row_stride_args
 
 # (num_warps, num_stages) per head dim; benchmarks/gpu_suite.py sweeps these on the GPU.

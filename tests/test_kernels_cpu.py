@@ -14,8 +14,8 @@ import itertools
 
 import pytest
 import torch
-
 from kernel_cases import random_alpha, random_qkv, rel_l2
+
 from sla2cli.ops import num_blocks, route, sla2_attention, sla2_attention_bshd, sla2_reference
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -99,15 +99,21 @@ def test_broadcast_alpha_gets_its_own_shape_of_gradient(alpha_shape):
     assert rel_l2(grad_alpha, expected_grad) <= 1e-5
 
 
-def test_non_contiguous_inputs():
+def test_non_contiguous_inputs_forward_and_backward():
+    """Views with gaps (q, k, v unbound from one fused projection) and a strided feature dim."""
     generator = torch.Generator().manual_seed(6)
-    wide = torch.randn(2, 3, 150, 3 * 64, generator=generator)
-    q, k, v = wide[..., :64], wide[..., 64:128], wide[..., 128:]  # strided rows
-    q_t = torch.randn(2, 3, 64, 150, generator=generator).transpose(-1, -2)  # strided features
+    fused = torch.randn(2, 150, 3, 3, 64, generator=generator, requires_grad=True)  # (B, L, qkv, H, D)
+    q, k, v = (t.transpose(1, 2) for t in fused.unbind(2))  # (B, H, L, D), row stride 3 * H * D
+    q_t = torch.randn(2, 3, 64, 150, generator=generator).transpose(-1, -2).requires_grad_(True)
     alpha = torch.rand(2, 3, 2, generator=generator)
-    for query in (q, q_t):
+    grad = torch.randn(2, 3, 150, 64, generator=generator)
+    for query, leaf in ((q, fused), (q_t, q_t)):
         out = sla2_attention(query, k, v, sparsity=0.5, alpha=alpha)
-        assert rel_l2(out, sla2_reference(query, k, v, sparsity=0.5, alpha=alpha)) <= 1e-5
+        expected = sla2_reference(query, k, v, sparsity=0.5, alpha=alpha)
+        assert rel_l2(out, expected) <= 1e-5
+        (actual_grad,) = torch.autograd.grad(out, leaf, grad)
+        (expected_grad,) = torch.autograd.grad(expected, leaf, grad)
+        assert rel_l2(actual_grad, expected_grad) <= 1e-5
 
 
 def test_bshd_entry_point_matches_bhld():
