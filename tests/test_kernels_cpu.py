@@ -60,7 +60,7 @@ def test_matches_reference(batch, heads, length, head_dim, sparsity, dtype):
                                   q, k, v, alpha, grad)
     floor = 0.05 * grad.float().norm().item()
     errors = {name: rel_l2(a, e, floor=0.0 if name == "out" else floor)
-              for name, a, e in zip(("out", "dq", "dk", "dv", "dalpha"), actual, expected)}
+              for name, a, e in zip(("out", "dq", "dk", "dv", "dalpha"), actual, expected, strict=True)}
     assert max(errors.values()) <= TOLERANCE[dtype], errors
 
 
@@ -73,7 +73,7 @@ def test_sparsity_zero_equals_sdpa(length):
     assert rel_l2(out, expected) <= 1e-5
     grad = torch.randn_like(out)
     for actual, reference in zip(torch.autograd.grad(out, (q, k, v), grad),
-                                 torch.autograd.grad(expected, (q, k, v), grad)):
+                                 torch.autograd.grad(expected, (q, k, v), grad), strict=True):
         assert rel_l2(actual, reference) <= 1e-5
 
 
@@ -83,7 +83,7 @@ def test_without_alpha_is_the_sparse_branch():
     assert rel_l2(out, sla2_reference(q, k, v, sparsity=0.5)) <= 1e-5
     grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     expected = torch.autograd.grad(sla2_reference(q, k, v, sparsity=0.5), (q, k, v), torch.ones_like(out))
-    assert max(rel_l2(a, e) for a, e in zip(grads, expected)) <= 1e-5
+    assert max(rel_l2(a, e) for a, e in zip(grads, expected, strict=True)) <= 1e-5
 
 
 @pytest.mark.parametrize("alpha_shape", [(), (3, 1), (2, 3, 1)])

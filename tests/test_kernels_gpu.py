@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from kernel_cases import random_alpha, random_qkv, rel_l2
+
 from sla2cli.ops import num_blocks, sla2_attention, sla2_attention_bshd, sla2_reference
 
 pytestmark = pytest.mark.gpu
@@ -25,7 +25,7 @@ def _compare(batch, heads, length, head_dim, sparsity, seed):
     expected = sla2_reference(q, k, v, sparsity=sparsity, alpha=alpha)
     expected_grads = torch.autograd.grad(expected, (q, k, v, alpha), grad, allow_unused=True)
     errors = [rel_l2(a.float(), e.float() if e is not None else None)
-              for a, e in zip((out, *grads), (expected, *expected_grads))]
+              for a, e in zip((out, *grads), (expected, *expected_grads), strict=True)]
     print(f"L={length} D={head_dim} s={sparsity} errors(out,dq,dk,dv,dalpha)=" +
           ",".join(f"{e:.2e}" for e in errors))
     assert max(errors) <= BF16_TOLERANCE, errors
