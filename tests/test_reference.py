@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from kernel_cases import rel_l2
+
 from sla2cli.ops import k_selected, sla2_reference
 
 

@@ -45,20 +45,19 @@ def blockwise_sla2(
     batch, heads, length, head_dim = q.shape
     num_q_blocks, num_k_blocks = num_blocks(length, block_q), num_blocks(length, block_k)
     k_sel = lut.shape[-1]
-    all_selected = k_sel == num_k_blocks
     qf, kf, vf = q.float(), k.float(), v.float()
-    if all_selected:  # every key block in the exact branch: plain softmax attention, no gathers
+    if k_sel == num_k_blocks:  # every key block in the exact branch: plain softmax attention, no gathers
         return torch.nn.functional.scaled_dot_product_attention(qf, kf, vf).to(q.dtype)
+    sparse_only = alpha is None  # alpha = 1: the linear branch has no weight
     key_valid = (torch.arange(num_k_blocks * block_k, device=q.device) < length).reshape(num_k_blocks, block_k)
     q_blocks = _to_blocks(qf, block_q)
     k_blocks, v_blocks = _to_blocks(kf, block_k), _to_blocks(vf, block_k)
-    if not all_selected:
+    if not sparse_only:
         phi_k_blocks = _to_blocks(torch.softmax(kf, dim=-1), block_k) * key_valid[..., None]
         states = phi_k_blocks.transpose(-1, -2) @ v_blocks  # (B, H, T_n, D, D)
         normalisers = phi_k_blocks.sum(dim=-2)  # (B, H, T_n, D)
         total_state, total_normaliser = states.sum(dim=2), normalisers.sum(dim=2)
-        if alpha is not None:
-            alpha = alpha.float().expand(batch, heads, num_q_blocks)
+        alpha = alpha.float().expand(batch, heads, num_q_blocks)
     chunk = max(1, _CHUNK_ELEMENTS // max(1, batch * heads * k_sel * block_k * head_dim))
     outputs = []
     for start in range(0, num_q_blocks, chunk):
@@ -71,14 +70,13 @@ def blockwise_sla2(
         logits = q_chunk @ keys.transpose(-1, -2) * head_dim**-0.5
         logits = logits.masked_fill(~valid[..., None, :], float("-inf"))
         out = torch.softmax(logits, dim=-1) @ values
-        if not all_selected:
+        if not sparse_only:
             state = total_state[:, :, None] - _gather_blocks(states, lut_chunk).sum(dim=3)
             normaliser = total_normaliser[:, :, None] - _gather_blocks(normalisers, lut_chunk).sum(dim=3)
             phi_q = torch.softmax(q_chunk, dim=-1)
             linear = (phi_q @ state) / ((phi_q * normaliser[..., None, :]).sum(-1, keepdim=True) + LINEAR_EPS)
-            if alpha is not None:
-                mix = alpha[:, :, start:stop, None, None]
-                out = mix * out + (1.0 - mix) * linear
+            mix = alpha[:, :, start:stop, None, None]
+            out = mix * out + (1.0 - mix) * linear
         outputs.append(out)
     out = torch.cat(outputs, dim=2).reshape(batch, heads, num_q_blocks * block_q, head_dim)
     return out[:, :, :length].to(q.dtype)

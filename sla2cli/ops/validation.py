@@ -57,13 +57,16 @@ def check_attention_inputs(
         if alpha.device != q.device:
             raise ValueError(f"alpha is on {alpha.device} but q is on {q.device}")
         num_q_blocks = (length + block_q - 1) // block_q
+        target = (batch, heads, num_q_blocks)
         try:
-            torch.broadcast_shapes(alpha.shape, (batch, heads, num_q_blocks))
+            fits = torch.broadcast_shapes(alpha.shape, target) == torch.Size(target)
         except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(
                 f"alpha shape {tuple(alpha.shape)} is not broadcastable to (B, H, T_m) = "
                 f"{(batch, heads, num_q_blocks)}"
-            ) from None
+            )
     for name, w in (("proj_q", proj_q), ("proj_k", proj_k)):
         if w is None:
             continue

@@ -1,0 +1,164 @@
+"""Python API: convert a model you hold, load a converted model (or convert one on the fly), save one.
+
+    import sla2cli
+    pipe.transformer = ...                      # any supported diffusers transformer, or the pipeline
+    sla2cli.convert(pipe, sparsity=0.97)        # in place; converts transformer_2 too for Wan2.2 A14B
+    sla2cli.save(pipe, "wan-sla2")              # sla2_config.json + sla2_attention.safetensors + README.md
+    model = sla2cli.load("wan-sla2")            # base weights from the Hub cache, SLA2 layers from the folder
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from sla2cli.errors import UserError
+from sla2cli.models.base_model import BaseModelRef, base_ref_from_name_or_path
+from sla2cli.models.checkpoint import open_checkpoint, write_checkpoint
+from sla2cli.models.conversion import conversion_info, convert_component, convert_with_recipe
+from sla2cli.models.model_spec import parse_model_spec
+from sla2cli.models.recipes import Recipe, get_recipe, recipe_for_architecture, recipe_for_hub_id
+from sla2cli.models.sources import EMBEDDED_RECIPE, base_source, build_components, locate
+
+COMPONENT_NAMES = ("transformer", "transformer_2")
+
+
+def _components_of(model_or_pipeline: Any) -> dict[str, nn.Module]:
+    """The transformers to convert: a model on its own, a dict of them, or a pipeline's attributes."""
+    if isinstance(model_or_pipeline, dict):
+        return dict(model_or_pipeline)
+    if isinstance(model_or_pipeline, nn.Module):
+        return {"transformer": model_or_pipeline}
+    found = {name: getattr(model_or_pipeline, name, None) for name in COMPONENT_NAMES}
+    found = {name: model for name, model in found.items() if isinstance(model, nn.Module)}
+    if not found:
+        raise TypeError(
+            f"expected a diffusers transformer, a pipeline with .transformer, or a dict of models; "
+            f"got {type(model_or_pipeline).__name__}"
+        )
+    return found
+
+
+def _name_or_path(model: nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    return config.get("_name_or_path") if config is not None else None
+
+
+def _detect_recipe(components: dict[str, nn.Module], recipe: str | None) -> Recipe:
+    if recipe is not None:
+        chosen = get_recipe(recipe)
+    else:
+        main = components.get("transformer") or next(iter(components.values()))
+        by_id = base_ref_from_name_or_path(_name_or_path(main))
+        chosen = recipe_for_hub_id(by_id.repo_id) if by_id.source == "hub" else None
+        if chosen is None:
+            config = dict(getattr(main, "config", {}))
+            chosen = recipe_for_architecture(type(main).__name__, config, set(components))
+    missing = [name for name in chosen.components if name not in components]
+    extra = [name for name in components if name not in chosen.components]
+    if missing or extra:
+        raise UserError(
+            f"recipe {chosen.name} converts {', '.join(chosen.components)}, but got {', '.join(components)}; "
+            "pass the pipeline or a dict with exactly those transformers"
+        )
+    for name in chosen.components:
+        if type(components[name]).__name__ != chosen.model_class:
+            raise UserError(f"recipe {chosen.name} expects a {chosen.model_class} as {name}")
+    return chosen
+
+
+def convert(
+    model_or_pipeline: Any,
+    sparsity: float | None = None,
+    recipe: str | None = None,
+    *,
+    block_q: int | None = None,
+    block_k: int | None = None,
+) -> Any:
+    """Swap the self-attention of a model (or of a pipeline's transformers) for SLA2, in place.
+
+    The recipe is found from the model's Hub id or architecture unless named. Sparsity and block sizes
+    default to the recipe's. Returns the object it was given.
+    """
+    components = _components_of(model_or_pipeline)
+    chosen = _detect_recipe(components, recipe)
+    for name, model in components.items():
+        base = (
+            BaseModelRef(source="embedded")
+            if chosen.source == EMBEDDED_RECIPE
+            else base_ref_from_name_or_path(_name_or_path(model))
+        )
+        convert_component(
+            model, chosen, component=name, base=base,
+            sparsity=chosen.sparsity if sparsity is None else sparsity,
+            block_q=block_q or chosen.block_q, block_k=block_k or chosen.block_k,
+        )
+    return model_or_pipeline
+
+
+def _default_dtype(dtype: torch.dtype | None, device: torch.device | str) -> torch.dtype:
+    if dtype is not None:
+        return dtype
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def _single_or_dict(components: dict[str, nn.Module]) -> nn.Module | dict[str, nn.Module]:
+    return next(iter(components.values())) if len(components) == 1 else components
+
+
+def load(
+    path_or_id: str | Path | None = None,
+    *,
+    sparsity: float | None = None,
+    recipe: str | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    offline: bool = False,
+) -> nn.Module | dict[str, nn.Module]:
+    """A converted model, ready to run.
+
+    `path_or_id` is an SLA2 checkpoint (folder or Hub id), or a base model (Hub id `org/name[@rev]`,
+    diffusers folder, None for the embedded model), which is then converted with the recipe's defaults.
+    Returns the transformer, or a dict by component name when there are several (Wan2.2 A14B).
+    dtype defaults to bfloat16 on CUDA and float32 elsewhere; `sparsity` overrides the stored one.
+    """
+    dtype = _default_dtype(dtype, device)
+    spec = parse_model_spec(None if path_or_id is None else str(path_or_id))
+    location = locate(spec, offline=offline)
+    if location.root is not None and location.contents().is_checkpoint:
+        components, _ = open_checkpoint(location, weights=True, dtype=dtype, device=device, sparsity=sparsity)
+        return _single_or_dict(components)
+    source = base_source(location, recipe_name=recipe)
+    components = build_components(source, weights=True, dtype=dtype, device=device)
+    convert_with_recipe(components, source.recipe, base=source.base, sparsity=sparsity)
+    return _single_or_dict(components)
+
+
+def save(
+    model_or_pipeline: Any,
+    path: str | Path,
+    *,
+    include_base_weights: bool | None = None,
+    overwrite: bool = False,
+    measurements: dict[str, Any] | None = None,
+) -> Path:
+    """Write a converted model as an SLA2 checkpoint folder (atomically).
+
+    Base weights are referenced (Hub id + commit, folder, or embedded) unless `include_base_weights`;
+    None means: include them only when the model has no such reference. Fine-tuning, which changes
+    them, saves with include_base_weights=True (diffusers layout, sharded safetensors).
+    """
+    components = _components_of(model_or_pipeline)
+    out = Path(path)
+    if include_base_weights is None:
+        include_base_weights = any(
+            (info := conversion_info(model)) is not None and not info.base.referencable
+            for model in components.values()
+        )
+    write_checkpoint(
+        out, components, include_base_weights=include_base_weights, overwrite=overwrite, measurements=measurements
+    )
+    return out

@@ -1,0 +1,39 @@
+"""FLOP counts that turn a time into TFLOP/s, so that providers of different sparsity compare fairly.
+
+Dense attention forward = two matmuls (Q K^T and P V) of 2 * L * L * D FLOPs per head. The backward
+does five such matmuls, i.e. 2.5x the forward, so forward+backward counts 3.5x (the convention
+FlashAttention's papers use).
+"""
+
+from __future__ import annotations
+
+from sla2cli.bench.cases import FORWARD, AttentionShape
+from sla2cli.ops.geometry import DEFAULT_BLOCK_K, k_selected, num_blocks
+
+BACKWARD_FACTOR = 2.5
+
+
+def dense_attention_flops(shape: AttentionShape, mode: str) -> float:
+    """FLOPs of full softmax attention at this shape (forward, or forward+backward)."""
+    forward = 4.0 * shape.batch * shape.heads * shape.length**2 * shape.head_dim
+    return forward if mode == FORWARD else forward * (1.0 + BACKWARD_FACTOR)
+
+
+def selected_blocks(
+    shape: AttentionShape, sparsity: float, block_k: int = DEFAULT_BLOCK_K
+) -> tuple[int, int]:
+    """(k_sel, T_n): key blocks kept per query block, and key blocks in all."""
+    total = num_blocks(shape.length, block_k)
+    return k_selected(total, sparsity), total
+
+
+def sparse_share(shape: AttentionShape, sparsity: float | None) -> float:
+    """Share of the dense FLOPs that the exact (sparse) branch computes: k_sel / T_n (1 when dense)."""
+    if sparsity is None:
+        return 1.0
+    k_sel, total = selected_blocks(shape, sparsity)
+    return k_sel / total
+
+
+def tflops(flops: float, milliseconds: float) -> float:
+    return flops / (milliseconds * 1e-3) / 1e12

@@ -1,0 +1,134 @@
+"""Showing and saving results: a rich table with a header, CSV and JSON files written atomically."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from sla2cli.bench.environment import Environment
+from sla2cli.bench.records import OK, Measurement, column_order
+
+CPU_WARNING = (
+    "warning: running on CPU: these are NOT GPU numbers (small shapes, PyTorch block-gather path); "
+    "use them only to compare providers on this CPU"
+)
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """write(temp) next to `path`, then rename over it, so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        write(temp)
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+
+
+INTEGER_COLUMNS = ("repeats", "k_sel")
+
+
+def rows_frame(measurements: list[Measurement]) -> pd.DataFrame:
+    """The rows as a table; integer columns stay integers where some rows leave them empty."""
+    rows = [m.as_row() for m in measurements]
+    frame = pd.DataFrame(rows, columns=column_order(rows))
+    for column in INTEGER_COLUMNS:
+        frame[column] = frame[column].astype("Int64")
+    return frame
+
+
+def write_csv(measurements: list[Measurement], path: Path) -> None:
+    frame = rows_frame(measurements)
+    write_atomically(path, lambda temp: frame.to_csv(temp, index=False))
+
+
+def _json_value(value: object) -> object:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+def write_json(measurements: list[Measurement], path: Path) -> None:
+    """A JSON list with one object per measurement (null where a CSV cell is empty)."""
+    rows = [{key: _json_value(value) for key, value in m.as_row().items()} for m in measurements]
+    text = json.dumps(rows, indent=2)
+    write_atomically(path, lambda temp: temp.write_text(text + "\n", encoding="utf-8"))
+
+
+def header_lines(environment: Environment) -> list[str]:
+    e = environment
+    lines = [
+        f"device: {e.device}   gpu: {e.gpu}   driver: {e.driver}",
+        f"torch {e.torch_version} (cuda {e.cuda_version})   triton {e.triton_version}   "
+        f"sla2 {e.sla2_version}   commit {e.git_commit}",
+    ]
+    if e.device != "cuda":
+        lines.append(CPU_WARNING)
+    return lines
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def results_table(measurements: list[Measurement], title: str) -> Table:
+    """Numbers only; what each provider times goes in the legend, skip reasons in the last column."""
+    table = Table(title=title, title_justify="left")
+    for name in ("provider", "shape", "sparsity", "mode"):
+        table.add_column(name, no_wrap=True)
+    for name in ("median ms", "vs FA2", "dense TFLOP/s", "sparse TFLOP/s", "peak MB"):
+        table.add_column(name, justify="right", no_wrap=True)
+    table.add_column("status", overflow="fold")
+    for m in measurements:
+        table.add_row(
+            m.provider,
+            m.shape,
+            "dense" if m.sparsity is None else f"{m.sparsity:g}",
+            m.mode,
+            _number(m.median_ms, ".4g"),
+            "-" if m.speedup_vs_fa2 is None else f"{m.speedup_vs_fa2:.2f}x",
+            _number(m.dense_tflops, ".3g"),
+            _number(m.sparse_tflops, ".3g"),
+            _number(m.peak_mem_mb, ".0f"),
+            "ok" if m.status == OK else f"[yellow]{m.status}: {m.note}[/]",
+        )
+    return table
+
+
+def legend_lines(measurements: list[Measurement]) -> list[str]:
+    """One line per timed provider saying what its time covers (e.g. flex: sparse part only)."""
+    notes = dict.fromkeys((m.provider, m.note) for m in measurements if m.status == OK)
+    return [f"{provider}: {note}" for provider, note in notes]
+
+
+REPORT_WIDTH_WITHOUT_TERMINAL = 160
+
+
+def report_console() -> Console:
+    """stdout; when it is not a terminal (a log file), wide enough that no number is cut."""
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, REPORT_WIDTH_WITHOUT_TERMINAL))
+
+
+def print_report(
+    console: Console, measurements: list[Measurement], environment: Environment, title: str
+) -> None:
+    for line in header_lines(environment):
+        style = "bold yellow" if line == CPU_WARNING else None
+        console.print(line, style=style, highlight=False, soft_wrap=True)
+    console.print(results_table(measurements, title))
+    for line in legend_lines(measurements):
+        console.print(line, highlight=False, soft_wrap=True)
+    if environment.device != "cuda":
+        console.print(CPU_WARNING, style="bold yellow", highlight=False, soft_wrap=True)

@@ -1,0 +1,171 @@
+"""SLA2 itself, its router alone, and FlexAttention over the same selected blocks.
+
+The SLA2 rows time the whole op a converted model calls (routing, sparse branch, linear branch, mix),
+checked against the PyTorch block-gather implementation with the same look-up table. FlexAttention
+gets that very table as a block mask, so its row is the cost of the sparse branch alone, done by a
+general-purpose block-sparse kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from sla2cli.bench.cases import FORWARD_BACKWARD
+from sla2cli.bench.checks import (
+    BACKWARD_FACTOR,
+    KernelMismatch,
+    fresh_leaves,
+    head_slice,
+    output_and_grads,
+    require_close,
+    training,
+)
+from sla2cli.bench.inputs import AttentionInputs
+from sla2cli.bench.providers.base import ROUTING, SPARSE, Provider
+from sla2cli.ops import route, sla2_attention
+from sla2cli.ops.blockwise import blockwise_sla2
+from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
+from sla2cli.ops.reference import router_scores
+
+GRADIENT_NAMES = ("dq", "dk", "dv", "dalpha")
+
+
+def _require_sparsity(sparsity: float | None) -> float:
+    if sparsity is None:
+        raise ValueError("a sparse provider needs a sparsity")
+    return sparsity
+
+
+class BlockSparseProvider(Provider):
+    """A provider whose output equals blockwise_sla2 with the router's look-up table (same heads)."""
+
+    kind = SPARSE
+    mixes_linear_branch: bool  # True: SLA2 output (both branches, alpha); False: sparse branch only
+
+    def verify(
+        self, inputs: AttentionInputs, sparsity: float | None, call: Callable[[], torch.Tensor]
+    ) -> None:
+        heads = head_slice(inputs)
+        grad_out = inputs.grad_out
+        out, grads = output_and_grads(call, inputs.leaves, grad_out)
+        lut = route(inputs.q, inputs.k, sparsity=_require_sparsity(sparsity)).lut[:, heads]
+        leaves = fresh_leaves([t[:, heads].float() for t in inputs.leaves], requires_grad=training(inputs))
+        q, k, v, alpha = leaves
+        mix = alpha if self.mixes_linear_branch else None
+        expected_out, expected = output_and_grads(
+            lambda: blockwise_sla2(q, k, v, lut, mix, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K),
+            leaves,
+            None if grad_out is None else grad_out[:, heads].float(),
+        )
+        tolerance = self.tolerance(inputs.dtype)
+        require_close(self.name, "output", out[:, heads], expected_out, tolerance)
+        for name, grad, reference in zip(GRADIENT_NAMES, grads, expected, strict=False):
+            if reference is None:
+                continue
+            if grad is None:
+                raise KernelMismatch(f"{self.name}: returned no gradient for {name[1:]}")
+            require_close(self.name, name, grad[:, heads], reference, tolerance * BACKWARD_FACTOR)
+
+
+class Sla2(BlockSparseProvider):
+    name = "sla2"
+    summary = "SLA2 op: routing + sparse branch + linear branch + mix"
+    mixes_linear_branch = True
+
+    def build(self, inputs: AttentionInputs, sparsity: float | None) -> Callable[[], torch.Tensor]:
+        level = _require_sparsity(sparsity)
+        return lambda: sla2_attention(inputs.q, inputs.k, inputs.v, sparsity=level, alpha=inputs.alpha)
+
+
+def block_mask_from_lut(lut: torch.Tensor, length: int, num_key_blocks: int):
+    """A FlexAttention BlockMask that keeps exactly the key blocks of `lut` (B, H, T_m, k_sel).
+
+    The selected blocks are marked full (no per-element mask function), which is FlexAttention's fast
+    path; its kernels bound-check the partial last block against the sequence length themselves.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    batch, heads, num_q_blocks, k_sel = lut.shape
+    indices = torch.zeros(batch, heads, num_q_blocks, num_key_blocks, dtype=torch.int32, device=lut.device)
+    indices[..., :k_sel] = lut.to(torch.int32)
+    counts = torch.full((batch, heads, num_q_blocks), k_sel, dtype=torch.int32, device=lut.device)
+    return BlockMask.from_kv_blocks(
+        torch.zeros_like(counts),
+        indices,
+        counts,
+        indices,
+        BLOCK_SIZE=(DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K),
+        seq_lengths=(length, length),
+    )
+
+
+_COMPILED_FLEX: dict[str, Callable] = {}
+FLEX_RECOMPILE_LIMIT = 64
+
+
+def compiled_flex_attention() -> Callable:
+    """torch.compile(flex_attention), built once per process.
+
+    Eager flex_attention ignores block sparsity, so falling back to it would time dense attention:
+    each shape and mode compiles anew, and the recompile limit is raised so many --shape values
+    never push dynamo into that fallback.
+    """
+    if "flex" not in _COMPILED_FLEX:
+        import torch._dynamo.config
+        from torch.nn.attention.flex_attention import flex_attention
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, FLEX_RECOMPILE_LIMIT)
+        _COMPILED_FLEX["flex"] = torch.compile(flex_attention, dynamic=False)
+    return _COMPILED_FLEX["flex"]
+
+
+class Flex(BlockSparseProvider):
+    name = "flex"
+    summary = "FlexAttention on SLA2's selected blocks: sparse part only (no router, no linear branch)"
+    partial = "sparse part only"
+    mixes_linear_branch = False
+    needs_cuda = True
+
+    def build(self, inputs: AttentionInputs, sparsity: float | None) -> Callable[[], torch.Tensor]:
+        routing = route(inputs.q, inputs.k, sparsity=_require_sparsity(sparsity))
+        mask = block_mask_from_lut(routing.lut, inputs.shape.length, routing.scores.shape[-1])
+        flex = compiled_flex_attention()
+        return lambda: flex(inputs.q, inputs.k, inputs.v, block_mask=mask)
+
+
+class Sla2Routing(Provider):
+    """The router alone (pooling, scores, top-k): the part of SLA2 that no dense kernel pays."""
+
+    name = "sla2-routing"
+    kind = ROUTING
+    summary = "SLA2 routing alone: pooling + block scores + top-k"
+    partial = "routing only"
+
+    def unsupported(self, device: torch.device, dtype: torch.dtype, mode: str) -> str | None:
+        if mode == FORWARD_BACKWARD:
+            return "routing has no backward pass (top-k has no gradient); see its fwd row"
+        return super().unsupported(device, dtype, mode)
+
+    def build(self, inputs: AttentionInputs, sparsity: float | None) -> Callable[[], torch.Tensor]:
+        level = _require_sparsity(sparsity)
+        return lambda: route(inputs.q, inputs.k, sparsity=level).lut
+
+    def verify(
+        self, inputs: AttentionInputs, sparsity: float | None, call: Callable[[], torch.Tensor]
+    ) -> None:
+        """Every selected block must be among the top k_sel of float32 reference scores (ties allowed)."""
+        heads = head_slice(inputs)
+        lut = call()[:, heads].long()
+        q, k = inputs.q[:, heads].float(), inputs.k[:, heads].float()
+        scores = router_scores(q, k, None, None, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K)
+        k_sel = lut.shape[-1]
+        kth_best = scores.topk(k_sel, dim=-1).values[..., -1:]
+        slack = 1e-3 * scores.abs().amax(dim=-1, keepdim=True)
+        chosen = scores.gather(-1, lut)
+        distinct = (lut.diff(dim=-1) > 0).all() if k_sel > 1 else True
+        if not (bool(distinct) and bool((chosen >= kth_best - slack).all())):
+            raise KernelMismatch(
+                f"{self.name}: selected key blocks are not the top {k_sel} of the reference scores"
+            )

@@ -1,0 +1,185 @@
+"""`sla2 convert`: swap a model's self-attention for SLA2 and write a checkpoint folder.
+
+Conversion needs the model's module tree, not its weights: Hub and local models are built as skeletons
+(meta tensors) from their config, so converting a 14B model takes seconds and little memory. The weights
+are still downloaded (once, into the Hugging Face cache) and checked, so that later commands run offline.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sla2cli.errors import UserError
+from sla2cli.models.atomic import check_output_folder
+from sla2cli.models.checkpoint import flop_estimate, open_checkpoint, write_checkpoint
+from sla2cli.models.checkpoint_format import read_config
+from sla2cli.models.conversion import conversion_info, convert_with_recipe, sla2_layers
+from sla2cli.models.model_spec import ModelSpec, parse_model_spec
+from sla2cli.models.recipes import Recipe, all_recipes, get_recipe
+from sla2cli.models.sources import ModelLocation, base_source, build_components, locate
+
+OUT_SUFFIX = "-sla2"
+
+
+def recipes_table() -> Table:
+    """Every shipped recipe, one row each."""
+    table = Table(title="SLA2 recipes", title_justify="left")
+    for column in ("recipe", "model", "hub id", "class", "components", "sparsity", "blocks q/k",
+                   "default resolution", "tokens", "dense layers"):
+        table.add_column(column, justify="right" if column in ("sparsity", "tokens") else "left")
+    for recipe in all_recipes().values():
+        size = recipe.resolution()
+        table.add_row(
+            recipe.name,
+            recipe.title,
+            recipe.hub_id or "(ships with sla2)",
+            recipe.model_class,
+            ", ".join(recipe.components),
+            f"{recipe.sparsity:g}",
+            f"{recipe.block_q}/{recipe.block_k}",
+            f"{recipe.default_resolution}: {size.width}x{size.height}, {size.frames} frames",
+            f"{recipe.default_tokens():,}",
+            ", ".join(map(str, recipe.dense_layers)) or "none",
+        )
+    return table
+
+
+def default_out(spec: ModelSpec) -> Path:
+    """`<model name>-sla2` in the current folder."""
+    if spec.kind == "hub":
+        name = spec.repo_id.split("/")[-1]
+    elif spec.kind == "local":
+        name = spec.path.name
+    else:
+        name = "embedded"
+    return Path(name + OUT_SUFFIX)
+
+
+def _check_sparsity(sparsity: float | None) -> None:
+    if sparsity is not None and not 0.0 <= sparsity < 1.0:
+        raise UserError(f"--sparsity must be in [0, 1), got {sparsity}")
+
+
+def _format_flops(flops: int) -> str:
+    for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:.2f} {unit}"
+    return f"{flops:,} FLOP"
+
+
+def summary_table(components: dict, recipe: Recipe, source: str, out: Path, seconds: float) -> Table:
+    """Layers converted, parameters added and the attention FLOP reduction at the default resolution."""
+    layers = {name: sla2_layers(model) for name, model in components.items()}
+    any_layer = next(layer for per_model in layers.values() for layer in per_model.values())
+    added = sum(p.numel() for per_model in layers.values() for layer in per_model.values() for p in layer.parameters())
+    estimate = flop_estimate(components, recipe)
+    size = recipe.resolution()
+    converted = ", ".join(f"{len(per_model)} in {name}" for name, per_model in layers.items())
+    table = Table(title="sla2 convert", show_header=False, title_justify="left")
+    table.add_column("what", style="bold")
+    table.add_column("value")
+    rows = [
+        ("model", source),
+        ("recipe", f"{recipe.name} ({recipe.title})"),
+        ("self-attention layers converted", converted),
+        ("left on dense attention", ", ".join([*recipe.attention.kept_dense, "calls with a mask"])),
+        ("layers kept dense by the recipe", ", ".join(map(str, recipe.dense_layers)) or "none"),
+        ("parameters added", f"{added:,} ({added * 4 / 1e6:.2f} MB float32)"),
+        ("sparsity", f"{any_layer.sparsity:g}"),
+        ("blocks (query, key)", f"{any_layer.block_q}, {any_layer.block_k}"),
+        ("default resolution", f"{recipe.default_resolution}: {size.width}x{size.height}, {size.frames} frames, "
+                               f"{estimate.length:,} tokens"),
+        ("self-attention FLOPs", f"{_format_flops(estimate.dense_flops)} dense -> "
+                                 f"{_format_flops(estimate.converted_flops)} SLA2"),
+        ("attention FLOP reduction", f"{estimate.reduction:.1f}x"),
+        ("checkpoint", str(out)),
+        ("time", f"{seconds:.1f} s"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    return table
+
+
+def _convert_base_model(location: ModelLocation, recipe: str | None, sparsity: float | None) -> dict:
+    """Skeletons of the model's transformers with SLA2 processors at the recipe's (or given) settings."""
+    source = base_source(location, recipe_name=recipe)
+    components = build_components(source, weights=False, dtype=torch.float32, device="cpu")
+    convert_with_recipe(components, source.recipe, base=source.base, sparsity=sparsity)
+    return components
+
+
+def _reconvert_checkpoint(location: ModelLocation, sparsity: float | None) -> tuple[dict, bool]:
+    """An existing checkpoint's components (trained SLA2 parameters kept), and whether it includes base
+    weights; those must then be loaded to be written again."""
+    include = read_config(location.root).base_weights == "included"
+    components, _ = open_checkpoint(location, weights=include, dtype=torch.float32, device="cpu", sparsity=sparsity)
+    return components, include
+
+
+def convert_command(
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="Hub id org/name or org/name@revision, a local diffusers folder, or an SLA2 checkpoint to re-convert "
+            "(e.g. with another sparsity). Default: the embedded model that ships with sla2.",
+            show_default=False,
+        ),
+    ] = None,
+    recipe: Annotated[
+        str | None,
+        typer.Option(help="Recipe to use (see --list-recipes). Default: found from the Hub id or the architecture."),
+    ] = None,
+    sparsity: Annotated[
+        float | None,
+        typer.Option(help="Share of key blocks per query block sent to the linear branch, in [0, 1). "
+                     "Default: the recipe's (0.97).", show_default=False),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Checkpoint folder to write. Default: ./<model name>-sla2.", show_default=False),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    offline: Annotated[
+        bool,
+        typer.Option("--offline", help="Use only the Hugging Face cache, never the network (like HF_HUB_OFFLINE=1)."),
+    ] = False,
+    list_recipes: Annotated[bool, typer.Option("--list-recipes", help="Show the recipes and exit.")] = False,
+) -> None:
+    """Swap the self-attention of a video diffusion transformer for SLA2 and write a checkpoint."""
+    console = Console()
+    if list_recipes:
+        console.print(recipes_table())
+        return
+    _check_sparsity(sparsity)
+    if recipe is not None:
+        get_recipe(recipe)
+    spec = parse_model_spec(model)
+    out = out or default_out(spec)
+    check_output_folder(out, overwrite=overwrite)
+    if spec.kind == "local" and (out.absolute() == spec.path or out.absolute() in spec.path.parents):
+        raise UserError(f"--out {out} would replace the input folder {spec.path}; choose another output folder")
+    start = time.monotonic()
+    location = locate(spec, offline=offline)
+    with console.status("building the model and attaching SLA2 processors"):
+        if location.root is not None and location.contents().is_checkpoint:
+            if recipe is not None:
+                raise UserError("--recipe cannot change the recipe of an SLA2 checkpoint; convert the base model")
+            components, include = _reconvert_checkpoint(location, sparsity)
+        else:
+            components, include = _convert_base_model(location, recipe, sparsity), False
+    with console.status(f"writing {out}"):
+        write_checkpoint(out, components, include_base_weights=include, overwrite=overwrite)
+    used = get_recipe(conversion_info(next(iter(components.values()))).recipe)
+    console.print(summary_table(components, used, spec.describe(), out, time.monotonic() - start))
+
+
+def register(app: typer.Typer) -> None:
+    """Add `convert` to the app."""
+    app.command("convert", no_args_is_help=False)(convert_command)

@@ -1,0 +1,217 @@
+"""`sla2 report` (alias `sla2 sparsity-report`): per-layer, per-head sparsity and accuracy of a converted model.
+
+The model runs on sample inputs; at every converted layer the report compares SLA2 against full
+attention on the same q, k, v: how much of the softmax mass the selected blocks hold, how well the
+router finds the best blocks, how alpha follows that mass, and how far the output is from dense.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from sla2cli.errors import UserError
+from sla2cli.report.output import (
+    render_table,
+    report_document,
+    write_csv,
+    write_heatmap,
+    write_json,
+    write_side_by_side_gif,
+)
+from sla2cli.report.runner import (
+    DEFAULT_CLIPS,
+    DEFAULT_TIMESTEPS,
+    ReportResult,
+    ReportSettings,
+    ReportTarget,
+    check_settings,
+    parse_timesteps,
+    run_report,
+)
+
+HELP = (
+    "Per-layer and per-head sparsity and accuracy of a converted model: captured softmax mass, router "
+    "recall, alpha, and error against full attention (beside the heuristic router's). MODEL_OR_DIR is an "
+    "SLA2 checkpoint folder or Hub id; without it, the embedded model converted at --sparsity (default "
+    "0.97) on its own validation clips."
+)
+DEFAULT_VIDEO_STEPS = 8
+MIN_VIDEO_STEPS = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"--device {name!r} is unknown; use auto, cuda or cpu")
+    return torch.device(name)
+
+
+def _check_output_path(option: str, path: Path | None, suffixes: tuple[str, ...]) -> None:
+    if path is None:
+        return
+    if path.suffix.lower() not in suffixes:
+        raise UserError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
+    if path.exists() and path.is_dir():
+        raise UserError(f"{option} {path} is a folder; give a file name")
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
+def model_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on GPU, as the models run there; float32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def _measure(
+    target: ReportTarget, settings: ReportSettings, device: torch.device, console: Console, quiet: bool
+) -> ReportResult:
+    dtype = model_dtype(device)
+    with _progress(console) as progress:
+        task = progress.add_task("layers measured", total=None, visible=not quiet)
+        return run_report(
+            target, settings, device=device, dtype=dtype,
+            on_start=lambda total: progress.update(task, total=total),
+            on_layer=lambda name: progress.advance(task),
+        )
+
+
+def _write_video(
+    target: ReportTarget, settings: ReportSettings, path: Path, steps: int, device: torch.device,
+    console: Console,
+) -> None:
+    from sla2cli.report.sampling import comparison_samples
+
+    with console.status(f"sampling {steps} Euler steps with dense and with SLA2 attention"):
+        dense, sparse = comparison_samples(target, settings, steps=steps, device=device, dtype=model_dtype(device))
+    write_side_by_side_gif(dense, sparse, path)
+
+
+def report(
+    model_or_dir: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="[MODEL_OR_DIR]",
+            help="SLA2 checkpoint: a folder, or a Hub id org/name or org/name@revision; omit for the embedded model.",
+            show_default=False,
+        ),
+    ] = None,
+    sparsity: Annotated[
+        float | None,
+        typer.Option(help="Report at this sparsity (share of key blocks sent to the linear branch) instead of "
+                     "the model's own, e.g. 0.97.", show_default=False),
+    ] = None,
+    inputs: Annotated[
+        Path | None,
+        typer.Option(help="A .safetensors file with clean 'latents' (batch first, in the model's layout) and "
+                     "'encoder_hidden_states' (text embeddings); noised to each timestep. Without it, Hub "
+                     "models get random inputs (with a warning) and the embedded model its validation clips.",
+                     show_default=False),
+    ] = None,
+    timesteps: Annotated[
+        str,
+        typer.Option(help="Comma-separated noise levels in [0, 1] (1 = pure noise) to measure at."),
+    ] = ",".join(f"{t:g}" for t in DEFAULT_TIMESTEPS),
+    resolution: Annotated[
+        str | None,
+        typer.Option(help="Clip size for random inputs: a recipe resolution name (e.g. 480p) or "
+                     "FRAMESxHEIGHTxWIDTH in pixels (latent units for the embedded model). Default: the "
+                     "recipe's.", show_default=False),
+    ] = None,
+    clips: Annotated[
+        int | None,
+        typer.Option(help=f"Number of clips (validation clips, input clips or random draws). Default: "
+                     f"{DEFAULT_CLIPS['cpu']} on CPU, {DEFAULT_CLIPS['cuda']} on GPU; every clip of --inputs.",
+                     show_default=False),
+    ] = None,
+    csv: Annotated[
+        Path | None, typer.Option("--csv", help="Write one row per (layer, head) as CSV.", show_default=False)
+    ] = None,
+    json: Annotated[
+        Path | None,
+        typer.Option("--json", help="Write settings, summaries and one row per (layer, head) as JSON.",
+                     show_default=False),
+    ] = None,
+    heatmap: Annotated[
+        Path | None,
+        typer.Option(help="Write a PNG heatmap of the relative error per layer and head (SLA2 and heuristic).",
+                     show_default=False),
+    ] = None,
+    video: Annotated[
+        Path | None,
+        typer.Option(help="Write a GIF of a sample from the dense model beside the same sample (same noise) "
+                     "from the SLA2 model; embedded model only (its latents are viewable).", show_default=False),
+    ] = None,
+    video_steps: Annotated[int, typer.Option(help="Euler flow-matching steps for --video.")] = DEFAULT_VIDEO_STEPS,
+    device: Annotated[str, typer.Option(help="auto (CUDA when present), cuda or cpu.")] = "auto",
+    seed: Annotated[int, typer.Option(help="Seed of the noise (and of random inputs).")] = 0,
+    offline: Annotated[bool, typer.Option(help="Use only the Hugging Face cache; never the network.")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Measure every converted layer against full attention, print the table, write the files asked for."""
+    from sla2cli.report.loading import load_report_target
+
+    settings = ReportSettings(
+        sparsity=sparsity, timesteps=parse_timesteps(timesteps), inputs=inputs, resolution=resolution,
+        clips=clips, seed=seed,
+    )
+    check_settings(settings)
+    _check_output_path("--csv", csv, (".csv",))
+    _check_output_path("--json", json, (".json",))
+    _check_output_path("--heatmap", heatmap, (".png",))
+    _check_output_path("--video", video, (".gif",))
+    if video_steps < MIN_VIDEO_STEPS:
+        raise UserError(f"--video-steps must be at least {MIN_VIDEO_STEPS}, got {video_steps}")
+    target_device = resolve_device(device)
+    console = Console()
+    with console.status("loading the model", spinner="dots"):
+        target = load_report_target(
+            model_or_dir, sparsity=sparsity, device=target_device, dtype=model_dtype(target_device), offline=offline
+        )
+    if video is not None and not target.embedded:
+        raise UserError("--video needs a model whose latents can be viewed directly (the embedded model); "
+                        "Hub models' latents need their VAE")
+    result = _measure(target, settings, target_device, console, quiet)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
+    title = f"SLA2 report: {target.name} ({len(result.rows)} heads, {result.seconds:.1f} s)"
+    render_table(console, result.layer_rows, result.model_row, title=title)
+    if csv is not None:
+        write_csv(result.rows, csv)
+        console.print(f"wrote {csv}", highlight=False)
+    if json is not None:
+        write_json(
+            report_document(result.settings, result.model_row, result.layer_rows, result.rows, result.warnings),
+            json,
+        )
+        console.print(f"wrote {json}", highlight=False)
+    if heatmap is not None:
+        write_heatmap(result.rows, heatmap, title=target.name)
+        console.print(f"wrote {heatmap}", highlight=False)
+    if video is not None:
+        _write_video(target, settings, video, video_steps, target_device, console)
+        console.print(f"wrote {video} (left: dense attention, right: SLA2)", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `sla2 report` and its alias `sla2 sparsity-report`."""
+    app.command("report", help=HELP)(report)
+    app.command("sparsity-report", help="Alias of `sla2 report`.")(report)

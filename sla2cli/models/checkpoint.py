@@ -1,0 +1,241 @@
+"""Write and open SLA2 checkpoints (format in `checkpoint_format`).
+
+Opening rebuilds the base model from its record (Hub commit, folder, embedded, or the included weights),
+converts exactly the modules the checkpoint lists, and loads the SLA2 parameters strictly: a missing,
+unexpected or mis-shaped key is an error, never a silently fresh layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+
+from sla2cli import __version__
+from sla2cli.errors import UserError
+from sla2cli.models.atomic import atomic_folder
+from sla2cli.models.base_model import BaseModelRef
+from sla2cli.models.checkpoint_format import (
+    ATTENTION_FILE,
+    CARD_FILE,
+    CONFIG_FILE,
+    SCHEMA_VERSION,
+    CheckpointConfig,
+    ComponentRecord,
+    read_config,
+)
+from sla2cli.models.conversion import (
+    attention_layers,
+    conversion_info,
+    convert_component,
+    dense_processors,
+    model_settings,
+    sla2_layers,
+)
+from sla2cli.models.flops import FlopEstimate, estimate_model_flops
+from sla2cli.models.folders import read_component
+from sla2cli.models.hub import weight_patterns
+from sla2cli.models.model_card import render_model_card
+from sla2cli.models.model_spec import ModelSpec
+from sla2cli.models.recipes import Recipe, get_recipe
+from sla2cli.models.safetensors_check import read_header
+from sla2cli.models.sources import ModelLocation, ModelSource, base_source, build_components, locate
+
+MAX_SHARD_SIZE = "5GB"
+
+
+def attention_tensors(components: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """Every converted layer's SLA2 parameters, keyed `<component>.<module>.<parameter>`, float32 on CPU."""
+    tensors = {}
+    for component, model in components.items():
+        for module_name, layer in sla2_layers(model).items():
+            for key, value in layer.state_dict().items():
+                tensors[f"{component}.{module_name}.{key}"] = value.detach().to("cpu", torch.float32).contiguous()
+    return tensors
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def flop_estimate(components: dict[str, nn.Module], recipe: Recipe) -> FlopEstimate:
+    """Self-attention FLOPs of all components at the recipe's default resolution."""
+    layers = [layer for model in components.values() for layer in attention_layers(model, recipe)]
+    return estimate_model_flops(layers, recipe.default_tokens())
+
+
+def describe_components(
+    components: dict[str, nn.Module],
+) -> tuple[Recipe, BaseModelRef, tuple[float, int, int], dict[str, ComponentRecord]]:
+    """Recipe, base record, shared (sparsity, block_q, block_k) and per-component records of converted models."""
+    infos = {name: conversion_info(model) for name, model in components.items()}
+    unconverted = [name for name, info in infos.items() if info is None]
+    if unconverted:
+        raise ValueError(f"{', '.join(unconverted)} is not converted; call sla2cli.convert first")
+    recipes = {info.recipe for info in infos.values()}
+    bases = {info.base for info in infos.values()}
+    settings = {model_settings(model) for model in components.values()}
+    if len(recipes) != 1 or len(bases) != 1 or len(settings) != 1:
+        raise ValueError("the components were converted from different models or with different settings")
+    records = {
+        name: ComponentRecord(model_class=type(model).__name__, converted_modules=infos[name].converted_modules)
+        for name, model in components.items()
+    }
+    return get_recipe(recipes.pop()), bases.pop(), settings.pop(), records
+
+
+def check_not_over_base(out: Path, base: BaseModelRef) -> None:
+    """Replacing a folder the base weights are referenced from (or one holding it) would destroy them."""
+    if base.source != "local":
+        return
+    out, folder = Path(out).absolute(), Path(base.path).absolute()
+    if out == folder or out in folder.parents:
+        raise UserError(f"{out} would replace the base model folder {folder}; choose another output folder")
+
+
+def write_checkpoint(
+    out: Path,
+    components: dict[str, nn.Module],
+    *,
+    include_base_weights: bool,
+    overwrite: bool,
+    measurements: dict[str, Any] | None = None,
+) -> CheckpointConfig:
+    """Write config, SLA2 parameters, model card (and base weights if asked) into `out`, atomically."""
+    recipe, base, (sparsity, block_q, block_k), records = describe_components(components)
+    check_not_over_base(out, base)
+    if not include_base_weights and not base.referencable:
+        raise UserError("this model has no Hub id or folder to refer to; save it with include_base_weights=True")
+    tensors = attention_tensors(components)
+    with atomic_folder(out, overwrite=overwrite) as folder:
+        metadata = {"format": "sla2", "schema": str(SCHEMA_VERSION)}
+        (folder / ATTENTION_FILE).write_bytes(save(tensors, metadata=metadata))
+        if include_base_weights:
+            for name, model in components.items():
+                with dense_processors(model):
+                    model.save_pretrained(folder / name, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
+        config = CheckpointConfig(
+            sla2_version=__version__,
+            recipe=recipe.name,
+            base=base,
+            base_weights="included" if include_base_weights else "referenced",
+            components=records,
+            sparsity=sparsity,
+            block_q=block_q,
+            block_k=block_k,
+            attention_sha256=_sha256(folder / ATTENTION_FILE),
+            measurements=dict(measurements or {}),
+        )
+        (folder / CONFIG_FILE).write_text(json.dumps(config.to_json(), indent=2) + "\n", encoding="utf-8")
+        card = render_model_card(config, recipe, flop_estimate(components, recipe))
+        (folder / CARD_FILE).write_text(card, encoding="utf-8")
+    return config
+
+
+def _read_attention_file(folder: Path, config: CheckpointConfig) -> dict[str, torch.Tensor]:
+    path = folder / ATTENTION_FILE
+    if not path.is_file():
+        raise UserError(f"{folder} lacks {ATTENTION_FILE}; the checkpoint is incomplete")
+    read_header(path)
+    if config.attention_sha256 and _sha256(path) != config.attention_sha256:
+        raise UserError(f"{path} is corrupted (its sha256 differs from {CONFIG_FILE}); convert the model again")
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise UserError(f"{path} is truncated or corrupted ({error}); convert the model again") from None
+
+
+def load_attention_tensors(folder: Path, config: CheckpointConfig, components: dict[str, nn.Module]) -> None:
+    """Copy the checkpoint's SLA2 parameters into the converted components; keys must match exactly."""
+    stored = _read_attention_file(folder, config)
+    expected = attention_tensors(components)
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        raise UserError(f"{folder / ATTENTION_FILE} does not fit the model: {'; '.join(parts)}")
+    for key, tensor in stored.items():
+        if tensor.shape != expected[key].shape:
+            raise UserError(
+                f"{folder / ATTENTION_FILE}: {key} has shape {tuple(tensor.shape)}, "
+                f"the model needs {tuple(expected[key].shape)}"
+            )
+    with torch.no_grad():
+        for component, model in components.items():
+            for module_name, layer in sla2_layers(model).items():
+                prefix = f"{component}.{module_name}."
+                state = {key[len(prefix):]: value for key, value in stored.items() if key.startswith(prefix)}
+                layer.load_state_dict(state, strict=True)
+
+
+def _base_location(config: CheckpointConfig, folder: Path, *, offline: bool) -> ModelLocation:
+    base = config.base
+    if base.source == "hub":
+        return locate(ModelSpec(kind="hub", repo_id=base.repo_id, revision=base.revision), offline=offline)
+    if base.source == "local":
+        path = Path(base.path)
+        if not path.is_dir():
+            raise UserError(
+                f"the base model folder {path} recorded in {folder / CONFIG_FILE} no longer exists; "
+                "restore it or convert again"
+            )
+        return ModelLocation(spec=ModelSpec(kind="local", path=path), root=path, offline=offline)
+    return ModelLocation(spec=ModelSpec(kind="embedded"), root=None, offline=offline)
+
+
+def _checkpoint_source(location: ModelLocation, config: CheckpointConfig, recipe: Recipe) -> ModelSource:
+    """Where the base weights of a checkpoint come from: its own subfolders, or its base model record."""
+    if config.base_weights == "referenced":
+        return base_source(_base_location(config, location.root, offline=location.offline), recipe_name=recipe.name)
+    root = location.fetch(weight_patterns(tuple(config.components)))
+    components = {}
+    for name in config.components:
+        found = read_component(name, root / name)
+        if found is None:
+            raise UserError(f"{root} lacks the included base weights of {name} ({name}/config.json)")
+        components[name] = found
+    return ModelSource(recipe=recipe, base=config.base, components=components)
+
+
+def open_checkpoint(
+    location: ModelLocation,
+    *,
+    weights: bool,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    sparsity: float | None = None,
+) -> tuple[dict[str, diffusers.ModelMixin], CheckpointConfig]:
+    """Rebuild a checkpoint's converted components (skeletons when `weights` is False)."""
+    config = read_config(location.root)
+    recipe = get_recipe(config.recipe)
+    source = _checkpoint_source(location, config, recipe)
+    components = build_components(source, weights=weights, dtype=dtype, device=device)
+    for name, model in components.items():
+        record = config.components.get(name)
+        if record is None or record.model_class != type(model).__name__:
+            raise UserError(
+                f"{location.root / CONFIG_FILE} does not describe the {name} of its base model "
+                f"({type(model).__name__}); convert the model again"
+            )
+        convert_component(
+            model, recipe, component=name, base=config.base,
+            sparsity=config.sparsity if sparsity is None else sparsity,
+            block_q=config.block_q, block_k=config.block_k, modules=record.converted_modules,
+        )
+    load_attention_tensors(location.root, config, components)
+    return components, config

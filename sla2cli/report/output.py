@@ -1,0 +1,209 @@
+"""Report output: rich table, CSV and JSON (one row per layer and head), error heatmap PNG, sample GIF.
+
+Every file is written under a temporary name in the target folder and renamed when complete, so a
+reader never sees half a file and an interrupted run leaves the previous file intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from sla2cli.report.summary import Row, layer_name, worst_layers
+
+# (metric, header, format, shown on narrow terminals too)
+TABLE_COLUMNS: tuple[tuple[str, str, str, bool], ...] = (
+    ("sparsity", "sparsity", "{:.3f}", True),
+    ("k_sel", "k_sel", "{:.0f}", False),
+    ("flop_reduction", "FLOPs /", "{:.1f}x", False),
+    ("captured_mass", "mass", "{:.3f}", True),
+    ("captured_mass_min", "mass min", "{:.3f}", False),
+    ("router_recall", "recall", "{:.3f}", True),
+    ("alpha_mean", "alpha", "{:.3f}", True),
+    ("alpha_mass_corr", "alpha~mass", "{:.2f}", False),
+    ("rel_l2_error", "rel L2", "{:.4f}", True),
+    ("cosine", "cosine", "{:.4f}", False),
+    ("heuristic_rel_l2_error", "heur. rel L2", "{:.4f}", True),
+)
+WIDE_CONSOLE = 130
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path next to `path` (same suffix) that replaces `path` once the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(handle)
+    try:
+        yield Path(temporary)
+        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _format(value: Any, pattern: str) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return "-"
+    return pattern.format(value)
+
+
+def highlight_count(layers: int) -> int:
+    """How many worst layers to mark: one in four, at least one, at most three (none for one layer)."""
+    return 0 if layers < 2 else min(3, max(1, layers // 4))
+
+
+def render_table(console: Console, layer_rows: list[Row], model_row: Row, *, title: str = "") -> None:
+    """Per-layer summary (heads averaged) with the worst layers by relative error in red."""
+    worst = set(worst_layers(layer_rows, highlight_count(len(layer_rows))))
+    wide = console.width >= WIDE_CONSOLE
+    present = [
+        (name, header, pattern)
+        for name, header, pattern, essential in TABLE_COLUMNS
+        if layer_rows and name in layer_rows[0] and (essential or wide)
+    ]
+    table = Table(title=title or None, header_style="bold")
+    table.add_column("layer", overflow="fold")
+    for _, header, _ in present:
+        table.add_column(header, justify="right", no_wrap=True)
+    for row in layer_rows:
+        cells = [_format(row[name], pattern) for name, _, pattern in present]
+        name = layer_name(row)
+        table.add_row(name, *cells, style="bold red" if name in worst else None)
+    table.add_section()
+    model_cells = [_format(model_row.get(name, math.nan), pattern) for name, _, pattern in present]
+    table.add_row("model", *model_cells, style="bold")
+    console.print(table)
+    if worst:
+        names = ", ".join(layer_name(row) for row in layer_rows if layer_name(row) in worst)
+        console.print(f"[red]worst layers by relative error:[/] {names}", highlight=False)
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    """One row per (layer, head), snake_case columns, NaN as an empty cell."""
+    import pandas as pd
+
+    with atomic_path(path) as temporary:
+        pd.DataFrame(rows).to_csv(temporary, index=False)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value
+
+
+def write_json(document: dict[str, Any], path: Path) -> None:
+    """The whole report as JSON; non-finite numbers become null (strict JSON has no NaN)."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(_json_safe(document), indent=2) + "\n", encoding="utf-8")
+
+
+def error_grid(rows: list[Row], metric: str) -> tuple[list[str], torch.Tensor]:
+    """(layer names, layers x heads tensor of `metric`) from per-(layer, head) rows, in model order."""
+    layers: list[str] = []
+    for row in rows:
+        if layer_name(row) not in layers:
+            layers.append(layer_name(row))
+    heads = 1 + max(int(row["head"]) for row in rows)
+    grid = torch.full((len(layers), heads), math.nan, dtype=torch.float64)
+    for row in rows:
+        grid[layers.index(layer_name(row)), int(row["head"])] = float(row[metric])
+    return layers, grid
+
+
+def write_heatmap(rows: list[Row], path: Path, *, title: str = "") -> None:
+    """PNG of the relative L2 error per layer (rows) and head (columns): SLA2 beside the heuristic router."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metrics = [name for name in ("rel_l2_error", "heuristic_rel_l2_error") if name in rows[0]]
+    grids = [error_grid(rows, name) for name in metrics]
+    layers = grids[0][0]
+    top = max(float(torch.nan_to_num(grid, nan=0.0).max()) for _, grid in grids) or 1.0
+    height = min(40.0, 1.5 + 0.25 * len(layers))
+    figure, axes = plt.subplots(
+        1, len(metrics), figsize=(4.0 * len(metrics) + 1.5, height), squeeze=False, layout="constrained"
+    )
+    for axis, name, (_, grid) in zip(axes[0], metrics, grids, strict=True):
+        image = axis.imshow(
+            grid.numpy(), aspect="auto", cmap="magma", vmin=0.0, vmax=top, interpolation="nearest"
+        )
+        axis.set_title(name)
+        axis.set_xlabel("head")
+        axis.set_xticks(range(grid.shape[1]))
+        axis.set_yticks(range(len(layers)))
+        axis.set_yticklabels(layers if axis is axes[0][0] else [], fontsize=8 if len(layers) <= 40 else 5)
+    figure.colorbar(image, ax=list(axes[0]), label="relative L2 error vs full attention")
+    if title:
+        figure.suptitle(title)
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+
+
+def latents_to_rgb(video: torch.Tensor, low: float, high: float, scale: int) -> list[torch.Tensor]:
+    """(C, F, H, W) latents -> F uint8 frames (H * scale, W * scale, 3): first three channels as RGB."""
+    channels = video.float()[:3]
+    if channels.shape[0] < 3:
+        channels = torch.cat([channels, channels[-1:].expand(3 - channels.shape[0], *channels.shape[1:])])
+    normalised = ((channels - low) / max(high - low, 1e-6)).clamp(0.0, 1.0)
+    frames = (normalised * 255.0).round().to(torch.uint8).permute(1, 2, 3, 0)  # (F, H, W, 3)
+    return [frame.repeat_interleave(scale, 0).repeat_interleave(scale, 1) for frame in frames]
+
+
+def write_side_by_side_gif(
+    left: torch.Tensor, right: torch.Tensor, path: Path, *, scale: int = 4, frame_ms: int = 150
+) -> None:
+    """Animated GIF with `left` and `right` (C, F, H, W) side by side, one shared colour range."""
+    from PIL import Image
+
+    both = torch.stack([left.float(), right.float()])
+    sample = both.flatten()[:: max(1, both.numel() // 1_000_000)]
+    low, high = torch.quantile(sample, torch.tensor([0.01, 0.99]))
+    left_frames = latents_to_rgb(left, low.item(), high.item(), scale)
+    right_frames = latents_to_rgb(right, low.item(), high.item(), scale)
+    gap = torch.full((left_frames[0].shape[0], scale * 2, 3), 255, dtype=torch.uint8)
+    images = [
+        Image.fromarray(torch.cat([a, gap, b], dim=1).numpy())
+        for a, b in zip(left_frames, right_frames, strict=True)
+    ]
+    with atomic_path(path) as temporary:
+        images[0].save(
+            temporary, format="GIF", save_all=True, append_images=images[1:], duration=frame_ms, loop=0
+        )
+
+
+def report_document(settings: dict[str, Any], model_row: Row, layer_rows: list[Row], rows: list[Row],
+                    warnings: Sequence[str]) -> dict[str, Any]:
+    """The JSON report: settings, warnings, model summary, per-layer summary, one row per (layer, head)."""
+    return {
+        "settings": settings,
+        "warnings": list(warnings),
+        "model": model_row,
+        "layers": layer_rows,
+        "rows": rows,
+    }

@@ -1,0 +1,181 @@
+"""The checkpoint format: config schema, SLA2 tensor file, model card, base weights, atomic writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sla2cli
+from sla2cli import __version__
+from sla2cli.errors import UserError
+from sla2cli.models import checkpoint as checkpoint_module
+from sla2cli.models.base_model import BaseModelRef, base_ref_from_name_or_path
+from sla2cli.models.checkpoint import check_not_over_base
+from sla2cli.models.checkpoint_format import SCHEMA_VERSION, parse_config, read_config
+from sla2cli.models.conversion import conversion_info, sla2_layers
+from sla2cli.models.random_models import build_random_model
+from sla2cli.models.safetensors_check import read_header
+
+WAN = "wan2.1-t2v-1.3b"
+
+
+@pytest.fixture()
+def converted():
+    """A scaled-down random Wan, converted, known to come from a Hub id (so its base can be referenced)."""
+    model = build_random_model(WAN, full_size=False)
+    sla2cli.convert(model)
+    hub = BaseModelRef(source="hub", repo_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", revision="abc123")
+    model.sla2_conversion = dataclasses.replace(conversion_info(model), base=hub)
+    return model
+
+
+def test_referenced_checkpoint_contents(converted, tmp_path):
+    out = sla2cli.save(converted, tmp_path / "ckpt")
+
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "sla2_attention.safetensors", "sla2_config.json"]
+    config = json.loads((out / "sla2_config.json").read_text())
+    assert config["schema_version"] == SCHEMA_VERSION
+    assert config["sla2_version"] == __version__
+    assert config["recipe"] == WAN
+    assert config["base_model"] == {
+        "source": "hub", "repo_id": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "revision": "abc123", "path": None,
+    }
+    assert config["base_weights"] == "referenced"
+    assert (config["sparsity"], config["block_q"], config["block_k"]) == (0.97, 128, 64)
+    assert config["quantization"] == "none"
+    assert config["components"] == {
+        "transformer": {
+            "model_class": "WanTransformer3DModel",
+            "converted_modules": ["blocks.0.attn1", "blocks.1.attn1"],
+        }
+    }
+    tensors = load_file(out / "sla2_attention.safetensors")
+    assert set(tensors) == {
+        f"transformer.blocks.{layer}.attn1.{name}"
+        for layer in (0, 1)
+        for name in ("proj_q", "proj_k", "alpha_weight", "alpha_bias", "alpha_log_temperature")
+    }
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+    card = (out / "README.md").read_text()
+    assert "base_model: Wan-AI/Wan2.1-T2V-1.3B-Diffusers" in card
+    assert "sla2cli.load(" in card
+    assert "fewer than dense" in card
+
+
+def test_model_without_a_reference_includes_its_weights_sharded(tmp_path, monkeypatch):
+    model = build_random_model(WAN, full_size=False)
+    sla2cli.convert(model, sparsity=0.0)
+    with torch.no_grad():
+        for layer in sla2_layers(model).values():
+            layer.alpha_bias.fill_(0.25)
+    monkeypatch.setattr(checkpoint_module, "MAX_SHARD_SIZE", "200KB")
+
+    with pytest.raises(UserError, match="include_base_weights=True"):
+        sla2cli.save(model, tmp_path / "refused", include_base_weights=False)
+    out = sla2cli.save(model, tmp_path / "ckpt")
+
+    assert read_config(out).base_weights == "included"
+    shards = sorted((out / "transformer").glob("*.safetensors"))
+    assert len(shards) > 1
+    assert (out / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    assert not any("processor" in key for shard in shards for key in load_file(shard))
+    reloaded = sla2cli.load(out)
+    for name, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[name], value), name
+
+
+def test_failed_write_leaves_nothing(converted, tmp_path, monkeypatch):
+    def broken_card(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(checkpoint_module, "render_model_card", broken_card)
+    with pytest.raises(RuntimeError, match="disk full"):
+        sla2cli.save(converted, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_the_folder(converted, tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(UserError, match="--overwrite"):
+        sla2cli.save(converted, out)
+    sla2cli.save(converted, out, overwrite=True)
+    assert not (out / "old.txt").exists()
+    assert (out / "sla2_config.json").is_file()
+
+
+def _valid_config() -> dict:
+    return {
+        "schema_version": 1, "sla2_version": "0.1.0", "recipe": WAN,
+        "base_model": {"source": "hub", "repo_id": "a/b", "revision": "c", "path": None},
+        "base_weights": "referenced",
+        "components": {
+            "transformer": {"model_class": "WanTransformer3DModel", "converted_modules": ["blocks.0.attn1"]}
+        },
+        "sparsity": 0.97, "block_q": 128, "block_k": 64, "quantization": "none",
+    }
+
+
+def test_config_round_trip(tmp_path):
+    config = parse_config(_valid_config(), tmp_path / "sla2_config.json")
+    again = parse_config(config.to_json(), tmp_path / "sla2_config.json")
+    assert again == config
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: c.update(schema_version=SCHEMA_VERSION + 1), "newer than this sla2 reads"),
+        (lambda c: c.pop("block_k"), "missing keys block_k"),
+        (lambda c: c.update(base_weights="copied"), "base_weights must be one of"),
+        (lambda c: c.update(quantization="int3"), "quantization 'int3'"),
+        (lambda c: c.update(sparsity=1.5), "sparsity must be"),
+        (lambda c: c.update(components={}), "components must be"),
+        (lambda c: c.update(base_model={"source": "memory"}), "neither included nor referenced"),
+    ],
+)
+def test_config_problems_are_user_errors(tmp_path, edit, message):
+    data = _valid_config()
+    edit(data)
+    with pytest.raises(UserError, match=message):
+        parse_config(data, tmp_path / "sla2_config.json")
+
+
+def test_read_config_of_a_folder_that_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(UserError, match="not an SLA2 checkpoint"):
+        read_config(tmp_path)
+
+
+def test_base_reference_from_a_hub_cache_path(tmp_path):
+    snapshot = tmp_path / "models--Wan-AI--Wan2.1-T2V-1.3B-Diffusers" / "snapshots" / "0123abcd" / "transformer"
+    snapshot.mkdir(parents=True)
+    assert base_ref_from_name_or_path(str(snapshot)) == BaseModelRef(
+        source="hub", repo_id="Wan-AI/Wan2.1-T2V-1.3B-Diffusers", revision="0123abcd"
+    )
+    assert base_ref_from_name_or_path("org/name") == BaseModelRef(source="hub", repo_id="org/name")
+    assert base_ref_from_name_or_path(str(tmp_path)) == BaseModelRef(source="local", path=str(tmp_path.resolve()))
+    assert base_ref_from_name_or_path(None) == BaseModelRef(source="memory")
+
+
+def test_output_may_not_replace_the_base_folder(tmp_path):
+    base = BaseModelRef(source="local", path=str(tmp_path / "models" / "wan"))
+    with pytest.raises(UserError, match="base model folder"):
+        check_not_over_base(tmp_path / "models", base)
+    check_not_over_base(tmp_path / "elsewhere", base)
+
+
+def test_safetensors_header_check(converted, tmp_path):
+    out = sla2cli.save(converted, tmp_path / "ckpt")
+    path = out / "sla2_attention.safetensors"
+    assert "transformer.blocks.0.attn1.proj_q" in read_header(path)
+    path.write_bytes(path.read_bytes() + b"extra")
+    with pytest.raises(UserError, match="expected .* bytes"):
+        read_header(path)
+    path.write_bytes(b"\x01")
+    with pytest.raises(UserError, match="shorter than the header"):
+        read_header(path)

@@ -1,0 +1,321 @@
+"""`sla2 report`: hooks, the runner on real converted models, output files, and bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures_hub import assert_user_error, run_cli
+from safetensors.torch import save_file
+from torch import nn
+
+from sla2cli.models.embedded.config import ASSETS_DIR, CONFIG_FILENAME, MODEL_KWARGS, WEIGHTS_FILENAME
+from sla2cli.models.random_models import build_random_model, scaled_down_config
+from sla2cli.models.recipes import get_recipe
+from sla2cli.module import SLA2Attention
+from sla2cli.ops import k_selected
+from sla2cli.ops.geometry import num_blocks
+from sla2cli.report.capture import capture_metrics, dense_attention, find_sla2_layers, overridden_sparsity
+from sla2cli.report.summary import MetricAccumulator
+
+REQUIRED_COLUMNS = {
+    "layer", "head", "sparsity", "k_sel", "captured_mass", "router_recall", "alpha_mean",
+    "rel_l2_error", "cosine", "heuristic_rel_l2_error",
+}
+EMBEDDED_HEADS = MODEL_KWARGS["num_layers"] * MODEL_KWARGS["num_attention_heads"]
+SMALL_CLIP = "2x32x32"  # latent frames x height x width: 2 * 16 * 16 = 512 tokens, 8 key blocks
+SMALL_TOKENS = 512
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    """Error lines are judged whole; keep rich from wrapping them at 80 columns."""
+    monkeypatch.setenv("COLUMNS", "400")
+
+
+@pytest.fixture()
+def embedded_model(tmp_path_factory, monkeypatch):
+    """The shipped embedded model if it is built, else the same architecture with random weights."""
+    if (ASSETS_DIR / CONFIG_FILENAME).is_file() and (ASSETS_DIR / WEIGHTS_FILENAME).is_file():
+        return
+    from sla2cli.models.embedded import build_embedded_model, default_config
+    from sla2cli.models.embedded.config import save_config
+
+    folder = tmp_path_factory.mktemp("embedded-assets")
+    torch.manual_seed(0)
+    weights = {key: value.contiguous() for key, value in build_embedded_model().state_dict().items()}
+    save_file(weights, str(folder / WEIGHTS_FILENAME))
+    save_config(default_config(), folder / CONFIG_FILENAME)
+    monkeypatch.setattr("sla2cli.models.embedded.loading.ASSETS_DIR", folder)
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8") as stream:
+        return list(csv.DictReader(stream))
+
+
+# --- hooks -------------------------------------------------------------------------------------------
+
+
+class _TwoLayers(nn.Module):
+    """Calls its SLA2 layers the way model processors do: through forward_bshd, which skips nn hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = SLA2Attention(2, 64, sparsity=0.5)
+        self.second = SLA2Attention(2, 64, sparsity=0.5)
+        with torch.no_grad():
+            self.second.proj_q.add_(0.5 * torch.randn(64, 64, generator=torch.Generator().manual_seed(1)))
+
+    def forward(self, q, k, v):
+        return self.second.forward_bshd(self.first.forward_bshd(q, k, v), k, v)
+
+
+def _bshd(length: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, length, 2, 64, generator=generator) for _ in range(3)]
+
+
+def test_capture_sees_every_call_and_matches_brute_force():
+    model = _TwoLayers()
+    layers = find_sla2_layers(model)
+    assert list(layers) == ["first", "second"]
+    q, k, v = _bshd(300, seed=0)
+    expected_output = model(q, k, v)
+    accumulator = MetricAccumulator()
+    with capture_metrics(layers, accumulator):
+        output = model(q, k, v)
+    torch.testing.assert_close(output, expected_output)  # the model's result is untouched
+    assert "forward" not in vars(model.first)  # the hook is gone afterwards
+    rows = accumulator.rows()
+    assert [(row["layer"], row["head"]) for row in rows] == [("first", 0), ("first", 1), ("second", 0), ("second", 1)]
+
+    # brute force for the first layer: full probabilities, the layer's own routing and output
+    qh, kh, vh = (x.transpose(1, 2).double() for x in (q, k, v))
+    probs = torch.softmax(qh @ kh.transpose(-1, -2) / 8.0, dim=-1)
+    exact = probs @ vh
+    routed = model.first.forward(*(x.transpose(1, 2) for x in (q, k, v))).double()
+    from sla2cli.ops import route
+
+    lut = route(*(x.transpose(1, 2) for x in (q, k)), sparsity=0.5).lut
+    for head in range(2):
+        masses = []
+        for block, selected in enumerate(lut[0, head].tolist()):
+            rows_of_block = probs[0, head, block * 128 : (block + 1) * 128]
+            masses.append(sum(rows_of_block[:, j * 64 : (j + 1) * 64].sum(-1).mean().item() for j in selected))
+        error = ((routed[0, head] - exact[0, head]).norm() / exact[0, head].norm()).item()
+        assert rows[head]["captured_mass"] == pytest.approx(sum(masses) / len(masses), rel=1e-4)
+        assert rows[head]["rel_l2_error"] == pytest.approx(error, rel=1e-4)
+
+
+def test_dense_override_and_sparsity_override_restore_the_layers():
+    model = _TwoLayers()
+    layers = find_sla2_layers(model)
+    q, k, v = _bshd(256, seed=2)
+    with dense_attention(layers):
+        dense = model.first.forward_bshd(q, k, v)
+    reference = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v)))
+    torch.testing.assert_close(dense, reference.transpose(1, 2))
+    with overridden_sparsity(layers, 0.9):
+        assert {layer.sparsity for layer in layers.values()} == {0.9}
+    assert {layer.sparsity for layer in layers.values()} == {0.5}
+    assert "forward" not in vars(model.first)
+
+
+# --- the command on the embedded model ---------------------------------------------------------------
+
+
+def test_report_writes_csv_json_and_heatmap(embedded_model, tmp_path, capsys):
+    out_csv, out_json, out_png = tmp_path / "r.csv", tmp_path / "r.json", tmp_path / "h.png"
+    code, stdout, err = run_cli(
+        ["report", "--resolution", SMALL_CLIP, "--timesteps", "0.9,0.1", "--csv", str(out_csv),
+         "--json", str(out_json), "--heatmap", str(out_png), "--quiet"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "blocks.0.attn1" in stdout
+    rows = _read_csv(out_csv)
+    assert REQUIRED_COLUMNS <= set(rows[0])
+    assert len(rows) == EMBEDDED_HEADS
+    assert {(row["layer"], row["head"]) for row in rows} == {
+        (str(layer), str(head))
+        for layer in range(MODEL_KWARGS["num_layers"]) for head in range(MODEL_KWARGS["num_attention_heads"])
+    }
+    k_sel = k_selected(num_blocks(SMALL_TOKENS, 64), 0.97)
+    for row in rows:
+        assert int(row["k_sel"]) == k_sel
+        assert int(row["samples"]) == 2  # one clip at two timesteps
+        assert 0.0 < float(row["captured_mass"]) <= 1.0 + 1e-6
+        assert float(row["captured_mass_min"]) <= float(row["captured_mass"]) + 1e-6
+        assert 0.0 <= float(row["router_recall"]) <= 1.0
+        assert float(row["alpha_min"]) <= float(row["alpha_mean"]) <= float(row["alpha_max"])
+        assert float(row["rel_l2_error"]) > 0.0 and -1.0 <= float(row["cosine"]) <= 1.0
+    document = json.loads(out_json.read_text())
+    assert len(document["rows"]) == EMBEDDED_HEADS
+    assert len(document["layers"]) == MODEL_KWARGS["num_layers"]
+    assert document["settings"]["timesteps"] == [0.9, 0.1]
+    assert document["model"]["heads"] == EMBEDDED_HEADS
+    assert math.isclose(
+        document["model"]["rel_l2_error"], sum(float(row["rel_l2_error"]) for row in rows) / len(rows), rel_tol=1e-6
+    )
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary files left
+
+
+def test_alias_and_sparsity_override(embedded_model, tmp_path, capsys):
+    out_csv = tmp_path / "r.csv"
+    code, _, err = run_cli(
+        ["sparsity-report", "--sparsity", "0.5", "--resolution", SMALL_CLIP, "--timesteps", "0.5",
+         "--csv", str(out_csv), "--quiet"],
+        capsys,
+    )
+    assert code == 0, err
+    rows = _read_csv(out_csv)
+    assert {int(row["k_sel"]) for row in rows} == {k_selected(num_blocks(SMALL_TOKENS, 64), 0.5)}
+    assert all(float(row["sparsity"]) == pytest.approx(0.5) for row in rows)
+
+
+def test_inputs_file_is_used(embedded_model, tmp_path, capsys):
+    generator = torch.Generator().manual_seed(0)
+    channels, text_dim = MODEL_KWARGS["in_channels"], MODEL_KWARGS["text_dim"]
+    inputs = tmp_path / "inputs.safetensors"
+    save_file(
+        {"latents": torch.randn(2, channels, 2, 32, 32, generator=generator),
+         "encoder_hidden_states": torch.randn(2, 8, text_dim, generator=generator)},
+        str(inputs),
+    )
+    out_json = tmp_path / "r.json"
+    code, _, err = run_cli(
+        ["report", "--inputs", str(inputs), "--timesteps", "0.5", "--json", str(out_json), "--quiet"],
+        capsys,
+    )
+    assert code == 0, err
+    document = json.loads(out_json.read_text())
+    assert document["settings"]["samples"] == ["input 0", "input 1"]
+    assert {row["samples"] for row in document["rows"]} == {2}
+
+
+def test_video_shows_dense_beside_sla2(embedded_model, tmp_path, capsys):
+    from PIL import Image
+
+    gif = tmp_path / "v.gif"
+    code, stdout, err = run_cli(
+        ["report", "--resolution", SMALL_CLIP, "--timesteps", "0.5", "--video", str(gif), "--video-steps", "2",
+         "--quiet"],
+        capsys,
+    )
+    assert code == 0, err
+    with Image.open(gif) as image:
+        assert image.format == "GIF"
+        assert image.n_frames == 2  # one per latent frame
+        assert image.width > 2 * image.height  # two clips side by side
+
+
+# --- converted Hub-family checkpoints (random weights, local folders) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """Checkpoints of scaled-down random Wan and CogVideoX models, converted by `sla2 convert`."""
+    from sla2cli.cli import main
+
+    root = tmp_path_factory.mktemp("converted")
+    checkpoints = {}
+    for recipe in ("wan2.1-t2v-1.3b", "cogvideox-5b", "wan2.2-t2v-a14b"):
+        base = root / f"{recipe}-base"
+        for seed, component in enumerate(get_recipe(recipe).components):
+            model = build_random_model(recipe, full_size=False, seed=seed)
+            model.save_pretrained(base / component, safe_serialization=True)
+        out = root / f"{recipe}-sla2"
+        try:
+            main(["convert", str(base), "--out", str(out), "--recipe", recipe])
+        except SystemExit as done:
+            assert done.code in (0, None)
+        checkpoints[recipe] = out
+    return checkpoints
+
+
+@pytest.mark.parametrize(
+    "recipe, components", [("wan2.1-t2v-1.3b", 1), ("cogvideox-5b", 1), ("wan2.2-t2v-a14b", 2)]
+)
+def test_checkpoint_with_random_inputs_warns(converted, recipe, components, tmp_path, capsys):
+    out_csv = tmp_path / "r.csv"
+    code, stdout, err = run_cli(
+        ["report", str(converted[recipe]), "--resolution", "5x128x128", "--timesteps", "0.5",
+         "--csv", str(out_csv), "--quiet"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "random inputs understate" in " ".join(stdout.split())
+    rows = _read_csv(out_csv)
+    config = scaled_down_config(recipe)
+    assert len(rows) == components * config["num_layers"] * config["num_attention_heads"]
+    assert len({row["component"] for row in rows}) == components
+    assert all(0.0 < float(row["captured_mass"]) <= 1.0 + 1e-6 for row in rows)
+
+
+def test_video_needs_viewable_latents(converted, tmp_path, capsys):
+    code, _, err = run_cli(
+        ["report", str(converted["wan2.1-t2v-1.3b"]), "--video", str(tmp_path / "v.gif")], capsys
+    )
+    assert_user_error(code, err, mentions="--video")
+
+
+# --- bad input ---------------------------------------------------------------------------------------
+
+
+def test_folder_that_is_not_a_checkpoint(tmp_path, capsys):
+    folder = tmp_path / "not-a-checkpoint"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("hello")
+    code, _, err = run_cli(["report", str(folder)], capsys)
+    assert_user_error(code, err, mentions="not an SLA2 checkpoint")
+
+
+@pytest.mark.parametrize("timesteps", ["0.9,,0.1", "fast", "0.5,1.5", "-0.1"])
+def test_malformed_timesteps(timesteps, capsys):
+    code, _, err = run_cli(["report", "--timesteps", timesteps], capsys)
+    assert_user_error(code, err, mentions="--timesteps")
+
+
+@pytest.mark.parametrize(
+    "tensors, mentions",
+    [
+        ({"latents": torch.randn(1, 3, 2, 32, 32), "encoder_hidden_states": torch.randn(1, 8, 32)}, "channels"),
+        ({"latents": torch.randn(1, 4, 2, 31, 32), "encoder_hidden_states": torch.randn(1, 8, 32)}, "patch"),
+        ({"latents": torch.randn(1, 4, 2, 32, 32), "encoder_hidden_states": torch.randn(1, 8, 7)}, "width"),
+        ({"latents": torch.randn(4, 2, 32, 32), "encoder_hidden_states": torch.randn(1, 8, 32)}, "rank 5"),
+        ({"latents": torch.randn(2, 4, 2, 32, 32), "encoder_hidden_states": torch.randn(1, 8, 32)}, "clips"),
+        ({"latents": torch.randn(1, 4, 2, 32, 32)}, "missing"),
+    ],
+)
+def test_inputs_file_with_wrong_shapes(embedded_model, tmp_path, capsys, tensors, mentions):
+    inputs = tmp_path / "bad.safetensors"
+    save_file(tensors, str(inputs))
+    code, _, err = run_cli(["report", "--inputs", str(inputs), "--quiet"], capsys)
+    assert_user_error(code, err, mentions=mentions)
+
+
+def test_inputs_file_that_is_not_safetensors(embedded_model, tmp_path, capsys):
+    inputs = tmp_path / "bad.safetensors"
+    inputs.write_bytes(b"not a safetensors file")
+    code, _, err = run_cli(["report", "--inputs", str(inputs), "--quiet"], capsys)
+    assert_user_error(code, err, mentions="safetensors")
+
+
+@pytest.mark.parametrize(
+    "args, mentions",
+    [
+        (["--csv", "report.txt"], "--csv"),
+        (["--resolution", "64x64"], "--resolution"),
+        (["--sparsity", "1.2"], "--sparsity"),
+        (["--clips", "0"], "--clips"),
+    ],
+)
+def test_bad_options(embedded_model, args, mentions, capsys):
+    code, _, err = run_cli(["report", *args, "--quiet"], capsys)
+    assert_user_error(code, err, mentions=mentions)
