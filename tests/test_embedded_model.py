@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -27,6 +28,7 @@ from sla2cli.models.embedded.synthetic import (
     TEXT_DIM,
     TEXT_TOKENS,
     VALIDATION_SEED_BASE,
+    render_background,
     sample_scene,
 )
 from sla2cli.models.embedded.train import TrainSettings, learning_rate_factor, train_embedded_model
@@ -51,7 +53,7 @@ def test_clip_is_deterministic_and_shaped():
     assert torch.equal(first.latents, second.latents)
     assert torch.equal(first.text_embedding, second.text_embedding)
     assert first.description == second.description
-    assert torch.isfinite(first.latents).all() and first.latents.abs().max() <= 1.0
+    assert torch.isfinite(first.latents).all() and first.latents.abs().max() <= 3.0
 
 
 def test_different_seeds_give_different_scenes():
@@ -70,6 +72,18 @@ def test_shapes_move_between_frames_and_caption_matches_scene():
         assert f"{shape.colour} {shape.kind} moving {shape.direction}" in clip.description
     used_tokens = (clip.text_embedding.abs().sum(-1) > 0).sum().item()
     assert used_tokens == 1 + len(scene.shapes)
+
+
+def test_background_texture_pans_with_the_camera():
+    scene = dataclasses.replace(sample_scene(11), pan="panning quickly", pan_velocity=(2.0, 0.0))
+    still = dataclasses.replace(scene, pan="still", pan_velocity=(0.0, 0.0))
+    moving = render_background(scene, frames=3, height=24, width=24)
+    fixed = render_background(still, frames=3, height=24, width=24)
+    assert torch.equal(fixed[:, 0], fixed[:, 2])
+    assert fixed[:, 0].std() > 0.1  # textured, not flat
+    # A whole-pixel pan moves the texture by exactly two pixels per frame (bilinear at pixel centres).
+    torch.testing.assert_close(moving[:, 1, :, 2:], moving[:, 0, :, :-2], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(moving[:, 1], moving[:, 0])
 
 
 def test_validation_clips_are_fixed_and_held_out():

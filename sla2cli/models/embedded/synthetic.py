@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 LATENT_CHANNELS = 4
 TEXT_DIM = 32
@@ -54,10 +55,17 @@ DIRECTION_ANGLES: dict[str, float] = {
 }
 # Distance per frame, as a fraction of the clip's shorter side.
 SPEEDS: dict[str, float] = {"slowly": 0.012, "steadily": 0.028, "quickly": 0.05}
+# Background texture: smooth noise with a correlation length of a few pixels, panning like a camera.
+# Pixel units (not clip-relative) so that a token's neighbourhood looks alike at every clip size.
+TEXTURE_CELL_PIXELS = 4
+TEXTURE_AMPLITUDE = 0.3
+TEXTURE_FIELDS = 2
+# Pixels per frame.
+PAN_SPEEDS: dict[str, float] = {"still": 0.0, "panning slowly": 0.5, "panning quickly": 1.5}
 # Radians per frame.
 SPINS: dict[str, float] = {"without spinning": 0.0, "spinning clockwise": 0.3, "spinning anticlockwise": -0.3}
 
-ROLE_WORDS = ("background", "shape")
+ROLE_WORDS = ("background", "shape", "textured")
 VOCABULARY: tuple[str, ...] = (
     ROLE_WORDS
     + tuple(SHAPE_COLOURS)
@@ -66,6 +74,7 @@ VOCABULARY: tuple[str, ...] = (
     + tuple(DIRECTION_ANGLES)
     + tuple(SPEEDS)
     + tuple(SPINS)
+    + tuple(PAN_SPEEDS)
 )
 
 
@@ -87,9 +96,13 @@ class ShapeSpec:
 
 @dataclass(frozen=True)
 class SceneSpec:
-    """A whole clip: a background colour and shapes painted in order (later ones cover earlier)."""
+    """A whole clip: a textured, panning background and shapes painted in order (later cover earlier)."""
 
     background: str
+    pan: str
+    pan_direction: str
+    pan_velocity: tuple[float, float]  # (x, y) pixels per frame
+    texture_seed: int
     shapes: tuple[ShapeSpec, ...]
 
 
@@ -127,7 +140,17 @@ def sample_scene(seed: int) -> SceneSpec:
                 spin_rate=SPINS[spin] * rng.uniform(0.7, 1.3),
             )
         )
-    return SceneSpec(background=rng.choice(tuple(BACKGROUND_COLOURS)), shapes=tuple(shapes))
+    pan = rng.choice(tuple(PAN_SPEEDS))
+    pan_direction = rng.choice(tuple(DIRECTION_ANGLES))
+    pan_heading = math.radians(DIRECTION_ANGLES[pan_direction])
+    return SceneSpec(
+        background=rng.choice(tuple(BACKGROUND_COLOURS)),
+        pan=pan,
+        pan_direction=pan_direction,
+        pan_velocity=(PAN_SPEEDS[pan] * math.cos(pan_heading), PAN_SPEEDS[pan] * math.sin(pan_heading)),
+        texture_seed=rng.randrange(2**31),
+        shapes=tuple(shapes),
+    )
 
 
 def describe_scene(scene: SceneSpec) -> str:
@@ -135,7 +158,8 @@ def describe_scene(scene: SceneSpec) -> str:
     parts = [
         f"a {shape.colour} {shape.kind} moving {shape.direction} {shape.speed} {shape.spin}" for shape in scene.shapes
     ]
-    return "; ".join(parts) + f"; on a {scene.background} background"
+    motion = "still" if scene.pan == "still" else f"{scene.pan} {scene.pan_direction}"
+    return "; ".join(parts) + f"; on a {scene.background} textured background, {motion}"
 
 
 def _bounce(start: float, travel: torch.Tensor, low: float, high: float) -> torch.Tensor:
@@ -182,14 +206,54 @@ def render_scene(
     frame_index = torch.arange(frames, dtype=torch.float32, device=device)
     ys = torch.arange(height, dtype=torch.float32, device=device) + 0.5
     xs = torch.arange(width, dtype=torch.float32, device=device) + 0.5
-    background = torch.tensor(BACKGROUND_COLOURS[scene.background], device=device)
-    canvas = background.view(-1, 1, 1, 1).expand(LATENT_CHANNELS, frames, height, width).clone()
+    canvas = render_background(scene, frames, height, width, device)
     for shape in scene.shapes:
         distance = _shape_distance(shape, frame_index, ys, xs, height, width)
         coverage = torch.clamp(0.5 - distance, 0.0, 1.0)
         colour = torch.tensor(SHAPE_COLOURS[shape.colour], device=device).view(-1, 1, 1, 1)
         canvas = canvas + coverage.unsqueeze(0) * (colour - canvas)
     return canvas
+
+
+def render_background(
+    scene: SceneSpec, frames: int, height: int, width: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Background colour plus smooth noise texture, shifted by the pan each frame: (C, F, H, W).
+
+    The texture is only predictable from nearby pixels of the same and neighbouring frames, which is
+    what makes the model's attention local in space and time.
+    """
+    travel_x, travel_y = (abs(component) * max(frames - 1, 0) for component in scene.pan_velocity)
+    margin = math.ceil(max(travel_x, travel_y)) + 2
+    field_height, field_width = height + 2 * margin, width + 2 * margin
+    coarse = (
+        math.ceil(field_height / TEXTURE_CELL_PIXELS) + 3,
+        math.ceil(field_width / TEXTURE_CELL_PIXELS) + 3,
+    )
+    generator = torch.Generator().manual_seed(scene.texture_seed)
+    noise = torch.randn(1, TEXTURE_FIELDS, *coarse, generator=generator)
+    mixing = torch.randn(LATENT_CHANNELS, TEXTURE_FIELDS, generator=generator) / math.sqrt(TEXTURE_FIELDS)
+    field = F.interpolate(noise.to(device), size=(field_height, field_width), mode="bicubic", align_corners=False)
+    field = field / field.std().clamp_min(1e-6)
+    frame_index = torch.arange(frames, dtype=torch.float32, device=device).view(-1, 1, 1)
+    xs = torch.arange(width, dtype=torch.float32, device=device).view(1, 1, -1)
+    ys = torch.arange(height, dtype=torch.float32, device=device).view(1, -1, 1)
+    # Pixel centres in the big field, moved against the pan so the content moves with it.
+    field_x = margin + xs + 0.5 - frame_index * scene.pan_velocity[0]
+    field_y = margin + ys + 0.5 - frame_index * scene.pan_velocity[1]
+    grid = torch.stack(
+        (
+            (2.0 * field_x / field_width - 1.0).expand(frames, height, width),
+            (2.0 * field_y / field_height - 1.0).expand(frames, height, width),
+        ),
+        dim=-1,
+    )
+    sampled = F.grid_sample(
+        field.expand(frames, -1, -1, -1), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )  # (F, fields, H, W)
+    texture = torch.einsum("cf,tfhw->cthw", mixing.to(sampled), sampled)
+    colour = torch.tensor(BACKGROUND_COLOURS[scene.background], device=device).view(-1, 1, 1, 1)
+    return colour + TEXTURE_AMPLITUDE * texture
 
 
 def _embedding_table(text_dim: int) -> torch.Tensor:
@@ -209,7 +273,7 @@ def embed_scene(scene: SceneSpec, text_dim: int = TEXT_DIM, tokens: int = TEXT_T
         raise ValueError(f"{tokens} text tokens cannot hold a scene of {len(scene.shapes)} shapes")
     table = _embedding_table(text_dim)
     embedding = torch.zeros(tokens, text_dim)
-    embedding[0] = _bag_of_words(("background", scene.background), table)
+    embedding[0] = _bag_of_words(("background", "textured", scene.background, scene.pan, scene.pan_direction), table)
     for index, shape in enumerate(scene.shapes, start=1):
         words = ("shape", shape.kind, shape.colour, shape.direction, shape.speed, shape.spin)
         embedding[index] = _bag_of_words(words, table)

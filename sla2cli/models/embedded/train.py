@@ -1,9 +1,9 @@
 """Train the embedded model from scratch on procedural clips with the rectified-flow objective.
 
 Recipe: x_t = (1 - t) x0 + t noise with t ~ U(0, 1), the model gets timestep t * 1000 and the clip's text
-embedding and predicts the velocity noise - x0 (MSE). AdamW, linear warm-up then cosine decay to 10%,
-gradient clipping at 1, bfloat16 autocast on CUDA. The schedule follows whichever runs out first, the
-step count or the time budget, so a run cut by its budget still ends at a low learning rate.
+embedding and predicts the velocity noise - x0 (MSE). AdamW (no decay on gains and biases), linear warm-up
+then cosine decay to 10%, gradient clipping at 1, bfloat16 autocast on CUDA. The schedule follows whichever
+runs out first, the step count or the time budget, so a run cut by its budget still ends at a low learning rate.
 
 The shipped weights come from `python scripts/train_embedded.py --out sla2cli/assets/ --device cuda
 --minutes 12` on one GPU (defaults: batch 8 clips of 8 x 64 x 64 latents, peak learning rate 6e-4);
@@ -102,6 +102,15 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay only weight matrices: decaying the q/k norm gains would pull attention back towards uniform."""
+    matrices, others = [], []
+    for name, parameter in model.named_parameters():
+        is_matrix = parameter.dim() >= 2 and "scale_shift_table" not in name
+        (matrices if is_matrix else others).append(parameter)
+    return [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
+
+
 def check_settings(settings: TrainSettings) -> None:
     """Reject settings that cannot run, with a message saying which option to change."""
     if settings.steps < 1:
@@ -188,7 +197,7 @@ def train_embedded_model(settings: TrainSettings, show_progress: bool = True) ->
     torch.manual_seed(settings.seed)
     model = build_embedded_model().to(device).train()
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay, betas=(0.9, 0.99)
+        parameter_groups(model, settings.weight_decay), lr=settings.learning_rate, betas=(0.9, 0.99)
     )
     scene_seeds = random.Random(settings.seed)
     generator = torch.Generator(device=device).manual_seed(settings.seed)
