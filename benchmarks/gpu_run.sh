@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# One GPU session: GPU tests, operator timing (two shapes), whole-model timing (eager and compiled),
-# and `sla2 bench` itself. Writes at most 8 files to OUT_DIR; the logs go to OUT_DIR/all.log.
-# Usage: bash benchmarks/gpu_run.sh OUT_DIR
+# GPU runs in two phases that each fit one 10-minute command (logs go to OUT_DIR/all.log):
+#   core:  GPU tests, operator timing at both default shapes, one model forward, `sla2 bench` itself
+#   extra: the model forward under torch.compile, and `sla2 report` at 480p with peak memory
+# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra
 set -uo pipefail
 out=${1:?output folder}
+phase=${2:?core or extra}
 mkdir -p /tmp/site "$out"
 log="$out/all.log"
 if ls .whl/*.whl >/dev/null 2>&1; then
@@ -12,15 +14,17 @@ fi
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null || exit 1
 export PYTHONPATH="/tmp/site:$PWD:$PWD/tests" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$log"
-python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_kernels_gpu.py tests/test_convert.py 2>&1 \
-  | grep -v DEBUG > "$out/gpu_tests.log"
-grep -E "errors\(|passed|failed" "$out/gpu_tests.log" | tee -a "$log"
-python3 benchmarks/gpu_suite.py --csv "$out/operator.csv" --shapes 1,12,32760,128 \
-  --sparsities 0.9 0.95 0.97 --rep-ms 200 >> "$log" 2>&1
-python3 benchmarks/gpu_suite.py --csv "$out/operator_14b.csv" --shapes 1,40,75600,128 \
-  --sparsities 0.97 --modes fwd --rep-ms 100 >> "$log" 2>&1
-python3 benchmarks/model_suite.py --csv "$out/model.csv" >> "$log" 2>&1
-timeout 400 python3 benchmarks/model_suite.py --csv "$out/model_compiled.csv" --compile >> "$log" 2>&1
-timeout 200 python3 -m sla2cli bench --shape 1,12,32760,128 --sparsity 0.97 --mode fwd \
-  --csv "$out/bench_cli.csv" --plot "$out/bench_cli.png" >> "$log" 2>&1
-grep -vE "^\s*$|Warning|warn" "$log" | tail -60
+if [ "$phase" = core ]; then
+  python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_kernels_gpu.py tests/test_convert.py 2>&1 \
+    | grep -v DEBUG | grep -E "errors\(|passed|failed|Error" | tee -a "$log"
+  python3 benchmarks/gpu_suite.py --csv "$out/operator.csv" --shapes 1,12,32760,128 1,40,75600,128 \
+    --sparsities 0.9 0.95 0.97 --rep-ms 150 >> "$log" 2>&1
+  python3 benchmarks/model_suite.py --csv "$out/model.csv" >> "$log" 2>&1
+  timeout 200 python3 -m sla2cli bench --shape 1,12,32760,128 --sparsity 0.9 --sparsity 0.95 --sparsity 0.97 \
+    --csv "$out/bench_cli.csv" --plot "$out/bench_cli.png" >> "$log" 2>&1
+else
+  timeout 330 python3 benchmarks/model_suite.py --csv "$out/model_compiled.csv" --compile >> "$log" 2>&1
+  timeout 240 python3 benchmarks/report_gpu.py --csv "$out/report.csv" --summary "$out/report_memory.csv" \
+    >> "$log" 2>&1
+fi
+grep -vE "^\s*$|Warning|warn" "$log" | tail -70
