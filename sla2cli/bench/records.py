@@ -19,7 +19,7 @@ REQUIRED_COLUMNS = (
 OK = "ok"
 SKIPPED = "skipped"
 OUT_OF_MEMORY = "oom"
-FAILED = "error"  # the provider raised: reported, and the command exits 1 after writing its files
+FAILED = "error"  # the provider raised: reported; an SLA2 provider makes the command exit 1 after writing
 
 
 @dataclass
