@@ -19,6 +19,24 @@ from sla2cli.models.rope import rotate_pairs_cogvideox, rotate_pairs_wan
 from sla2cli.module import SLA2Attention
 
 
+def wan_self_attention_qkv(
+    attn: nn.Module, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Queries, keys and values (B, L, H, D) of a Wan self-attention module: projected, normed, rotated,
+    exactly as diffusers' Wan processor feeds its attention."""
+    if getattr(attn, "fused_projections", False):
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+    else:
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+    value = value.unflatten(2, (attn.heads, -1))
+    if rotary_emb is not None:
+        query = rotate_pairs_wan(query, *rotary_emb)
+        key = rotate_pairs_wan(key, *rotary_emb)
+    return query, key, value
+
+
 class SLA2Processor(nn.Module):
     """Base: the layer's SLA2Attention and the dense processor for calls SLA2 does not cover.
 
@@ -59,16 +77,7 @@ class WanSLA2Processor(SLA2Processor):
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
             return self.dense_processor(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        if getattr(attn, "fused_projections", False):
-            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-        else:
-            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-        value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = rotate_pairs_wan(query, *rotary_emb)
-            key = rotate_pairs_wan(key, *rotary_emb)
+        query, key, value = wan_self_attention_qkv(attn, hidden_states, rotary_emb)
         out = self.sla2.forward_bshd(query, key, value).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 

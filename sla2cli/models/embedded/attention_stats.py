@@ -17,28 +17,11 @@ import torch.nn.functional as F
 
 from sla2cli.models.embedded.loading import noisy_latents
 from sla2cli.models.embedded.synthetic import SyntheticClip
-from sla2cli.models.rope import rotate_pairs_wan
+from sla2cli.models.processors import wan_self_attention_qkv
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, k_selected, num_blocks
 
 QueryKeySink = Callable[[int, torch.Tensor, torch.Tensor], None]
 MAX_CHUNK_ELEMENTS = 1 << 25
-
-
-def wan_self_attention_qkv(
-    attn: torch.nn.Module, hidden_states: torch.Tensor, rotary_emb: tuple[torch.Tensor, torch.Tensor] | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Queries, keys and values (B, H, L, D) of a Wan self-attention module, normed and rotated."""
-    if getattr(attn, "fused_projections", False):
-        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
-    else:
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-    query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-    key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
-    value = value.unflatten(2, (attn.heads, -1))
-    if rotary_emb is not None:
-        query = rotate_pairs_wan(query, *rotary_emb)
-        key = rotate_pairs_wan(key, *rotary_emb)
-    return query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
 
 
 class QueryKeyCaptureProcessor:
@@ -58,7 +41,7 @@ class QueryKeyCaptureProcessor:
     ) -> torch.Tensor:
         if encoder_hidden_states is not None:
             raise ValueError("QueryKeyCaptureProcessor is for self-attention (attn1) only")
-        query, key, value = wan_self_attention_qkv(attn, hidden_states, rotary_emb)
+        query, key, value = (t.transpose(1, 2) for t in wan_self_attention_qkv(attn, hidden_states, rotary_emb))
         self.sink(self.layer_index, query.detach(), key.detach())
         output = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask)
         output = output.transpose(1, 2).flatten(2).type_as(query)
