@@ -10,28 +10,18 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
-import subprocess
 
 import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sla2cli.bench.environment import git_commit
 from sla2cli.ops import num_blocks, route, sla2_attention
 from sla2cli.ops.complement import complement_states
 from sla2cli.ops.geometry import LINEAR_EPS
 
 COLUMNS = ["provider", "shape", "sparsity", "mode", "median_ms", "speedup_vs_fa2", "dense_tflops",
            "sparse_tflops", "note", "device", "torch", "triton", "commit"]
-
-
-def commit() -> str:
-    if os.environ.get("SLA2_COMMIT"):
-        return os.environ["SLA2_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def median_ms(fn, rep_ms: int) -> float:
@@ -196,7 +186,7 @@ def main() -> None:
     for spec in args.shapes:
         run_shape(spec, args.sparsities, args.modes, rows, args.rep_ms, args.parts)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                commit=commit())
+                commit=git_commit())
     with open(args.csv, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()

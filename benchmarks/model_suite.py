@@ -16,7 +16,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sla2cli
-from benchmarks.gpu_suite import commit
+from sla2cli.bench.environment import git_commit
 from sla2cli.models.random_models import build_random_model, example_inputs
 
 
@@ -51,7 +51,7 @@ def main() -> None:
         sla2_ms = median_ms(lambda: sparse(**inputs, return_dict=False))
     rel = ((sla2_out.float() - dense_out.float()).norm() / dense_out.float().norm()).item()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                commit=commit())
+                commit=git_commit())
     mode = "fwd-compiled" if args.compile else "fwd"
     rows = [
         dict(provider="fa2", model=args.recipe, latents=str(tuple(tokens)), sparsity="", mode=mode,

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 import sla2cli
-from benchmarks.gpu_suite import commit
+from sla2cli.bench.environment import git_commit
 from sla2cli.cli import main as sla2_main
 from sla2cli.models.random_models import build_random_model
 
@@ -47,7 +47,7 @@ def main() -> None:
     row = dict(command="sla2 report", model="wan2.1-t2v-1.3b (random weights)", resolution="480p x 81 frames",
                tokens=32760, timesteps=args.timesteps, sparsity=0.97, seconds=round(seconds, 1),
                peak_gpu_mem_gb=round(peak_gb, 2), device=torch.cuda.get_device_name(), torch=torch.__version__,
-               commit=commit())
+               commit=git_commit())
     with open(args.summary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(row))
         writer.writeheader()

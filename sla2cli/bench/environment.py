@@ -5,6 +5,7 @@ Every row carries these, so a CSV or JSON file on its own says which machine and
 
 from __future__ import annotations
 
+import os
 import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,7 +41,10 @@ def _run(command: list[str], cwd: Path | None = None) -> str:
 
 
 def git_commit() -> str:
-    """The commit of the checkout sla2 runs from (editable installs), else 'unknown'."""
+    """SLA2_COMMIT when set (a copied tree without .git), else the commit of the checkout sla2 runs
+    from (editable installs), else 'unknown'."""
+    if os.environ.get("SLA2_COMMIT"):
+        return os.environ["SLA2_COMMIT"]
     return _run(["git", "rev-parse", "HEAD"], cwd=Path(sla2cli.__file__).resolve().parent)
 
 
