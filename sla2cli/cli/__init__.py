@@ -26,9 +26,9 @@ def _register_commands() -> None:
     """Attach every sub-command once (main() may run many times in one process, as in tests)."""
     if app.registered_commands:
         return
-    from sla2cli.cli import bench, convert, demo, report
+    from sla2cli.cli import bench, calibrate, convert, demo, report
 
-    for module in (demo, convert, bench, report):
+    for module in (demo, convert, calibrate, bench, report):
         module.register(app)
 
 
