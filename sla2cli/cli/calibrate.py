@@ -20,6 +20,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sla2cli.cli.report import model_dtype, resolve_device
+from sla2cli.cli.sample_options import (
+    DEFAULT_TIMESTEPS_TEXT,
+    ClipsOption,
+    DeviceOption,
+    InputsOption,
+    QuietOption,
+    ResolutionOption,
+    TimestepsOption,
+)
 from sla2cli.errors import UserError
 from sla2cli.models.atomic import check_output_folder
 from sla2cli.models.checkpoint_format import read_config
@@ -27,7 +36,6 @@ from sla2cli.models.folders import SLA2_CONFIG
 from sla2cli.report.inputs import family_inputs, forward_inputs
 from sla2cli.report.runner import (
     DEFAULT_CLIPS,
-    DEFAULT_TIMESTEPS,
     ReportSettings,
     ReportTarget,
     check_settings,
@@ -184,33 +192,16 @@ def calibrate(
     query_blocks: Annotated[
         int, typer.Option(help="Random query blocks (of 128 rows) per step, each against all keys.")
     ] = DEFAULT_SETTINGS.query_blocks,
-    timesteps: Annotated[
-        str, typer.Option(help="Comma-separated noise levels in [0, 1] (1 = pure noise) to capture q, k, v at.")
-    ] = ",".join(f"{t:g}" for t in DEFAULT_TIMESTEPS),
-    clips: Annotated[
-        int | None,
-        typer.Option(help=f"Number of clips (validation clips, input clips or random draws). Default: "
-                     f"{DEFAULT_CLIPS['cpu']} on CPU, {DEFAULT_CLIPS['cuda']} on GPU; every clip of --inputs.",
-                     show_default=False),
-    ] = None,
-    inputs: Annotated[
-        Path | None,
-        typer.Option(help="A .safetensors file with clean 'latents' (batch first, in the model's layout) and "
-                     "'encoder_hidden_states'. Without it, Hub models get random inputs (with a warning) and "
-                     "the embedded model its validation clips.", show_default=False),
-    ] = None,
-    resolution: Annotated[
-        str | None,
-        typer.Option(help="Clip size without --inputs: a recipe resolution name (e.g. 480p) or "
-                     "FRAMESxHEIGHTxWIDTH in pixels (latent units for the embedded model). Default: the "
-                     "recipe's.", show_default=False),
-    ] = None,
+    timesteps: TimestepsOption = DEFAULT_TIMESTEPS_TEXT,
+    clips: ClipsOption = None,
+    inputs: InputsOption = None,
+    resolution: ResolutionOption = None,
     tau: Annotated[float, typer.Option(help="Temperature of the soft router (smaller: closer to top-k).")] = (
         DEFAULT_SETTINGS.tau
     ),
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cuda or cpu.")] = "auto",
+    device: DeviceOption = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the noise, of random inputs and of the training draws.")] = 0,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Calibrate every converted layer, print the table, save the checkpoint."""
     settings = CalibrationSettings(steps=steps, learning_rate=lr, query_blocks=query_blocks, tau=tau, seed=seed)

@@ -15,6 +15,15 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from sla2cli.cli.sample_options import (
+    DEFAULT_TIMESTEPS_TEXT,
+    ClipsOption,
+    DeviceOption,
+    InputsOption,
+    QuietOption,
+    ResolutionOption,
+    TimestepsOption,
+)
 from sla2cli.errors import UserError
 from sla2cli.report.output import (
     render_table,
@@ -25,8 +34,6 @@ from sla2cli.report.output import (
     write_side_by_side_gif,
 )
 from sla2cli.report.runner import (
-    DEFAULT_CLIPS,
-    DEFAULT_TIMESTEPS,
     ReportResult,
     ReportSettings,
     ReportTarget,
@@ -119,29 +126,10 @@ def report(
         typer.Option(help="Report at this sparsity (share of key blocks sent to the linear branch) instead of "
                      "the model's own, e.g. 0.97.", show_default=False),
     ] = None,
-    inputs: Annotated[
-        Path | None,
-        typer.Option(help="A .safetensors file with clean 'latents' (batch first, in the model's layout) and "
-                     "'encoder_hidden_states' (text embeddings); noised to each timestep. Without it, Hub "
-                     "models get random inputs (with a warning) and the embedded model its validation clips.",
-                     show_default=False),
-    ] = None,
-    timesteps: Annotated[
-        str,
-        typer.Option(help="Comma-separated noise levels in [0, 1] (1 = pure noise) to measure at."),
-    ] = ",".join(f"{t:g}" for t in DEFAULT_TIMESTEPS),
-    resolution: Annotated[
-        str | None,
-        typer.Option(help="Clip size for random inputs: a recipe resolution name (e.g. 480p) or "
-                     "FRAMESxHEIGHTxWIDTH in pixels (latent units for the embedded model). Default: the "
-                     "recipe's.", show_default=False),
-    ] = None,
-    clips: Annotated[
-        int | None,
-        typer.Option(help=f"Number of clips (validation clips, input clips or random draws). Default: "
-                     f"{DEFAULT_CLIPS['cpu']} on CPU, {DEFAULT_CLIPS['cuda']} on GPU; every clip of --inputs.",
-                     show_default=False),
-    ] = None,
+    inputs: InputsOption = None,
+    timesteps: TimestepsOption = DEFAULT_TIMESTEPS_TEXT,
+    resolution: ResolutionOption = None,
+    clips: ClipsOption = None,
     csv: Annotated[
         Path | None, typer.Option("--csv", help="Write one row per (layer, head) as CSV.", show_default=False)
     ] = None,
@@ -161,10 +149,10 @@ def report(
                      "from the SLA2 model; embedded model only (its latents are viewable).", show_default=False),
     ] = None,
     video_steps: Annotated[int, typer.Option(help="Euler flow-matching steps for --video.")] = DEFAULT_VIDEO_STEPS,
-    device: Annotated[str, typer.Option(help="auto (CUDA when present), cuda or cpu.")] = "auto",
+    device: DeviceOption = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the noise (and of random inputs).")] = 0,
     offline: Annotated[bool, typer.Option(help="Use only the Hugging Face cache; never the network.")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    quiet: QuietOption = False,
 ) -> None:
     """Measure every converted layer against full attention, print the table, write the files asked for."""
     from sla2cli.report.loading import load_report_target
