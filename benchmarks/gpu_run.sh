@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU runs in two phases that each fit one 10-minute command (logs go to OUT_DIR/all.log):
+# GPU runs in two phases of a few minutes each (logs go to OUT_DIR/all.log); wheels for packages the
+# machine lacks (diffusers) may be put in .whl/ (git-ignored) and are installed first:
 #   core:  GPU tests, operator timing at both default shapes, one model forward, `sla2 bench` itself
 #   extra: the model forward under torch.compile, and `sla2 report` at 480p with peak memory
 # Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra
