@@ -234,7 +234,7 @@ def render_table(rows: list[DemoRow]) -> Table:
         f"{first.heads} heads, head dim {first.head_dim}; dense (torch SDPA) {first.dense_ms:.0f} ms",
         caption="CPU timings: SLA2 runs its PyTorch block-gather path here (router included); on CUDA GPUs "
         "it runs Triton kernels, so these times say nothing about GPU speed. Alpha = 1 (exact branch "
-        "only), as before calibration. mass: share of dense attention probability inside the "
+        "only; an uncalibrated converted layer starts near it). mass: share of dense attention probability inside the "
         "selected blocks.",
         box=box.SIMPLE_HEAD,
     )
