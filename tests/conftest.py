@@ -18,3 +18,21 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture()
+def embedded_model(tmp_path_factory, monkeypatch):
+    """The shipped embedded model if it is built, else the same architecture with random weights."""
+    from safetensors.torch import save_file
+
+    from sla2cli.models.embedded import build_embedded_model, default_config
+    from sla2cli.models.embedded.config import ASSETS_DIR, CONFIG_FILENAME, WEIGHTS_FILENAME, save_config
+
+    if (ASSETS_DIR / CONFIG_FILENAME).is_file() and (ASSETS_DIR / WEIGHTS_FILENAME).is_file():
+        return
+    folder = tmp_path_factory.mktemp("embedded-assets")
+    torch.manual_seed(0)
+    weights = {key: value.contiguous() for key, value in build_embedded_model().state_dict().items()}
+    save_file(weights, str(folder / WEIGHTS_FILENAME))
+    save_config(default_config(), folder / CONFIG_FILENAME)
+    monkeypatch.setattr("sla2cli.models.embedded.loading.ASSETS_DIR", folder)

@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_hub import assert_user_error, folder_listing, run_cli
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from sla2cli import api
 from sla2cli.models.conversion import sla2_layers
-from sla2cli.models.embedded.config import ASSETS_DIR, CONFIG_FILENAME, WEIGHTS_FILENAME
 from sla2cli.report.inputs import embedded_samples, family_inputs, forward_inputs
 from sla2cli.report.loading import load_report_target
 from sla2cli.training.calibration import (
@@ -26,22 +25,6 @@ SMALL_CLIP = "2x32x32"  # latent frames x height x width: 512 tokens, 4 query bl
 SMALL_GRID = (2, 32, 32)
 FAST = ["--resolution", SMALL_CLIP, "--timesteps", "0.9,0.1", "--query-blocks", "2", "--quiet"]
 ATTENTION_FILE = "sla2_attention.safetensors"
-
-
-@pytest.fixture()
-def embedded_model(tmp_path_factory, monkeypatch):
-    """The shipped embedded model if it is built, else the same architecture with random weights."""
-    if (ASSETS_DIR / CONFIG_FILENAME).is_file() and (ASSETS_DIR / WEIGHTS_FILENAME).is_file():
-        return
-    from sla2cli.models.embedded import build_embedded_model, default_config
-    from sla2cli.models.embedded.config import save_config
-
-    folder = tmp_path_factory.mktemp("embedded-assets")
-    torch.manual_seed(0)
-    weights = {key: value.contiguous() for key, value in build_embedded_model().state_dict().items()}
-    save_file(weights, str(folder / WEIGHTS_FILENAME))
-    save_config(default_config(), folder / CONFIG_FILENAME)
-    monkeypatch.setattr("sla2cli.models.embedded.loading.ASSETS_DIR", folder)
 
 
 @pytest.fixture()

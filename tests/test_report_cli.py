@@ -13,7 +13,7 @@ from fixtures_hub import assert_user_error, run_cli
 from safetensors.torch import save_file
 from torch import nn
 
-from sla2cli.models.embedded.config import ASSETS_DIR, CONFIG_FILENAME, MODEL_KWARGS, WEIGHTS_FILENAME
+from sla2cli.models.embedded.config import MODEL_KWARGS
 from sla2cli.models.random_models import build_random_model, scaled_down_config
 from sla2cli.models.recipes import get_recipe
 from sla2cli.module import SLA2Attention
@@ -35,22 +35,6 @@ SMALL_TOKENS = 512
 def wide_console(monkeypatch):
     """Error lines are judged whole; keep rich from wrapping them at 80 columns."""
     monkeypatch.setenv("COLUMNS", "400")
-
-
-@pytest.fixture()
-def embedded_model(tmp_path_factory, monkeypatch):
-    """The shipped embedded model if it is built, else the same architecture with random weights."""
-    if (ASSETS_DIR / CONFIG_FILENAME).is_file() and (ASSETS_DIR / WEIGHTS_FILENAME).is_file():
-        return
-    from sla2cli.models.embedded import build_embedded_model, default_config
-    from sla2cli.models.embedded.config import save_config
-
-    folder = tmp_path_factory.mktemp("embedded-assets")
-    torch.manual_seed(0)
-    weights = {key: value.contiguous() for key, value in build_embedded_model().state_dict().items()}
-    save_file(weights, str(folder / WEIGHTS_FILENAME))
-    save_config(default_config(), folder / CONFIG_FILENAME)
-    monkeypatch.setattr("sla2cli.models.embedded.loading.ASSETS_DIR", folder)
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:
