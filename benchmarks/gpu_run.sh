@@ -3,15 +3,15 @@
 # machine lacks (diffusers) may be put in .whl/ (git-ignored) and are installed first:
 #   core:  GPU tests, operator timing at both default shapes, one model forward, `sla2 bench` itself
 #   extra: the model forward under torch.compile, and `sla2 report` at 480p with peak memory
-# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra
+#   lowbit: low-bit GPU tests, low-bit accuracy (random and embedded-model inputs), operator timing of
+#           bf16 SLA2 beside its low-bit modes and FA2 at both default shapes
+# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit
 set -uo pipefail
 out=${1:?output folder}
-phase=${2:?core or extra}
+phase=${2:?core, extra or lowbit}
 mkdir -p /tmp/site "$out"
 log="$out/all.log"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-fi
+source benchmarks/gpu_packages.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null || exit 1
 export PYTHONPATH="/tmp/site:$PWD:$PWD/tests" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$log"
@@ -23,6 +23,16 @@ if [ "$phase" = core ]; then
   python3 benchmarks/model_suite.py --csv "$out/model.csv" >> "$log" 2>&1
   timeout 200 python3 -m sla2cli bench --shape 1,12,32760,128 --sparsity 0.9 --sparsity 0.95 --sparsity 0.97 \
     --csv "$out/bench_cli.csv" --plot "$out/bench_cli.png" >> "$log" 2>&1
+elif [ "$phase" = lowbit ]; then
+  python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_quantization_gpu.py tests/test_kernels_gpu.py \
+    tests/test_bench.py 2>&1 \
+    | grep -v DEBUG | grep -E "errors|oracle|passed|failed|Error|assert" | tee -a "$log"
+  timeout 150 python3 benchmarks/lowbit_accuracy.py --csv "$out/lowbit_accuracy.csv" >> "$log" 2>&1
+  timeout 200 python3 benchmarks/gpu_suite.py --csv "$out/operator_lowbit.csv" --shapes 1,12,32760,128 \
+    --sparsities 0.97 --quant int8-fp8 int8-fp16 --rep-ms 150 >> "$log" 2>&1
+  timeout 150 python3 benchmarks/gpu_suite.py --csv "$out/operator_lowbit_14b.csv" --shapes 1,40,75600,128 \
+    --sparsities 0.97 --modes fwd --quant int8-fp8 --rep-ms 150 >> "$log" 2>&1
+  timeout 100 python3 benchmarks/lowbit_parts.py > "$out/lowbit_parts.txt" 2>&1
 else
   timeout 330 python3 benchmarks/model_suite.py --csv "$out/model_compiled.csv" --compile >> "$log" 2>&1
   timeout 240 python3 benchmarks/report_gpu.py --csv "$out/report.csv" --summary "$out/report_memory.csv" \

@@ -34,6 +34,9 @@ def parse_arguments(argv: list[str] | None) -> tuple[TrainSettings, bool]:
     parser.add_argument("--width", type=int, default=defaults.width, help="latent width (even)")
     parser.add_argument("--lr", type=float, default=defaults.learning_rate, help="peak AdamW learning rate")
     parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="linear warm-up steps")
+    parser.add_argument(
+        "--qk-gain", type=float, default=defaults.qk_gain, help="initial attention logit scale (q/k norm gains)"
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for initialisation and clips")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     arguments = parser.parse_args(argv)
@@ -47,6 +50,7 @@ def parse_arguments(argv: list[str] | None) -> tuple[TrainSettings, bool]:
         width=arguments.width,
         learning_rate=arguments.lr,
         warmup_steps=arguments.warmup_steps,
+        qk_gain=arguments.qk_gain,
         seed=arguments.seed,
         device=arguments.device,
     )
