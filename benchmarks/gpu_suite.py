@@ -4,6 +4,7 @@ Prints a short table and writes a CSV (one row per measurement) with the device,
 versions and commit. Times are medians of triton.testing.do_bench (CUDA events, L2 flushed);
 `-graph` modes replay a CUDA graph of the whole op (GPU time without Python launch overhead).
 Usage: python benchmarks/gpu_suite.py --csv results.csv [--shapes 1,12,32760,128 ...] [--parts]
+       [--quant int8-fp8 int8-fp16]  (low-bit sparse branch, rows named sla2-<mode>)
 """
 
 from __future__ import annotations
@@ -72,19 +73,24 @@ def time_fa2(rec, q, k, v, grad, modes, rep_ms):
         rec.add("fa2", "", "fwd+bwd", median_ms(train, rep_ms))
 
 
-def time_sla2(rec, q, k, v, alpha, grad, sparsity, modes, rep_ms):
+def time_sla2(rec, q, k, v, alpha, grad, sparsity, modes, rep_ms, quant=None):
+    """Times the whole op; `quant` (a low-bit mode) names the row sla2-<mode>."""
     share = route(q, k, sparsity=sparsity).k_sel / num_blocks(q.shape[2], 64)
+    name = f"sla2-{quant}" if quant else "sla2"
+
+    def op(*tensors):
+        return sla2_attention(*tensors[:3], sparsity=sparsity, alpha=tensors[3], quant=quant)
+
     if "fwd" in modes:
-        rec.add("sla2", sparsity, "fwd", median_ms(lambda: sla2_attention(q, k, v, sparsity=sparsity, alpha=alpha),
-                                                    rep_ms), share)
-        rec.add("sla2", sparsity, "fwd-graph", median_graph_ms(
-            lambda: sla2_attention(q, k, v, sparsity=sparsity, alpha=alpha)), share, note="CUDA graph replay")
-        rec.add("sla2-routing", sparsity, "fwd", median_ms(lambda: route(q, k, sparsity=sparsity), rep_ms), share)
+        rec.add(name, sparsity, "fwd", median_ms(lambda: op(q, k, v, alpha), rep_ms), share)
+        rec.add(name, sparsity, "fwd-graph", median_graph_ms(lambda: op(q, k, v, alpha)), share,
+                note="CUDA graph replay")
+        if not quant:
+            rec.add("sla2-routing", sparsity, "fwd", median_ms(lambda: route(q, k, sparsity=sparsity), rep_ms), share)
     if "fwd+bwd" in modes:
         qg, kg, vg = (t.clone().requires_grad_(True) for t in (q, k, v))
         ag = alpha.clone().requires_grad_(True)
-        rec.add("sla2", sparsity, "fwd+bwd", median_ms(
-            lambda: sla2_attention(qg, kg, vg, sparsity=sparsity, alpha=ag).backward(grad), rep_ms), share)
+        rec.add(name, sparsity, "fwd+bwd", median_ms(lambda: op(qg, kg, vg, ag).backward(grad), rep_ms), share)
 
 
 def time_parts(rec, q, k, v, alpha, sparsity, rep_ms):
@@ -157,7 +163,7 @@ def time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, s
     backward_module.QUERY_LAUNCH[head_dim], backward_module.KEY_LAUNCH[head_dim] = defaults
 
 
-def run_shape(spec, sparsities, modes, rows, rep_ms, parts):
+def run_shape(spec, sparsities, modes, rows, rep_ms, parts, quant_modes=()):
     batch, heads, length, head_dim = (int(x) for x in spec.split(","))
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = (torch.randn(batch, heads, length, head_dim, device="cuda", dtype=torch.bfloat16, generator=gen)
@@ -168,6 +174,8 @@ def run_shape(spec, sparsities, modes, rows, rep_ms, parts):
     time_fa2(rec, q, k, v, grad, modes, rep_ms)
     for sparsity in sparsities:
         time_sla2(rec, q, k, v, alpha, grad, sparsity, modes, rep_ms)
+        for quant in quant_modes:
+            time_sla2(rec, q, k, v, alpha, grad, sparsity, modes, rep_ms, quant)
         if parts:
             time_parts(rec, q, k, v, alpha, sparsity, rep_ms)
     rec.fill_speedups()
@@ -181,10 +189,11 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     parser.add_argument("--rep-ms", type=int, default=300)
     parser.add_argument("--parts", action="store_true", help="also time each stage and launch settings")
+    parser.add_argument("--quant", nargs="*", default=[], help="low-bit modes to time beside bf16 SLA2")
     args = parser.parse_args()
     rows: list[dict] = []
     for spec in args.shapes:
-        run_shape(spec, args.sparsities, args.modes, rows, args.rep_ms, args.parts)
+        run_shape(spec, args.sparsities, args.modes, rows, args.rep_ms, args.parts, args.quant)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 commit=git_commit())
     with open(args.csv, "w", newline="") as handle:

@@ -3,6 +3,7 @@
     import sla2cli
     pipe.transformer = ...                      # any supported diffusers transformer, or the pipeline
     sla2cli.convert(pipe, sparsity=0.97)        # in place; converts transformer_2 too for Wan2.2 A14B
+    sla2cli.convert(pipe, quant="auto")         # low-bit sparse-branch forward (best mode the GPU runs)
     sla2cli.save(pipe, "wan-sla2")              # sla2_config.json + sla2_attention.safetensors + README.md
     model = sla2cli.load("wan-sla2")            # base weights from the Hub cache, SLA2 layers from the folder
 """
@@ -22,6 +23,8 @@ from sla2cli.models.conversion import conversion_info, convert_component, conver
 from sla2cli.models.model_spec import parse_model_spec
 from sla2cli.models.recipes import Recipe, get_recipe, recipe_for_architecture, recipe_for_hub_id
 from sla2cli.models.sources import EMBEDDED_RECIPE, base_source, build_components, locate
+from sla2cli.module import check_quant
+from sla2cli.ops.quantization import QUANT_NONE
 
 COMPONENT_NAMES = ("transformer", "transformer_2")
 
@@ -77,12 +80,16 @@ def convert(
     *,
     block_q: int | None = None,
     block_k: int | None = None,
+    quant: str = QUANT_NONE,
 ) -> Any:
     """Swap the self-attention of a model (or of a pipeline's transformers) for SLA2, in place.
 
     The recipe is found from the model's Hub id or architecture unless named. Sparsity and block sizes
-    default to the recipe's. Returns the object it was given.
+    default to the recipe's. `quant` runs the sparse branch's forward in low precision (none, int8-fp8,
+    int8-fp16, or auto: the best the GPU supports, resolved when the model runs); the backward stays
+    unquantised. Returns the object it was given.
     """
+    quant = check_quant(quant)
     components = _components_of(model_or_pipeline)
     chosen = _detect_recipe(components, recipe)
     for name, model in components.items():
@@ -94,7 +101,7 @@ def convert(
         convert_component(
             model, chosen, component=name, base=base,
             sparsity=chosen.sparsity if sparsity is None else sparsity,
-            block_q=block_q or chosen.block_q, block_k=block_k or chosen.block_k,
+            block_q=block_q or chosen.block_q, block_k=block_k or chosen.block_k, quant=quant,
         )
     return model_or_pipeline
 
@@ -117,23 +124,29 @@ def load(
     dtype: torch.dtype | None = None,
     device: torch.device | str = "cpu",
     offline: bool = False,
+    quant: str | None = None,
 ) -> nn.Module | dict[str, nn.Module]:
     """A converted model, ready to run.
 
     `path_or_id` is an SLA2 checkpoint (folder or Hub id), or a base model (Hub id `org/name[@rev]`,
     diffusers folder, None for the embedded model), which is then converted with the recipe's defaults.
     Returns the transformer, or a dict by component name when there are several (Wan2.2 A14B).
-    dtype defaults to bfloat16 on CUDA and float32 elsewhere; `sparsity` overrides the stored one.
+    dtype defaults to bfloat16 on CUDA and float32 elsewhere; `sparsity` and `quant` override the stored
+    settings (a base model converted here gets `quant`, default none).
     """
+    if quant is not None:
+        quant = check_quant(quant)
     dtype = _default_dtype(dtype, device)
     spec = parse_model_spec(None if path_or_id is None else str(path_or_id))
     location = locate(spec, offline=offline)
     if location.root is not None and location.contents().is_checkpoint:
-        components, _ = open_checkpoint(location, weights=True, dtype=dtype, device=device, sparsity=sparsity)
+        components, _ = open_checkpoint(
+            location, weights=True, dtype=dtype, device=device, sparsity=sparsity, quant=quant
+        )
         return _single_or_dict(components)
     source = base_source(location, recipe_name=recipe)
     components = build_components(source, weights=True, dtype=dtype, device=device)
-    convert_with_recipe(components, source.recipe, base=source.base, sparsity=sparsity)
+    convert_with_recipe(components, source.recipe, base=source.base, sparsity=sparsity, quant=quant or QUANT_NONE)
     return _single_or_dict(components)
 
 

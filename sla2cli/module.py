@@ -11,6 +11,7 @@ from torch import nn
 
 from sla2cli.ops import Routing, route, sla2_attention_routed
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, SUPPORTED_HEAD_DIMS
+from sla2cli.ops.quantization import QUANT_NONE, REQUESTABLE_QUANT_MODES, resolve_quant_mode
 from sla2cli.ops.reference import block_token_counts
 from sla2cli.ops.soft import DEFAULT_TAU, SoftRouting, soft_routing, soft_sla2_routed
 from sla2cli.ops.validation import check_attention_inputs
@@ -37,6 +38,14 @@ def _check_block(name: str, value: int) -> int:
         raise ValueError(f"{name} must be a power of two >= 16, got {value!r}")
     return value
 
+
+def check_quant(quant: str) -> str:
+    """A requestable quantisation mode (lower case); which ones a GPU runs is decided at call time."""
+    if not isinstance(quant, str) or quant.lower() not in REQUESTABLE_QUANT_MODES:
+        raise ValueError(f"quant must be one of {', '.join(REQUESTABLE_QUANT_MODES)}; got {quant!r}")
+    return quant.lower()
+
+
 ALPHA_BIAS_AT_CREATION = 4.0
 
 
@@ -47,6 +56,10 @@ class SLA2Attention(nn.Module):
 
     - ``proj_q``, ``proj_k``: the router's D x D matrices W_q, W_k, shared across heads, identity at
       creation (then the router is the plain pooled-score heuristic).
+
+    ``quant`` (one of REQUESTABLE_QUANT_MODES) is configuration, not a parameter: the sparse branch's
+    forward in INT8/FP8 (or INT8/fp16), backward unquantised (straight through), so fine-tuning with
+    it on is quantisation-aware training.
     - ``alpha_weight``, ``alpha_bias``, ``alpha_log_temperature``: per-head parameters of the alpha
       predictor, at creation 1, ALPHA_BIAS_AT_CREATION, 0.
 
@@ -76,6 +89,7 @@ class SLA2Attention(nn.Module):
         sparsity: float = 0.97,
         block_q: int = DEFAULT_BLOCK_Q,
         block_k: int = DEFAULT_BLOCK_K,
+        quant: str = QUANT_NONE,
     ) -> None:
         super().__init__()
         self.num_heads = _check_positive_int("num_heads", num_heads)
@@ -85,6 +99,7 @@ class SLA2Attention(nn.Module):
         self.block_q = _check_block("block_q", block_q)
         self.block_k = _check_block("block_k", block_k)
         self.sparsity = sparsity
+        self.quant = quant
         self.proj_q = nn.Parameter(torch.eye(head_dim, dtype=torch.float32))
         self.proj_k = nn.Parameter(torch.eye(head_dim, dtype=torch.float32))
         self.alpha_weight = nn.Parameter(torch.ones(num_heads, dtype=torch.float32))
@@ -100,10 +115,24 @@ class SLA2Attention(nn.Module):
     def sparsity(self, value: float) -> None:
         self._sparsity = _check_sparsity(value)
 
+    @property
+    def quant(self) -> str:
+        """Low-bit mode of the sparse branch's forward (configuration, not state: a checkpoint records it
+        once in its config). `auto` is resolved per call, on the device the inputs live on."""
+        return self._quant
+
+    @quant.setter
+    def quant(self, value: str) -> None:
+        self._quant = check_quant(value)
+
+    def resolved_quant(self, device: torch.device) -> str:
+        """The concrete mode a call on `device` runs (`auto` -> the best it supports, maybe `none`)."""
+        return resolve_quant_mode(self.quant, device)
+
     def extra_repr(self) -> str:
         return (
             f"num_heads={self.num_heads}, head_dim={self.head_dim}, sparsity={self.sparsity}, "
-            f"block_q={self.block_q}, block_k={self.block_k}"
+            f"block_q={self.block_q}, block_k={self.block_k}, quant={self.quant}"
         )
 
     def _apply(self, fn, recurse=True):
@@ -164,7 +193,8 @@ class SLA2Attention(nn.Module):
         )
         alpha = None if routing.all_selected else self.predict_alpha(routing, q.shape[2])
         return sla2_attention_routed(
-            q, k, v, routing.lut, alpha=alpha, block_q=self.block_q, block_k=self.block_k
+            q, k, v, routing.lut, alpha=alpha, block_q=self.block_q, block_k=self.block_k,
+            quant=self.resolved_quant(q.device),
         )
 
     def forward_bshd(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

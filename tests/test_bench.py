@@ -93,7 +93,7 @@ def test_sparsity_outside_unit_interval_is_rejected(value):
 def test_unknown_provider_is_a_user_error():
     with pytest.raises(UserError, match="unknown"):
         get_provider("flash4")
-    expected = {"sla2", "sla2-routing", "fa2", "flash-attn", "cudnn", "flex", "sage", "sdpa"}
+    expected = {"sla2", "sla2-lowbit", "sla2-routing", "fa2", "flash-attn", "cudnn", "flex", "sage", "sdpa"}
     assert expected <= set(provider_names())
 
 
@@ -218,6 +218,45 @@ def test_sla2_passes_its_gate_and_is_timed(mode):
     assert row.status == OK and row.median_ms > 0 and row.repeats == 3
     assert row.k_sel == 1 and row.note.startswith("SLA2 op")
     assert row.sparse_tflops == pytest.approx(row.dense_tflops * 1 / 16)
+
+
+@pytest.mark.parametrize("mode", [FORWARD, FORWARD_BACKWARD])
+def test_lowbit_sla2_passes_its_gate_and_measures_its_error_against_sla2(mode):
+    from sla2cli.ops import sla2_reference
+    from sla2cli.ops.quantization import sla2_lowbit_reference
+
+    shape = AttentionShape(1, 2, 1000, 64)
+    row = _measure(get_provider("sla2-lowbit"), mode=mode, sparsity=0.5, shape=shape)
+    assert row.status == OK and row.median_ms > 0, row.note
+    assert row.quant == "int8-fp8" and row.note.endswith("ran int8-fp8")
+
+    inputs = make_inputs(shape, mode, torch.float32, CPU, seed=0)
+    q, k, v, alpha = (t.detach() for t in inputs.leaves)
+    lut = route(q, k, sparsity=0.5).lut
+    lowbit = sla2_lowbit_reference(q, k, v, lut, mode="int8-fp8", alpha=alpha)
+    exact = sla2_reference(q, k, v, sparsity=0.5, alpha=alpha)
+    expected = float((lowbit - exact).norm() / exact.norm())
+    assert 0 < row.extra["rel_l2_vs_sla2"] == pytest.approx(expected, rel=1e-3)
+    assert _measure(get_provider("sla2"), sparsity=0.5, shape=shape).extra["rel_l2_vs_sla2"] is None
+
+
+def test_lowbit_sla2_that_ignores_the_mode_is_caught(monkeypatch):
+    import sla2cli.bench.providers.sparse as sparse
+
+    def unquantised(q, k, v, *, quant=None, **kw):
+        return sla2_attention(q, k, v, **kw)
+
+    monkeypatch.setattr(sparse, "sla2_attention", unquantised)
+    with pytest.raises(KernelMismatch, match="sla2-lowbit: output"):
+        _measure(get_provider("sla2-lowbit"), sparsity=0.5, shape=AttentionShape(1, 2, 1000, 64))
+
+
+def test_lowbit_sla2_is_skipped_where_auto_means_none(monkeypatch):
+    import sla2cli.bench.providers.sparse as sparse
+
+    monkeypatch.setattr(sparse, "resolve_quant_mode", lambda mode, device: "none")
+    row = _measure(get_provider("sla2-lowbit"))
+    assert row.status == SKIPPED and "no low-bit mode" in row.note and row.median_ms is None
 
 
 def test_routing_gate_rejects_blocks_outside_the_top_k():
@@ -400,7 +439,11 @@ def test_cpu_run_writes_csv_json_plot_in_under_a_minute(tmp_path):
     assert tuple(frame.columns[: len(REQUIRED_COLUMNS)]) == REQUIRED_COLUMNS
     assert set(frame["device"]) == {"cpu"}
     timed = frame[frame["status"] == OK]
-    assert set(timed["provider"]) == {"sdpa", "sla2", "sla2-routing"}
+    assert set(timed["provider"]) == {"sdpa", "sla2", "sla2-lowbit", "sla2-routing"}
+    assert set(timed.set_index("provider").loc[["sla2-lowbit"], "quant"]) == {"int8-fp8"}  # auto on a CPU
+    assert set(timed.set_index("provider").loc[["sla2"], "quant"]) == {"none"}
+    assert timed.set_index("provider").loc[["sdpa"], "quant"].isna().all()
+    assert (timed.set_index("provider").loc[["sla2-lowbit"], "rel_l2_vs_sla2"] > 0).all()
     assert (timed["median_ms"] > 0).all()
     assert timed["speedup_vs_fa2"].isna().all()  # FA2 cannot run on a CPU
     sla2_rows = frame[frame["provider"] == "sla2"]
@@ -437,6 +480,12 @@ def test_gpu_providers_pass_their_gates_on_a_small_shape():
     by_key = {(r.provider, r.mode): r for r in rows}
     for name in ("fa2", "sla2", "flex", "sla2-routing"):
         assert by_key[(name, FORWARD)].status == OK, by_key[(name, FORWARD)].note
+    fp8 = torch.cuda.get_device_capability(device) >= (8, 9)
+    for mode in (FORWARD, FORWARD_BACKWARD):
+        lowbit = by_key[("sla2-lowbit", mode)]
+        assert lowbit.status == OK, lowbit.note
+        assert lowbit.quant == ("int8-fp8" if fp8 else "int8-fp16")
+        assert 0 < lowbit.extra["rel_l2_vs_sla2"] < 0.1
     assert by_key[("sla2", FORWARD)].speedup_vs_fa2 is not None
     assert by_key[("sla2", FORWARD)].peak_mem_mb is not None
 

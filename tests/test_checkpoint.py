@@ -179,3 +179,58 @@ def test_safetensors_header_check(converted, tmp_path):
     path.write_bytes(b"\x01")
     with pytest.raises(UserError, match="shorter than the header"):
         read_header(path)
+
+
+@pytest.mark.parametrize("quant", ["int8-fp8", "auto"])
+def test_quantisation_mode_round_trips_through_a_checkpoint(tmp_path, quant):
+    from fixtures_hub import small_inputs
+
+    from sla2cli.models.recipes import get_recipe
+
+    model = build_random_model(WAN, full_size=False)
+    sla2cli.convert(model, sparsity=0.5, quant=quant)
+    assert {layer.quant for layer in sla2_layers(model).values()} == {quant}
+    out = sla2cli.save(model, tmp_path / "ckpt")
+
+    assert json.loads((out / "sla2_config.json").read_text())["quantization"] == quant
+    assert f"| quantisation | {quant} |" in (out / "README.md").read_text()
+    reloaded = sla2cli.load(out)
+    assert {layer.quant for layer in sla2_layers(reloaded).values()} == {quant}
+    inputs = small_inputs(get_recipe(WAN))
+    unquantised = sla2cli.load(out, quant="none")
+    assert {layer.quant for layer in sla2_layers(unquantised).values()} == {"none"}
+    with torch.no_grad():
+        expected = model(**inputs, return_dict=False)[0]
+        again = reloaded(**inputs, return_dict=False)[0]
+        plain = unquantised(**inputs, return_dict=False)[0]
+
+    def rel(x: torch.Tensor) -> float:
+        return float((x - expected).norm() / expected.norm())
+
+    # The reloaded model differs by float noise that low-bit rounding amplifies a little; the mode
+    # itself moves the output an order of magnitude more.
+    assert rel(again) < 0.2 * rel(plain)
+
+
+def test_config_accepts_every_requestable_quantisation_mode(tmp_path):
+    for mode in ("none", "int8-fp8", "int8-fp16", "auto"):
+        data = {**_valid_config(), "quantization": mode}
+        assert parse_config(data, tmp_path / "sla2_config.json").quantization == mode
+
+
+def test_unknown_quantisation_in_a_stored_config_fails_loudly(tmp_path):
+    model = build_random_model(WAN, full_size=False)
+    sla2cli.convert(model)
+    out = sla2cli.save(model, tmp_path / "ckpt")
+    config = json.loads((out / "sla2_config.json").read_text())
+    config["quantization"] = "int4"
+    (out / "sla2_config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="quantization 'int4' is not one of none, int8-fp8, int8-fp16, auto"):
+        sla2cli.load(out)
+
+
+def test_layers_with_different_quantisation_cannot_be_saved(converted, tmp_path):
+    next(iter(sla2_layers(converted).values())).quant = "int8-fp16"
+    with pytest.raises(ValueError, match="disagree on the quantisation mode"):
+        sla2cli.save(converted, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -224,6 +225,37 @@ def test_reconverting_a_checkpoint_keeps_trained_parameters(wan_folder, tmp_path
         assert torch.equal(layer.alpha_bias, torch.full_like(layer.alpha_bias, 0.3))
 
 
+@pytest.mark.parametrize("quant", ["int8-fp16", "auto"])
+def test_convert_records_the_quantisation_mode(wan_folder, tmp_path, capsys, quant):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(["convert", str(wan_folder), "--out", str(out), "--quant", quant], capsys)
+
+    assert code == 0, err
+    assert re.search(rf"sparse-branch quantisation\s+\S?\s*{quant}", stdout), stdout
+    assert json.loads((out / "sla2_config.json").read_text())["quantization"] == quant
+    assert {layer.quant for layer in sla2_layers(sla2cli.load(out)).values()} == {quant}
+
+
+def test_reconverting_changes_or_keeps_the_quantisation_mode(wan_folder, tmp_path, capsys):
+    first, second, third = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    assert run_cli(["convert", str(wan_folder), "--out", str(first)], capsys)[0] == 0
+    assert json.loads((first / "sla2_config.json").read_text())["quantization"] == "none"
+    assert run_cli(["convert", str(first), "--quant", "int8-fp8", "--out", str(second)], capsys)[0] == 0
+    assert run_cli(["convert", str(second), "--sparsity", "0.5", "--out", str(third)], capsys)[0] == 0
+
+    assert json.loads((second / "sla2_config.json").read_text())["quantization"] == "int8-fp8"
+    assert json.loads((third / "sla2_config.json").read_text())["quantization"] == "int8-fp8"
+
+
+def test_api_convert_quant_reaches_every_layer_and_is_checked_first():
+    model = build_random_model(WAN.name, full_size=False)
+    with pytest.raises(ValueError, match="quant must be one of none, int8-fp8, int8-fp16, auto"):
+        sla2cli.convert(model, quant="int4")
+    assert conversion_info(model) is None
+    sla2cli.convert(model, quant="int8-fp8")
+    assert {layer.quant for layer in sla2_layers(model).values()} == {"int8-fp8"}
+
+
 # --- bad input: exit code 2, one line, nothing written ---------------------------------------------
 
 
@@ -279,6 +311,11 @@ def test_damaged_base_weights(wan_folder, tmp_path, capsys, damage):
     weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\xff" * 64 + data[64:])
     _assert_fails_cleanly(["convert", str(wan_folder), "--out", str(tmp_path / "o")], capsys, tmp_path,
                           "truncated or corrupted")
+
+
+def test_unknown_quant_mode(wan_folder, tmp_path, capsys):
+    _assert_fails_cleanly(["convert", str(wan_folder), "--quant", "int4", "--out", str(tmp_path / "o")],
+                          capsys, tmp_path, "--quant must be one of none, int8-fp8, int8-fp16, auto; got 'int4'")
 
 
 @pytest.mark.parametrize("sparsity", ["1.0", "-0.1"])

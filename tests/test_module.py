@@ -178,3 +178,41 @@ def test_forward_rejects_inputs_that_do_not_fit_the_layer():
         layer(q, k, v)
     with pytest.raises(ValueError, match="q"):
         layer.forward_bshd(q[0], k, v)
+
+
+def test_quant_is_configuration_checked_and_shown():
+    layer = SLA2Attention(2, 64)
+    assert layer.quant == "none"
+    layer.quant = "INT8-FP16"
+    assert layer.quant == "int8-fp16"
+    assert "quant=int8-fp16" in repr(layer)
+    assert sorted(layer.state_dict()) == sorted(STATE_KEYS)
+    with pytest.raises(ValueError, match="quant must be one of none, int8-fp8, int8-fp16, auto"):
+        SLA2Attention(2, 64, quant="int4")
+    with pytest.raises(ValueError, match="quant must be one of"):
+        layer.quant = "fp8"
+    assert layer.quant == "int8-fp16"
+
+
+@pytest.mark.parametrize("quant", ["int8-fp8", "int8-fp16", "auto"])
+def test_lowbit_forward_is_the_oracle_and_backward_is_straight_through(quant):
+    from sla2cli.ops.quantization import resolve_quant_mode, sla2_lowbit_reference
+
+    length = 700
+    exact = perturb(SLA2Attention(2, 64, sparsity=0.8), seed=4)
+    lowbit = SLA2Attention(2, 64, sparsity=0.8, quant=quant)
+    lowbit.load_state_dict(exact.state_dict())
+    q, k, v = (t.requires_grad_(True) for t in make_qkv(length, seed=5))
+    routing = route(q, k, sparsity=0.8, proj_q=exact.proj_q, proj_k=exact.proj_k)
+    alpha = exact.predict_alpha(routing, length).detach()
+    mode = resolve_quant_mode(quant, "cpu")
+    expected = sla2_lowbit_reference(q.detach(), k.detach(), v.detach(), routing.lut, mode=mode, alpha=alpha)
+
+    out_lowbit, out_exact = lowbit(q, k, v), exact(q, k, v)
+    torch.testing.assert_close(out_lowbit.detach(), expected, atol=1e-4, rtol=1e-4)
+    assert (out_lowbit - out_exact).norm() > 1e-4 * out_exact.norm()  # the mode reached the op
+    grad_out = torch.randn_like(out_exact)
+    grads_lowbit = torch.autograd.grad(out_lowbit, (q, k, v), grad_out)
+    grads_exact = torch.autograd.grad(out_exact, (q, k, v), grad_out)
+    for got, want in zip(grads_lowbit, grads_exact, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -96,6 +96,32 @@ def test_capture_sees_every_call_and_matches_brute_force():
         assert rows[head]["rel_l2_error"] == pytest.approx(error, rel=1e-4)
 
 
+def test_capture_compares_the_lowbit_mode_on_the_layers_own_routing():
+    from sla2cli.ops import route, sla2_reference
+    from sla2cli.ops.quantization import sla2_lowbit_reference
+
+    model = _TwoLayers()
+    model.first.quant = "int8-fp8"  # the layer itself runs low-bit: its output is one side of the comparison
+    layers = find_sla2_layers(model)
+    q, k, v = _bshd(300, seed=3)
+    expected_output = model(q, k, v)
+    accumulator = MetricAccumulator()
+    with capture_metrics(layers, accumulator, lowbit_quant="int8-fp8"):
+        output = model(q, k, v)
+    torch.testing.assert_close(output, expected_output)
+    rows = accumulator.rows()
+
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    routing = route(qh, kh, sparsity=0.5)
+    alpha = model.first.predict_alpha(routing, 300).detach()
+    lowbit = sla2_lowbit_reference(qh, kh, vh, routing.lut, mode="int8-fp8", alpha=alpha).double()
+    exact = sla2_reference(qh, kh, vh, sparsity=0.5, alpha=alpha).double()
+    for head in range(2):
+        error = ((lowbit[0, head] - exact[0, head]).norm() / exact[0, head].norm()).item()
+        assert rows[head]["lowbit_rel_l2_vs_sla2"] == pytest.approx(error, rel=1e-3)
+    assert all(row["lowbit_rel_l2_vs_sla2"] > 0 for row in rows[2:])  # the unquantised layer too
+
+
 def test_dense_override_and_sparsity_override_restore_the_layers():
     model = _TwoLayers()
     layers = find_sla2_layers(model)
@@ -148,17 +174,22 @@ def test_report_writes_csv_json_and_heatmap(embedded_model, tmp_path, capsys):
     )
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary files left
+    # --quant defaults to auto, which is int8-fp8 (emulated) on a CPU
+    assert document["settings"]["quant"] == "auto" and document["settings"]["quant_compared"] == "int8-fp8"
+    assert all(0.0 < float(row["lowbit_rel_l2_vs_sla2"]) < 1.0 for row in rows)
+    assert "lowbit_rel_l2_vs_sla2" in document["model"] and "lowbit_rel_l2_vs_sla2" in document["layers"][0]
 
 
 def test_alias_and_sparsity_override(embedded_model, tmp_path, capsys):
     out_csv = tmp_path / "r.csv"
     code, _, err = run_cli(
         ["sparsity-report", "--sparsity", "0.5", "--resolution", SMALL_CLIP, "--timesteps", "0.5",
-         "--csv", str(out_csv), "--quiet"],
+         "--csv", str(out_csv), "--quant", "none", "--quiet"],
         capsys,
     )
     assert code == 0, err
     rows = _read_csv(out_csv)
+    assert "lowbit_rel_l2_vs_sla2" not in rows[0]
     assert {int(row["k_sel"]) for row in rows} == {k_selected(num_blocks(SMALL_TOKENS, 64), 0.5)}
     assert all(float(row["sparsity"]) == pytest.approx(0.5) for row in rows)
 
@@ -298,6 +329,7 @@ def test_inputs_file_that_is_not_safetensors(embedded_model, tmp_path, capsys):
         (["--resolution", "64x64"], "--resolution"),
         (["--sparsity", "1.2"], "--sparsity"),
         (["--clips", "0"], "--clips"),
+        (["--quant", "int4"], "--quant must be one of none, int8-fp8, int8-fp16, auto"),
     ],
 )
 def test_bad_options(embedded_model, args, mentions, capsys):

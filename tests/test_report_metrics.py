@@ -181,7 +181,7 @@ def test_attention_metrics_match_brute_force(length):
         q, k, v, sparsity=sparsity, proj_q=proj_q, proj_k=proj_k, alpha_fn=_mass_share_alpha,
         block_q=BLOCK_Q, block_k=BLOCK_K, max_chunk_elements=1 << 14,
     )
-    assert list(got) == list(metrics.METRIC_NAMES)
+    assert list(got) == [name for name in metrics.METRIC_NAMES if name != "lowbit_rel_l2_vs_sla2"]
 
     probs = _full_probs(q, k)
     exact = probs @ v.double()
@@ -288,3 +288,50 @@ def test_metrics_of_a_trained_looking_sla2_layer():
     for h in range(2):
         error = ((baseline[0, h] - exact[0, h]).norm() / exact[0, h].norm()).item()
         assert got["heuristic_rel_l2_error"][0, h].item() == pytest.approx(error, rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("layer_quant", "extra_calls"), [("none", 1), ("int8-fp8", 1), ("int8-fp16", 2)]
+)
+def test_lowbit_error_matches_brute_force_at_one_extra_call(monkeypatch, layer_quant, extra_calls):
+    """lowbit_rel_l2_vs_sla2 = ||O(int8-fp8) - O(none)|| / ||O(none)|| per head, same routing and alpha."""
+    from sla2cli.module import SLA2Attention
+    from sla2cli.ops.quantization import sla2_lowbit_reference
+
+    length, sparsity = 450, 0.6
+    layer = SLA2Attention(2, 64, sparsity=sparsity, quant=layer_quant)
+    with torch.no_grad():
+        layer.alpha_bias.copy_(torch.tensor([0.3, -0.2]))
+    q, k, v = _qkv(length, heads=2, batch=2, seed=13)
+    output = layer(q, k, v).detach()
+    calls = []
+    original = metrics.sla2_attention_routed
+    monkeypatch.setattr(
+        metrics, "sla2_attention_routed", lambda *a, **kw: calls.append(kw["quant"]) or original(*a, **kw)
+    )
+
+    def run(lowbit):
+        calls.clear()
+        got = metrics.attention_metrics(
+            q, k, v, sparsity=sparsity, proj_q=layer.proj_q.detach(), proj_k=layer.proj_k.detach(),
+            alpha_fn=layer.predict_alpha, block_q=BLOCK_Q, block_k=BLOCK_K, output=output,
+            quant=layer_quant, lowbit_quant=lowbit,
+        )
+        return got, list(calls)
+
+    without, base_calls = run(None)
+    assert "lowbit_rel_l2_vs_sla2" not in without and base_calls == []
+    assert "lowbit_rel_l2_vs_sla2" not in run("none")[0]
+    got, lowbit_calls = run("int8-fp8")
+    assert len(lowbit_calls) == extra_calls and layer_quant not in lowbit_calls
+    torch.testing.assert_close(got["rel_l2_error"], without["rel_l2_error"])
+
+    routing = route(q, k, sparsity=sparsity)
+    alpha = layer.predict_alpha(routing, length).detach()
+    lowbit = sla2_lowbit_reference(q, k, v, routing.lut, mode="int8-fp8", alpha=alpha).double()
+    exact = sla2_reference(q, k, v, sparsity=sparsity, alpha=alpha).double()
+    for b in range(2):
+        for h in range(2):
+            expected = ((lowbit[b, h] - exact[b, h]).norm() / exact[b, h].norm()).item()
+            assert expected > 1e-4  # the low-bit forward really differs
+            assert got["lowbit_rel_l2_vs_sla2"][b, h].item() == pytest.approx(expected, rel=1e-3, abs=1e-6)

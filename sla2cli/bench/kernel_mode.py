@@ -19,6 +19,9 @@ from sla2cli.bench.inputs import AttentionInputs, forward_backward, make_inputs
 from sla2cli.bench.providers import BASELINE, DENSE, ROUTING, Provider, ProviderUnavailable
 from sla2cli.bench.records import FAILED, OK, OUT_OF_MEMORY, SKIPPED, Measurement
 from sla2cli.bench.timing import CacheFlusher, TimingPlan, peak_extra_memory_mb, time_call
+from sla2cli.ops.quantization import QUANT_NONE
+
+ACCURACY_COLUMNS = ("rel_l2_vs_sla2",)  # on every kernel row (empty where it means nothing): fixed columns
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,7 @@ def measure(
         mode=mode,
         dtype=str(plan.dtype).removeprefix("torch."),
         k_sel=None if sparsity is None else selected_blocks(shape, sparsity)[0],
+        extra=dict.fromkeys(ACCURACY_COLUMNS),
         environment=environment.as_dict(),
     )
     reason = provider.not_installed() or provider.unsupported(plan.device, plan.dtype, mode)
@@ -82,8 +86,10 @@ def measure(
         row.status, row.note = SKIPPED, reason
         return row
     try:
+        row.quant = provider.quant_mode(plan.device)
         call = provider.build(inputs, sparsity)
         provider.verify(inputs, sparsity, call)
+        row.extra.update(provider.accuracy(inputs, sparsity, call))
         step: Callable[[], object] = call if mode == FORWARD else forward_backward(call, inputs)
         timing = time_call(step, plan.device, plan.timing, flusher)
         inputs.clear_grads()
@@ -103,7 +109,7 @@ def measure(
         inputs.clear_grads()
         _free_cached_memory(plan.device)
     row.median_ms, row.min_ms, row.repeats = timing.median_ms, timing.min_ms, timing.repeats
-    row.note = provider.summary
+    row.note = provider.summary if row.quant in (None, QUANT_NONE) else f"{provider.summary}; ran {row.quant}"
     _fill_rates(row, provider, shape)
     return row
 

@@ -193,6 +193,7 @@ def _row(
     environment: Environment, common: dict[str, object], error: float,
 ) -> Measurement:
     is_sla2 = name == SLA2
+    quant = _resolved_quant(bench, plan.device) if is_sla2 else None
     what = "training step (forward + backward)" if mode == FORWARD_BACKWARD else "forward"
     if is_sla2:
         attention = f"SLA2 self-attention at sparsity {bench.sparsity:g}, output {error:.3g} from dense (rel. L2)"
@@ -206,6 +207,7 @@ def _row(
         note=f"{bench.description}: one transformer {what}, {attention}",
         k_sel=selected_blocks(shape, bench.sparsity)[0] if is_sla2 else None,
         dtype=str(plan.dtype).removeprefix("torch."),
+        quant=quant,
         extra={
             **common,
             "checkpointing": mode == FORWARD_BACKWARD and uses_checkpointing(bench),
@@ -214,6 +216,14 @@ def _row(
         },
         environment=environment.as_dict(),
     )
+
+
+def _resolved_quant(bench: BenchModel, device: torch.device) -> str:
+    """The sparse-branch mode the converted model runs here (a checkpoint may ask for a low-bit one)."""
+    from sla2cli.models.conversion import model_quant
+    from sla2cli.ops.quantization import resolve_quant_mode
+
+    return resolve_quant_mode(model_quant(bench.model), device)
 
 
 def _fill_speedup_vs_dense(rows: list[Measurement]) -> None:

@@ -45,6 +45,7 @@ class Measurement:
     repeats: int | None = None
     k_sel: int | None = None
     dtype: str = ""
+    quant: str | None = None  # SLA2 rows: the concrete sparse-branch quantisation mode that ran
     extra: dict[str, object] = field(default_factory=dict)  # mode-specific columns (model mode)
     environment: dict[str, str] = field(default_factory=dict)
 

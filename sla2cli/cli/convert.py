@@ -24,6 +24,16 @@ from sla2cli.models.conversion import conversion_info, convert_with_recipe, sla2
 from sla2cli.models.model_spec import ModelSpec, parse_model_spec
 from sla2cli.models.recipes import Recipe, all_recipes, get_recipe
 from sla2cli.models.sources import ModelLocation, base_source, build_components, locate
+from sla2cli.module import check_quant
+from sla2cli.ops.quantization import QUANT_NONE, REQUESTABLE_QUANT_MODES
+
+QUANT_HELP = (
+    "Low-bit forward of the sparse (exact) branch: int8-fp8 (INT8 Q K^T, FP8 P V; GPUs with FP8 tensor "
+    "cores, compute capability 8.9+), int8-fp16 (INT8 Q K^T, fp16 P V), none, or auto (the best the GPU "
+    "running the model supports, chosen when it runs). The backward stays unquantised (straight "
+    "through), so fine-tuning with it is quantisation-aware. Default: none, or the checkpoint's own "
+    "when re-converting one."
+)
 
 OUT_SUFFIX = "-sla2"
 
@@ -67,6 +77,13 @@ def _check_sparsity(sparsity: float | None) -> None:
         raise UserError(f"--sparsity must be in [0, 1), got {sparsity}")
 
 
+def _check_quant_option(quant: str) -> str:
+    try:
+        return check_quant(quant)
+    except ValueError:
+        raise UserError(f"--quant must be one of {', '.join(REQUESTABLE_QUANT_MODES)}; got {quant!r}") from None
+
+
 def _format_flops(flops: int) -> str:
     for unit, scale in (("PFLOP", 1e15), ("TFLOP", 1e12), ("GFLOP", 1e9), ("MFLOP", 1e6)):
         if flops >= scale:
@@ -93,6 +110,7 @@ def summary_table(components: dict, recipe: Recipe, source: str, out: Path, seco
         ("layers kept dense by the recipe", ", ".join(map(str, recipe.dense_layers)) or "none"),
         ("parameters added", f"{added:,} ({added * 4 / 1e6:.2f} MB float32)"),
         ("sparsity", f"{any_layer.sparsity:g}"),
+        ("sparse-branch quantisation", any_layer.quant),
         ("blocks (query, key)", f"{any_layer.block_q}, {any_layer.block_k}"),
         ("default resolution", f"{recipe.default_resolution}: {size.width}x{size.height}, {size.frames} frames, "
                                f"{estimate.length:,} tokens"),
@@ -107,19 +125,25 @@ def summary_table(components: dict, recipe: Recipe, source: str, out: Path, seco
     return table
 
 
-def _convert_base_model(location: ModelLocation, recipe: str | None, sparsity: float | None) -> dict:
+def _convert_base_model(
+    location: ModelLocation, recipe: str | None, sparsity: float | None, quant: str | None
+) -> dict:
     """Skeletons of the model's transformers with SLA2 processors at the recipe's (or given) settings."""
     source = base_source(location, recipe_name=recipe)
     components = build_components(source, weights=False, dtype=torch.float32, device="cpu")
-    convert_with_recipe(components, source.recipe, base=source.base, sparsity=sparsity)
+    convert_with_recipe(components, source.recipe, base=source.base, sparsity=sparsity, quant=quant or QUANT_NONE)
     return components
 
 
-def _reconvert_checkpoint(location: ModelLocation, sparsity: float | None) -> tuple[dict, bool]:
+def _reconvert_checkpoint(
+    location: ModelLocation, sparsity: float | None, quant: str | None
+) -> tuple[dict, bool]:
     """An existing checkpoint's components (trained SLA2 parameters kept), and whether it includes base
     weights; those must then be loaded to be written again."""
     include = read_config(location.root).base_weights == "included"
-    components, _ = open_checkpoint(location, weights=include, dtype=torch.float32, device="cpu", sparsity=sparsity)
+    components, _ = open_checkpoint(
+        location, weights=include, dtype=torch.float32, device="cpu", sparsity=sparsity, quant=quant
+    )
     return components, include
 
 
@@ -145,6 +169,10 @@ def convert_command(
         Path | None,
         typer.Option(help="Checkpoint folder to write. Default: ./<model name>-sla2.", show_default=False),
     ] = None,
+    quant: Annotated[
+        str | None,
+        typer.Option(metavar="|".join(REQUESTABLE_QUANT_MODES), help=QUANT_HELP, show_default=False),
+    ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
     offline: Annotated[
         bool,
@@ -158,6 +186,8 @@ def convert_command(
         console.print(recipes_table())
         return
     _check_sparsity(sparsity)
+    if quant is not None:
+        quant = _check_quant_option(quant)
     if recipe is not None:
         get_recipe(recipe)
     spec = parse_model_spec(model)
@@ -171,9 +201,9 @@ def convert_command(
         if location.root is not None and location.contents().is_checkpoint:
             if recipe is not None:
                 raise UserError("--recipe cannot change the recipe of an SLA2 checkpoint; convert the base model")
-            components, include = _reconvert_checkpoint(location, sparsity)
+            components, include = _reconvert_checkpoint(location, sparsity, quant)
         else:
-            components, include = _convert_base_model(location, recipe, sparsity), False
+            components, include = _convert_base_model(location, recipe, sparsity, quant), False
     with console.status(f"writing {out}"):
         write_checkpoint(out, components, include_base_weights=include, overwrite=overwrite)
     used = get_recipe(conversion_info(next(iter(components.values()))).recipe)

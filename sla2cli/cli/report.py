@@ -25,6 +25,7 @@ from sla2cli.cli.sample_options import (
     TimestepsOption,
 )
 from sla2cli.errors import UserError
+from sla2cli.ops.quantization import QUANT_AUTO, REQUESTABLE_QUANT_MODES
 from sla2cli.report.output import (
     render_table,
     report_document,
@@ -38,13 +39,15 @@ from sla2cli.report.runner import (
     ReportSettings,
     ReportTarget,
     check_settings,
+    lowbit_mode,
     parse_timesteps,
     run_report,
 )
 
 HELP = (
     "Per-layer and per-head sparsity and accuracy of a converted model: captured softmax mass, router "
-    "recall, alpha, and error against full attention (beside the heuristic router's). MODEL_OR_DIR is an "
+    "recall, alpha, error against full attention (beside the heuristic router's), and what the low-bit "
+    "sparse branch (--quant) adds to it. MODEL_OR_DIR is an "
     "SLA2 checkpoint folder or Hub id; without it, the embedded model converted at --sparsity (default "
     "0.97) on its own validation clips."
 )
@@ -149,6 +152,15 @@ def report(
                      "from the SLA2 model; embedded model only (its latents are viewable).", show_default=False),
     ] = None,
     video_steps: Annotated[int, typer.Option(help="Euler flow-matching steps for --video.")] = DEFAULT_VIDEO_STEPS,
+    quant: Annotated[
+        str,
+        typer.Option(
+            metavar="|".join(REQUESTABLE_QUANT_MODES),
+            help="Low-bit sparse-branch mode to compare, per layer, with the unquantised op on the same q, k, v, "
+            "routing and alpha (column lowbit_rel_l2_vs_sla2): int8-fp8, int8-fp16, auto (the best this GPU "
+            "runs; int8-fp8 on CPU, emulated), or none to leave the column out.",
+        ),
+    ] = QUANT_AUTO,
     device: DeviceOption = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the noise (and of random inputs).")] = 0,
     offline: Annotated[bool, typer.Option(help="Use only the Hugging Face cache; never the network.")] = False,
@@ -159,7 +171,7 @@ def report(
 
     settings = ReportSettings(
         sparsity=sparsity, timesteps=parse_timesteps(timesteps), inputs=inputs, resolution=resolution,
-        clips=clips, seed=seed,
+        clips=clips, seed=seed, quant=quant.lower(),
     )
     check_settings(settings)
     _check_output_path("--csv", csv, (".csv",))
@@ -169,6 +181,7 @@ def report(
     if video_steps < MIN_VIDEO_STEPS:
         raise UserError(f"--video-steps must be at least {MIN_VIDEO_STEPS}, got {video_steps}")
     target_device = resolve_device(device)
+    lowbit_mode(settings, target_device)  # a mode this GPU cannot run fails before the model loads
     console = Console()
     with console.status("loading the model", spinner="dots"):
         target = load_report_target(

@@ -36,6 +36,7 @@ from sla2cli.models.conversion import (
     conversion_info,
     convert_component,
     dense_processors,
+    model_quant,
     model_settings,
     sla2_layers,
 )
@@ -77,15 +78,15 @@ def flop_estimate(components: dict[str, nn.Module], recipe: Recipe) -> FlopEstim
 
 def describe_components(
     components: dict[str, nn.Module],
-) -> tuple[Recipe, BaseModelRef, tuple[float, int, int], dict[str, ComponentRecord]]:
-    """Recipe, base record, shared (sparsity, block_q, block_k) and per-component records of converted models."""
+) -> tuple[Recipe, BaseModelRef, tuple[float, int, int, str], dict[str, ComponentRecord]]:
+    """Recipe, base record, shared (sparsity, block_q, block_k, quant) and per-component records."""
     infos = {name: conversion_info(model) for name, model in components.items()}
     unconverted = [name for name, info in infos.items() if info is None]
     if unconverted:
         raise ValueError(f"{', '.join(unconverted)} is not converted; call sla2cli.convert first")
     recipes = {info.recipe for info in infos.values()}
     bases = {info.base for info in infos.values()}
-    settings = {model_settings(model) for model in components.values()}
+    settings = {(*model_settings(model), model_quant(model)) for model in components.values()}
     if len(recipes) != 1 or len(bases) != 1 or len(settings) != 1:
         raise ValueError("the components were converted from different models or with different settings")
     records = {
@@ -113,7 +114,7 @@ def write_checkpoint(
     measurements: dict[str, Any] | None = None,
 ) -> CheckpointConfig:
     """Write config, SLA2 parameters, model card (and base weights if asked) into `out`, atomically."""
-    recipe, base, (sparsity, block_q, block_k), records = describe_components(components)
+    recipe, base, (sparsity, block_q, block_k, quant), records = describe_components(components)
     check_not_over_base(out, base)
     if not include_base_weights and not base.referencable:
         raise UserError("this model has no Hub id or folder to refer to; save it with include_base_weights=True")
@@ -134,6 +135,7 @@ def write_checkpoint(
             sparsity=sparsity,
             block_q=block_q,
             block_k=block_k,
+            quantization=quant,
             attention_sha256=_sha256(folder / ATTENTION_FILE),
             measurements=dict(measurements or {}),
         )
@@ -219,8 +221,12 @@ def open_checkpoint(
     dtype: torch.dtype,
     device: torch.device | str,
     sparsity: float | None = None,
+    quant: str | None = None,
 ) -> tuple[dict[str, diffusers.ModelMixin], CheckpointConfig]:
-    """Rebuild a checkpoint's converted components (skeletons when `weights` is False)."""
+    """Rebuild a checkpoint's converted components (skeletons when `weights` is False).
+
+    `sparsity` and `quant` override the stored settings; None keeps them.
+    """
     config = read_config(location.root)
     recipe = get_recipe(config.recipe)
     source = _checkpoint_source(location, config, recipe)
@@ -236,6 +242,7 @@ def open_checkpoint(
             model, recipe, component=name, base=config.base,
             sparsity=config.sparsity if sparsity is None else sparsity,
             block_q=config.block_q, block_k=config.block_k, modules=record.converted_modules,
+            quant=config.quantization if quant is None else quant,
         )
     load_attention_tensors(location.root, config, components)
     return components, config

@@ -22,13 +22,14 @@ from typing import Any
 
 from sla2cli.errors import UserError
 from sla2cli.models.base_model import BaseModelRef
+from sla2cli.ops.quantization import REQUESTABLE_QUANT_MODES
 
 SCHEMA_VERSION = 1
 CONFIG_FILE = "sla2_config.json"
 ATTENTION_FILE = "sla2_attention.safetensors"
 CARD_FILE = "README.md"
 BASE_WEIGHT_MODES = ("referenced", "included")
-QUANTIZATION_MODES = ("none",)
+QUANTIZATION_MODES = REQUESTABLE_QUANT_MODES  # `auto` is resolved when the model runs, per GPU
 REQUIRED_KEYS = (
     "schema_version", "sla2_version", "recipe", "base_model", "base_weights", "components",
     "sparsity", "block_q", "block_k", "quantization",
@@ -116,7 +117,7 @@ def parse_config(data: Any, path: Path) -> CheckpointConfig:
     if data["base_weights"] not in BASE_WEIGHT_MODES:
         raise _bad(path, f"base_weights must be one of {BASE_WEIGHT_MODES}")
     if data["quantization"] not in QUANTIZATION_MODES:
-        raise _bad(path, f"quantization {data['quantization']!r} is not one of {QUANTIZATION_MODES}")
+        raise _bad(path, f"quantization {data['quantization']!r} is not one of {', '.join(QUANTIZATION_MODES)}")
     sparsity = data["sparsity"]
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise _bad(path, "sparsity must be a number in [0, 1)")

@@ -21,8 +21,9 @@ from sla2cli.models.base_model import BaseModelRef
 from sla2cli.models.flops import LayerAttention
 from sla2cli.models.processors import PROCESSORS, SLA2Processor
 from sla2cli.models.recipes import Recipe
-from sla2cli.module import SLA2Attention
+from sla2cli.module import SLA2Attention, check_quant
 from sla2cli.ops.geometry import SUPPORTED_HEAD_DIMS
+from sla2cli.ops.quantization import QUANT_NONE
 
 INFO_ATTRIBUTE = "sla2_conversion"
 DENSE_PROCESSORS: dict[str, type] = {"wan": WanAttnProcessor, "cogvideox": CogVideoXAttnProcessor2_0}
@@ -75,11 +76,14 @@ def convert_component(
     block_q: int,
     block_k: int,
     modules: tuple[str, ...] | None = None,
+    quant: str = QUANT_NONE,
 ) -> ConversionInfo:
     """Attach SLA2 processors in place; `modules` (from a checkpoint) names exactly which ones.
 
     Without `modules`, every self-attention layer except the recipe's dense layers is converted.
+    `quant` is checked before anything changes, so a bad mode leaves the model untouched.
     """
+    quant = check_quant(quant)
     if getattr(model, INFO_ATTRIBUTE, None) is not None:
         raise UserError(f"the {component} is already converted to SLA2; convert the original model instead")
     candidates = self_attention_modules(model, recipe)
@@ -110,7 +114,7 @@ def convert_component(
             )
         plans.append((attn, *_head_geometry(attn, name)))
     for attn, heads, head_dim in plans:
-        sla2 = SLA2Attention(heads, head_dim, sparsity=sparsity, block_q=block_q, block_k=block_k)
+        sla2 = SLA2Attention(heads, head_dim, sparsity=sparsity, block_q=block_q, block_k=block_k, quant=quant)
         attn.set_processor(processor_class(sla2.to(_parameter_device(attn)), attn.processor))
     info = ConversionInfo(recipe=recipe.name, component=component, base=base, converted_modules=tuple(chosen))
     setattr(model, INFO_ATTRIBUTE, info)
@@ -118,14 +122,19 @@ def convert_component(
 
 
 def convert_with_recipe(
-    components: dict[str, nn.Module], recipe: Recipe, *, base: BaseModelRef, sparsity: float | None = None
+    components: dict[str, nn.Module],
+    recipe: Recipe,
+    *,
+    base: BaseModelRef,
+    sparsity: float | None = None,
+    quant: str = QUANT_NONE,
 ) -> None:
     """Convert each component with the recipe's block sizes and sparsity (unless `sparsity` is given)."""
     for name, model in components.items():
         convert_component(
             model, recipe, component=name, base=base,
             sparsity=recipe.sparsity if sparsity is None else sparsity,
-            block_q=recipe.block_q, block_k=recipe.block_k,
+            block_q=recipe.block_q, block_k=recipe.block_k, quant=quant,
         )
 
 
@@ -154,6 +163,14 @@ def model_settings(model: nn.Module) -> tuple[float, int, int]:
     if len(settings) != 1:
         raise ValueError(f"converted layers disagree on (sparsity, block_q, block_k): {sorted(settings)}")
     return settings.pop()
+
+
+def model_quant(model: nn.Module) -> str:
+    """The quantisation mode shared by all converted layers of the model (a checkpoint stores one)."""
+    modes = {layer.quant for layer in sla2_layers(model).values()}
+    if len(modes) != 1:
+        raise ValueError(f"converted layers disagree on the quantisation mode: {sorted(modes)}")
+    return modes.pop()
 
 
 def set_sparsity(model: nn.Module, sparsity: float) -> None:

@@ -8,6 +8,7 @@ import torch
 
 from sla2cli.ops.blockwise import blockwise_sla2
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
+from sla2cli.ops.quantization import QUANT_INT8_FP8, QUANT_INT8_FP16, QUANT_NONE, emulated_lowbit, resolve_quant_mode
 from sla2cli.ops.routing import route
 from sla2cli.ops.validation import check_attention_inputs
 
@@ -35,13 +36,26 @@ def sla2_attention_routed(
     alpha: torch.Tensor | None = None,
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
+    quant: str | None = None,
 ) -> torch.Tensor:
-    """SLA2 attention for a given block look-up table (B, H, T_m, k_sel) from `route`."""
+    """SLA2 attention for a given block look-up table (B, H, T_m, k_sel) from `route`.
+
+    quant: None/"none", "int8-fp8", "int8-fp16" or "auto" (see sla2cli.ops.quantization): a low-bit
+    forward of the sparse branch with the unquantised gradients (straight-through).
+    """
+    mode = resolve_quant_mode(quant, q.device)
     if triton_enabled(q):
+        from sla2_kernels.forward import QUANT_INT8_FP8 as KERNEL_FP8
+        from sla2_kernels.forward import QUANT_INT8_FP16 as KERNEL_FP16
+        from sla2_kernels.forward import QUANT_OFF
         from sla2cli.ops.triton_op import triton_sla2
 
-        return triton_sla2(q, k, v, lut, alpha, block_q, block_k)
-    return blockwise_sla2(q, k, v, lut, alpha, block_q, block_k)
+        kernel_mode = {QUANT_NONE: QUANT_OFF, QUANT_INT8_FP16: KERNEL_FP16, QUANT_INT8_FP8: KERNEL_FP8}[mode]
+        return triton_sla2(q, k, v, lut, alpha, block_q, block_k, kernel_mode)
+    out = blockwise_sla2(q, k, v, lut, alpha, block_q, block_k)
+    if mode == QUANT_NONE:
+        return out
+    return emulated_lowbit(out, q, k, v, lut, alpha, block_q, block_k, mode)
 
 
 def sla2_attention(
@@ -55,17 +69,21 @@ def sla2_attention(
     proj_k: torch.Tensor | None = None,
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
+    quant: str | None = None,
 ) -> torch.Tensor:
     """SLA2 attention (hard routing) on (B, H, L, D) tensors; returns (B, H, L, D) in the input dtype.
 
-    Differentiable in q, k, v and alpha. The router (top-k) has no gradient.
+    Differentiable in q, k, v and alpha. The router (top-k) has no gradient. `quant` as in
+    `sla2_attention_routed`.
     """
     check_attention_inputs(
         q, k, v, sparsity=sparsity, alpha=alpha, proj_q=proj_q, proj_k=proj_k,
         block_q=block_q, block_k=block_k,
     )
     routing = route(q, k, sparsity=sparsity, proj_q=proj_q, proj_k=proj_k, block_q=block_q, block_k=block_k)
-    return sla2_attention_routed(q, k, v, routing.lut, alpha=alpha, block_q=block_q, block_k=block_k)
+    return sla2_attention_routed(
+        q, k, v, routing.lut, alpha=alpha, block_q=block_q, block_k=block_k, quant=quant
+    )
 
 
 def sla2_attention_bshd(

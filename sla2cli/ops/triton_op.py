@@ -35,8 +35,9 @@ def sla2_forward_op(
     block_q: int,
     block_k: int,
     save: bool,
+    quant: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, lse, out_sparse); the last two are empty unless `save`."""
+    """Returns (out, lse, out_sparse); the last two are empty unless `save`. quant: sla2_kernels' QUANT_*."""
     from sla2_kernels import sla2_forward
 
     lut = lut.contiguous()  # compiled graphs may hand over other layouts; kernels index densely
@@ -45,11 +46,23 @@ def sla2_forward_op(
     comp_states = comp_norms = None
     if alpha is not None:
         comp_states, comp_norms = _complement_states(k, v, lut, block_k)
-    return sla2_forward(q, k, v, lut, alpha, comp_states, comp_norms, block_q, block_k, save, LINEAR_EPS)
+    if quant and save:
+        # Straight-through: the backward is the unquantised op's, so it gets the unquantised softmax
+        # statistics. Feeding it the low-bit ones instead measured 5% gradient error (CPU, L=300).
+        _, lse, out_sparse = sla2_forward(
+            q, k, v, lut, alpha, comp_states, comp_norms, block_q, block_k, True, LINEAR_EPS
+        )
+        out, _, _ = sla2_forward(
+            q, k, v, lut, alpha, comp_states, comp_norms, block_q, block_k, False, LINEAR_EPS, quant
+        )
+        return out, lse, out_sparse
+    return sla2_forward(
+        q, k, v, lut, alpha, comp_states, comp_norms, block_q, block_k, save, LINEAR_EPS, quant
+    )
 
 
 @sla2_forward_op.register_fake
-def _sla2_forward_fake(q, k, v, lut, alpha, block_q, block_k, save):
+def _sla2_forward_fake(q, k, v, lut, alpha, block_q, block_k, save, quant=0):
     batch, heads, length, _ = q.shape
     if save:
         return torch.empty_like(q), q.new_empty(batch, heads, length, dtype=torch.float32), torch.empty_like(q)
@@ -106,7 +119,7 @@ def _sla2_backward_fake(grad_out, q, k, v, lut, alpha, out_sparse, lse, block_q,
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, lut, alpha, block_q, block_k, save = inputs
+    q, k, v, lut, alpha, block_q, block_k, save, _quant = inputs
     _, lse, out_sparse = output
     ctx.save_for_backward(q, k, v, lut, alpha, out_sparse, lse)
     ctx.blocks = (block_q, block_k)
@@ -119,7 +132,7 @@ def _backward(ctx, grad_out, _grad_lse, _grad_out_sparse):
     dq, dk, dv, dalpha = sla2_backward_op(
         grad_out, q, k, v, lut, alpha if ctx.has_alpha else None, out_sparse, lse, block_q, block_k
     )
-    return dq, dk, dv, None, dalpha if ctx.has_alpha else None, None, None, None
+    return dq, dk, dv, None, dalpha if ctx.has_alpha else None, None, None, None, None
 
 
 sla2_forward_op.register_autograd(_backward, setup_context=_setup_context)
@@ -147,13 +160,18 @@ def triton_sla2(
     alpha: torch.Tensor | None,
     block_q: int,
     block_k: int,
+    quant: int = 0,
 ) -> torch.Tensor:
-    """Autograd-aware Triton SLA2; saves backward state only when a gradient is wanted."""
+    """Autograd-aware Triton SLA2; saves backward state only when a gradient is wanted.
+
+    With a low-bit `quant` the backward is the unquantised one (straight-through); a forward that
+    must save for it also runs the unquantised kernel for the softmax statistics.
+    """
     batch, heads, length, _ = q.shape
     if alpha is not None:
         alpha = alpha.to(torch.float32).expand(batch, heads, num_blocks(length, block_q)).contiguous()
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, alpha)
     )
-    out, _, _ = sla2_forward_op(q, k, v, lut.contiguous(), alpha, block_q, block_k, wants_grad)
+    out, _, _ = sla2_forward_op(q, k, v, lut.contiguous(), alpha, block_q, block_k, wants_grad, quant)
     return out

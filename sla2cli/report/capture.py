@@ -61,10 +61,12 @@ def capture_metrics(
     *,
     max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     on_layer: LayerCallback | None = None,
+    lowbit_quant: str | None = None,
 ) -> Iterator[None]:
     """While inside, every SLA2 call also adds its metrics (vs full attention) to `accumulator`.
 
-    The model's own output is unchanged: the layer still returns its SLA2 result.
+    The model's own output is unchanged: the layer still returns its SLA2 result. A concrete low-bit
+    `lowbit_quant` also measures that mode against the unquantised op on the same call.
     """
 
     def make_forward(name: str, layer: SLA2Attention, original: AttentionForward) -> AttentionForward:
@@ -80,6 +82,8 @@ def capture_metrics(
                 block_k=layer.block_k,
                 max_chunk_elements=max_chunk_elements,
                 output=out,
+                quant=layer.resolved_quant(q.device),
+                lowbit_quant=lowbit_quant,
             )
             accumulator.add(name, values)
             if on_layer is not None:

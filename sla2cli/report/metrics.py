@@ -15,6 +15,7 @@ import torch
 
 from sla2cli.ops import Routing, route, sla2_attention_routed
 from sla2cli.ops.geometry import num_blocks
+from sla2cli.ops.quantization import QUANT_NONE
 from sla2cli.ops.reference import block_token_counts
 
 AlphaFunction = Callable[[Routing, int], "torch.Tensor | None"]
@@ -214,9 +215,25 @@ def _alpha_per_block(alpha: torch.Tensor | None, like: torch.Tensor) -> torch.Te
 
 def _routed_output(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing, alpha: torch.Tensor | None,
-    block_q: int, block_k: int,
+    block_q: int, block_k: int, quant: str = QUANT_NONE,
 ) -> torch.Tensor:
-    return sla2_attention_routed(q, k, v, routing.lut, alpha=alpha, block_q=block_q, block_k=block_k)
+    return sla2_attention_routed(q, k, v, routing.lut, alpha=alpha, block_q=block_q, block_k=block_k, quant=quant)
+
+
+def lowbit_error(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routing: Routing, alpha: torch.Tensor | None,
+    block_q: int, block_k: int, *, output: torch.Tensor, output_quant: str, lowbit_quant: str,
+) -> torch.Tensor:
+    """Relative L2 of the `lowbit_quant` output against the unquantised one, same routing and alpha, (B, H).
+
+    `output` ran at `output_quant`; it stands in for whichever side it equals, so the comparison costs
+    one extra op call (two only when the layer runs a third mode).
+    """
+    def at(mode: str) -> torch.Tensor:
+        return output if mode == output_quant else _routed_output(q, k, v, routing, alpha, block_q, block_k, mode)
+
+    exact = at(QUANT_NONE).to(_compute_dtype(q))
+    return relative_l2_error(at(lowbit_quant), exact)
 
 
 def _is_identity(matrix: torch.Tensor | None) -> bool:
@@ -240,6 +257,8 @@ def attention_metrics(
     block_k: int,
     max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     output: torch.Tensor | None = None,
+    quant: str = QUANT_NONE,
+    lowbit_quant: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """All report metrics of one SLA2 attention call, each a (B, H) float64 tensor.
 
@@ -248,7 +267,9 @@ def attention_metrics(
     sparsity, with alpha predicted from its own routing. Per-query-block quantities are reduced to
     a mean (and min/max where the report shows them) over query blocks. `output`, when given, is the
     layer's own result for these inputs (so the errors measure exactly what the model computed);
-    otherwise it is computed with the op.
+    otherwise it is computed with the op. `quant` is the concrete mode the layer ran (the heuristic
+    side runs it too); a low-bit `lowbit_quant` adds `lowbit_rel_l2_vs_sla2`, that mode's output against
+    the unquantised one with the layer's routing and alpha.
     """
     length, head_dim = q.shape[2], q.shape[3]
     dense = dense_attention_with_block_mass(
@@ -257,7 +278,7 @@ def attention_metrics(
     routing = route(q, k, sparsity=sparsity, proj_q=proj_q, proj_k=proj_k, block_q=block_q, block_k=block_k)
     alpha = alpha_fn(routing, length)
     if output is None:
-        output = _routed_output(q, k, v, routing, alpha, block_q, block_k)
+        output = _routed_output(q, k, v, routing, alpha, block_q, block_k, quant)
     mass = captured_mass(dense.block_mass, routing.lut)
     alpha_blocks = _alpha_per_block(alpha, mass)
 
@@ -266,7 +287,7 @@ def attention_metrics(
     else:
         heuristic_routing = route(q, k, sparsity=sparsity, block_q=block_q, block_k=block_k)
         heuristic_alpha = alpha_fn(heuristic_routing, length)
-        heuristic_output = _routed_output(q, k, v, heuristic_routing, heuristic_alpha, block_q, block_k)
+        heuristic_output = _routed_output(q, k, v, heuristic_routing, heuristic_alpha, block_q, block_k, quant)
 
     pairs = selected_pairs(routing.lut, length, block_q, block_k)
     flop_reduction = dense_attention_flops(length, head_dim) / sla2_attention_flops(
@@ -291,6 +312,10 @@ def attention_metrics(
         "heuristic_rel_l2_error": relative_l2_error(heuristic_output, dense.output),
         "heuristic_cosine": cosine_similarity(heuristic_output, dense.output),
     }
+    if lowbit_quant not in (None, QUANT_NONE):
+        metrics["lowbit_rel_l2_vs_sla2"] = lowbit_error(
+            q, k, v, routing, alpha, block_q, block_k, output=output, output_quant=quant, lowbit_quant=lowbit_quant
+        )
     return {name: value.to(torch.float64) for name, value in metrics.items()}
 
 
@@ -312,5 +337,6 @@ METRIC_NAMES: tuple[str, ...] = (
     "heuristic_router_recall",
     "heuristic_rel_l2_error",
     "heuristic_cosine",
+    "lowbit_rel_l2_vs_sla2",
 )
-"""Column order of the report; `attention_metrics` returns exactly these keys."""
+"""Column order of the report; `attention_metrics` returns these keys (the last only with a low-bit mode)."""

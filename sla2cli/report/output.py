@@ -34,6 +34,7 @@ TABLE_COLUMNS: tuple[tuple[str, str, str, bool], ...] = (
     ("rel_l2_error", "rel L2", "{:.4f}", True),
     ("cosine", "cosine", "{:.4f}", False),
     ("heuristic_rel_l2_error", "heur. rel L2", "{:.4f}", True),
+    ("lowbit_rel_l2_vs_sla2", "low-bit vs SLA2", "{:.4f}", False),
 )
 WIDE_CONSOLE = 130
 

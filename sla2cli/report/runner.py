@@ -19,6 +19,7 @@ from sla2cli.errors import UserError
 from sla2cli.models.conversion import sla2_layers
 from sla2cli.models.recipes import Recipe
 from sla2cli.module import SLA2Attention
+from sla2cli.ops.quantization import QUANT_AUTO, QUANT_NONE, REQUESTABLE_QUANT_MODES, resolve_quant_mode
 from sla2cli.report.capture import capture_metrics, overridden_sparsity
 from sla2cli.report.inputs import (
     RANDOM_INPUTS_WARNING,
@@ -69,6 +70,7 @@ class ReportSettings:
     clips: int | None = None
     seed: int = 0
     max_chunk_elements: int | None = None
+    quant: str = QUANT_AUTO  # low-bit mode compared with the unquantised op per layer; none: not compared
 
 
 @dataclass
@@ -105,6 +107,16 @@ def check_settings(settings: ReportSettings) -> None:
         raise UserError(f"--clips must be at least 1, got {settings.clips}")
     if not settings.timesteps:
         raise UserError("--timesteps needs at least one value, e.g. 0.9,0.5,0.1")
+    if settings.quant not in REQUESTABLE_QUANT_MODES:
+        raise UserError(f"--quant must be one of {', '.join(REQUESTABLE_QUANT_MODES)}; got {settings.quant!r}")
+
+
+def lowbit_mode(settings: ReportSettings, device: torch.device) -> tuple[str, list[str]]:
+    """The concrete mode to compare (none: no column) and a warning when `auto` finds none on this GPU."""
+    mode = resolve_quant_mode(settings.quant, device)
+    if settings.quant == QUANT_AUTO and mode == QUANT_NONE:
+        return mode, ["this GPU runs no low-bit mode, so lowbit_rel_l2_vs_sla2 is left out"]
+    return mode, []
 
 
 def clean_samples(
@@ -167,8 +179,10 @@ def run_report(
     if not keyed:
         raise UserError(f"{target.name} has no SLA2 layers; convert it first with sla2 convert")
     layers = {_layer_key(*key): layer for key, layer in keyed.items()}
+    lowbit, quant_warnings = lowbit_mode(settings, device)
     adapter = family_inputs(target.main, target.recipe)
     samples, warnings = clean_samples(target, adapter, settings)
+    warnings += quant_warnings
     forwards = forward_inputs(
         adapter, samples, settings.timesteps, seed=settings.seed, device=device, dtype=dtype
     )
@@ -179,7 +193,7 @@ def run_report(
     with (
         torch.no_grad(),
         overridden_sparsity(layers, settings.sparsity),
-        capture_metrics(layers, accumulator, max_chunk_elements=chunk, on_layer=on_layer),
+        capture_metrics(layers, accumulator, max_chunk_elements=chunk, on_layer=on_layer, lowbit_quant=lowbit),
     ):
         for model in target.components.values():
             for item in forwards:
@@ -195,7 +209,7 @@ def run_report(
         layer_rows=summarize_layers(rows),
         model_row=summarize_model(rows),
         warnings=warnings,
-        settings=_settings_document(target, settings, samples, device, dtype),
+        settings={**_settings_document(target, settings, samples, device, dtype), "quant_compared": lowbit},
         seconds=time.perf_counter() - started,
     )
 

@@ -1,13 +1,13 @@
 """The registry of benchmarked attention implementations, in the order their rows are shown.
 
-A new provider (for instance the low-bit SLA2 forward) is a Provider subclass added with `register`.
+A new provider is a Provider subclass added with `register`.
 """
 
 from __future__ import annotations
 
 from sla2cli.bench.providers.base import DENSE, ROUTING, SPARSE, Provider, ProviderUnavailable
 from sla2cli.bench.providers.dense import CudnnSdpa, DefaultSdpa, FlashAttnPackage, FlashSdpa, Sage
-from sla2cli.bench.providers.sparse import Flex, Sla2, Sla2Routing
+from sla2cli.bench.providers.sparse import Flex, Sla2, Sla2Lowbit, Sla2Routing
 from sla2cli.errors import UserError
 
 BASELINE = "fa2"  # speedups are relative to this provider
@@ -23,7 +23,8 @@ def register(provider: Provider) -> None:
 
 
 for _provider in (
-    FlashSdpa(), CudnnSdpa(), FlashAttnPackage(), DefaultSdpa(), Sage(), Flex(), Sla2(), Sla2Routing()
+    FlashSdpa(), CudnnSdpa(), FlashAttnPackage(), DefaultSdpa(), Sage(), Flex(), Sla2(), Sla2Lowbit(),
+    Sla2Routing(),
 ):
     register(_provider)
 

@@ -58,6 +58,16 @@ class Provider(ABC):
             return "has no backward pass"
         return None
 
+    def quant_mode(self, device: torch.device) -> str | None:
+        """The SLA2 quantisation mode the provider runs on `device` (its row's `quant`); None if not SLA2."""
+        return None
+
+    def accuracy(
+        self, inputs: AttentionInputs, sparsity: float | None, call: Callable[[], torch.Tensor]
+    ) -> dict[str, float]:
+        """Accuracy columns of the row (after verify passed), by column name; none by default."""
+        return {}
+
     def tolerance(self, dtype: torch.dtype) -> float:
         """Relative L2 error allowed against the float32 reference."""
         return FORWARD_TOLERANCE[dtype]

@@ -1,7 +1,9 @@
-"""SLA2 itself, its router alone, and FlexAttention over the same selected blocks.
+"""SLA2 itself (also with its low-bit sparse branch), its router alone, and FlexAttention over the same blocks.
 
 The SLA2 rows time the whole op a converted model calls (routing, sparse branch, linear branch, mix),
-checked against the PyTorch block-gather implementation with the same look-up table. FlexAttention
+checked against the PyTorch block-gather implementation with the same look-up table. The low-bit row's
+forward is checked against the fake-quant oracle instead (same rounding, step by step), its gradients
+against the unquantised op's (the backward is straight-through). FlexAttention
 gets that very table as a block mask, so its row is the cost of the sparse branch alone, done by a
 general-purpose block-sparse kernel.
 """
@@ -19,6 +21,7 @@ from sla2cli.bench.checks import (
     fresh_leaves,
     head_slice,
     output_and_grads,
+    relative_error,
     require_close,
     training,
 )
@@ -27,6 +30,7 @@ from sla2cli.bench.providers.base import ROUTING, SPARSE, Provider
 from sla2cli.ops import route, sla2_attention
 from sla2cli.ops.blockwise import blockwise_sla2
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
+from sla2cli.ops.quantization import QUANT_AUTO, QUANT_NONE, resolve_quant_mode, sla2_lowbit_reference
 from sla2cli.ops.reference import router_scores
 
 GRADIENT_NAMES = ("dq", "dk", "dv", "dalpha")
@@ -59,6 +63,7 @@ class BlockSparseProvider(Provider):
             leaves,
             None if grad_out is None else grad_out[:, heads].float(),
         )
+        expected_out = self.reference_output(q.detach(), k.detach(), v.detach(), lut, mix, expected_out)
         tolerance = self.tolerance(inputs.dtype)
         require_close(self.name, "output", out[:, heads], expected_out, tolerance)
         for name, grad, reference in zip(GRADIENT_NAMES, grads, expected, strict=False):
@@ -68,15 +73,64 @@ class BlockSparseProvider(Provider):
                 raise KernelMismatch(f"{self.name}: returned no gradient for {name[1:]}")
             require_close(self.name, name, grad[:, heads], reference, tolerance * BACKWARD_FACTOR)
 
+    def reference_output(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor,
+        alpha: torch.Tensor | None, unquantised: torch.Tensor,
+    ) -> torch.Tensor:
+        """The forward the provider must match; the unquantised block-gather result unless overridden."""
+        return unquantised
+
 
 class Sla2(BlockSparseProvider):
     name = "sla2"
     summary = "SLA2 op: routing + sparse branch + linear branch + mix"
     mixes_linear_branch = True
 
+    def quant_mode(self, device: torch.device) -> str:
+        return QUANT_NONE
+
     def build(self, inputs: AttentionInputs, sparsity: float | None) -> Callable[[], torch.Tensor]:
         level = _require_sparsity(sparsity)
         return lambda: sla2_attention(inputs.q, inputs.k, inputs.v, sparsity=level, alpha=inputs.alpha)
+
+
+class Sla2Lowbit(BlockSparseProvider):
+    """The SLA2 op with quant=auto: the best low-bit sparse branch this GPU runs (INT8 Q K^T, then FP8 or
+    fp16 P V); skipped where the GPU has none."""
+
+    name = "sla2-lowbit"
+    summary = "SLA2 op, low-bit sparse branch (quant=auto): routing + INT8/FP8 sparse branch + linear branch + mix"
+    mixes_linear_branch = True
+
+    def quant_mode(self, device: torch.device) -> str:
+        return resolve_quant_mode(QUANT_AUTO, device)
+
+    def unsupported(self, device: torch.device, dtype: torch.dtype, mode: str) -> str | None:
+        if self.quant_mode(device) == QUANT_NONE:
+            return "this GPU runs no low-bit mode (INT8 tensor cores need compute capability 8.0+)"
+        return super().unsupported(device, dtype, mode)
+
+    def build(self, inputs: AttentionInputs, sparsity: float | None) -> Callable[[], torch.Tensor]:
+        level = _require_sparsity(sparsity)
+        return lambda: sla2_attention(
+            inputs.q, inputs.k, inputs.v, sparsity=level, alpha=inputs.alpha, quant=QUANT_AUTO
+        )
+
+    def reference_output(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor,
+        alpha: torch.Tensor | None, unquantised: torch.Tensor,
+    ) -> torch.Tensor:
+        mode = self.quant_mode(q.device)
+        return sla2_lowbit_reference(q, k, v, lut, mode=mode, alpha=None if alpha is None else alpha.detach())
+
+    def accuracy(
+        self, inputs: AttentionInputs, sparsity: float | None, call: Callable[[], torch.Tensor]
+    ) -> dict[str, float]:
+        """rel_l2_vs_sla2: what the low-bit forward costs against the unquantised op, same inputs."""
+        level = _require_sparsity(sparsity)
+        with torch.no_grad():
+            exact = sla2_attention(inputs.q, inputs.k, inputs.v, sparsity=level, alpha=inputs.alpha)
+            return {"rel_l2_vs_sla2": relative_error(call(), exact)}
 
 
 def block_mask_from_lut(lut: torch.Tensor, length: int, num_key_blocks: int):

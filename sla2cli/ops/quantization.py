@@ -1,0 +1,232 @@
+"""Low-bit sparse branch: which modes exist, which device runs which, and the fake-quant oracle.
+
+Modes (design.md section 2): the exact (sparse) branch's two matrix products in low precision, the
+forward only. Q and smoothed K (K minus its mean over the sequence, exact for softmax because it
+shifts every logit of a row by the same amount) are INT8 with one scale per token: blocks of one
+row. Measured on q, k, v captured from the embedded model at 97%: scales per 128-query / 64-key
+block gave 1.50% mean (2.35% worst) relative error of the sparse branch, per-token scales 1.19%
+(1.99%); in the kernel a per-token scale costs one broadcast multiply of the score tile. Then either
+P and V are FP8 e4m3 (V scaled per channel, P scaled by 448 so that 1 maps to the format's top),
+which needs FP8 tensor cores (compute capability 8.9+), or P and V are fp16 on older GPUs.
+The router and the linear branch keep the input precision. The backward is the unquantised one
+(straight-through): fine-tuning through the low-bit forward is quantisation-aware training.
+
+`sla2_lowbit_reference` reproduces the kernel's rounding step by step, including the online
+softmax's running maximum over the selected key blocks in look-up-table order, because P is
+quantised after the subtraction of that running maximum.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sla2cli.ops.geometry import num_blocks
+
+QUANT_NONE = "none"
+QUANT_INT8_FP8 = "int8-fp8"
+QUANT_INT8_FP16 = "int8-fp16"
+QUANT_AUTO = "auto"
+QUANT_MODES = (QUANT_NONE, QUANT_INT8_FP8, QUANT_INT8_FP16)
+REQUESTABLE_QUANT_MODES = (*QUANT_MODES, QUANT_AUTO)
+
+INT8_MAX = 127.0
+FP8_E4M3_MAX = 448.0
+FP8_CAPABILITY = (8, 9)
+INT8_CAPABILITY = (8, 0)
+_TINY = 1e-30
+LOG2E = 1.4426950408889634
+
+
+def supported_quant_modes(device: torch.device | str) -> tuple[str, ...]:
+    """Modes this device runs. CPU runs every mode (through the fake-quant emulation)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return QUANT_MODES
+    capability = torch.cuda.get_device_capability(device)
+    modes = [QUANT_NONE]
+    if capability >= FP8_CAPABILITY:
+        modes.append(QUANT_INT8_FP8)
+    if capability >= INT8_CAPABILITY:
+        modes.append(QUANT_INT8_FP16)
+    return tuple(modes)
+
+
+def resolve_quant_mode(mode: str | None, device: torch.device | str) -> str:
+    """The concrete mode to run: `auto` picks the fastest the device supports; errors name the options."""
+    requested = QUANT_NONE if mode is None else str(mode).lower()
+    if requested not in REQUESTABLE_QUANT_MODES:
+        raise ValueError(f"quant must be one of {', '.join(REQUESTABLE_QUANT_MODES)}; got {mode!r}")
+    supported = supported_quant_modes(device)
+    if requested == QUANT_AUTO:
+        for candidate in (QUANT_INT8_FP8, QUANT_INT8_FP16):
+            if candidate in supported:
+                return candidate
+        return QUANT_NONE
+    if requested not in supported:
+        raise ValueError(
+            f"quant {requested!r} needs a GPU this one is not ({_describe(torch.device(device))}); "
+            f"it supports: {', '.join(supported)} (or auto)"
+        )
+    return requested
+
+
+def _describe(device: torch.device) -> str:
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{torch.cuda.get_device_name(device)}, compute capability {major}.{minor}"
+
+
+# ----------------------------------------------------------------- rounding, shared with the kernels' contract
+
+
+def round_half_away(x: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties away from zero: what `(x + 0.5 * sign(x)).to(int8)` does in the kernels."""
+    return torch.trunc(x + 0.5 * torch.sign(x))
+
+
+def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric INT8 with one scale per row: (integer values as float32 (B, H, L, D), scales (B, H, L))."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1).clamp_min(_TINY) / INT8_MAX
+    return round_half_away(x * (1.0 / scale)[..., None]), scale
+
+
+def _pad_rows(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, H, L, D) -> (B, H, T, block, D), zero rows past the end."""
+    batch, heads, length, dim = x.shape
+    blocks = num_blocks(length, block)
+    padded = x.new_zeros(batch, heads, blocks * block, dim)
+    padded[:, :, :length] = x
+    return padded.view(batch, heads, blocks, block, dim)
+
+
+def smooth_keys(k: torch.Tensor) -> torch.Tensor:
+    """K minus its mean over the sequence (float32): removes the shared offset INT8 would waste range on."""
+    k = k.float()
+    return k - k.mean(dim=2, keepdim=True)
+
+
+def value_channel_scales(v: torch.Tensor) -> torch.Tensor:
+    """Per (batch, head, channel) FP8 scale: the channel's largest magnitude maps to 448. (B, H, D) float32."""
+    return v.float().abs().amax(dim=2).clamp_min(_TINY) / FP8_E4M3_MAX
+
+
+def to_fp8(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 to FP8 e4m3 (nearest even, as the GPU's conversion) and back to float32."""
+    return x.to(torch.float8_e4m3fn).float()
+
+
+# ----------------------------------------------------------------- the oracle
+
+
+def lowbit_sparse_branch(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor, block_q: int, block_k: int, mode: str
+) -> torch.Tensor:
+    """The quantised sparse branch alone, (B, H, L, D) float32: online softmax over the LUT's blocks in order."""
+    if mode not in (QUANT_INT8_FP8, QUANT_INT8_FP16):
+        raise ValueError(f"lowbit_sparse_branch needs a low-bit mode, got {mode!r}")
+    batch, heads, length, dim = q.shape
+    k_sel = lut.shape[-1]
+    q_int, q_scale = quantize_int8_rows(q)
+    k_int, k_scale = quantize_int8_rows(smooth_keys(k))
+    q_int = _pad_rows(q_int, block_q)  # (B, H, Tm, bq, D)
+    q_scale = _pad_rows(q_scale[..., None], block_q)[..., 0]  # (B, H, Tm, bq)
+    k_int = _pad_rows(k_int, block_k)  # (B, H, Tn, bk, D)
+    k_scale = _pad_rows(k_scale[..., None], block_k)[..., 0]  # (B, H, Tn, bk)
+    if mode == QUANT_INT8_FP8:
+        v_scale = value_channel_scales(v)
+        v_q = to_fp8(v.float() / v_scale[:, :, None, :])
+    else:
+        v_scale = None
+        v_q = v.to(torch.float16).float()
+    v_blocks = _pad_rows(v_q, block_k)  # (B, H, Tn, bk, D)
+    key_valid = (torch.arange(num_blocks(length, block_k) * block_k, device=q.device) < length).view(-1, block_k)
+    logit_scale = LOG2E / math.sqrt(dim)
+
+    index = lut.long()
+    row_max = torch.full(q_int.shape[:-1], float("-inf"), device=q.device)
+    row_sum = torch.zeros_like(row_max)
+    acc = torch.zeros(q_int.shape, device=q.device)
+    for t in range(k_sel):
+        block_index = index[..., t]  # (B, H, Tm)
+        gather = block_index[..., None, None].expand(-1, -1, -1, block_k, dim)
+        k_t = torch.gather(k_int, 2, gather)
+        v_t = torch.gather(v_blocks, 2, gather)
+        k_scale_t = torch.gather(k_scale, 2, block_index[..., None].expand(-1, -1, -1, block_k))
+        exact = torch.matmul(q_int.double(), k_t.double().transpose(-1, -2)).float()  # INT32 products, exact
+        scores = exact * (q_scale[..., :, None] * k_scale_t[..., None, :]) * logit_scale
+        scores = scores.masked_fill(~key_valid[block_index][..., None, :], float("-inf"))
+        new_max = torch.maximum(row_max, scores.amax(dim=-1))
+        probs = torch.exp2(scores - new_max[..., None])
+        rescale = torch.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + probs.sum(dim=-1)
+        if mode == QUANT_INT8_FP8:
+            probs_q = to_fp8(probs * FP8_E4M3_MAX)
+        else:
+            probs_q = probs.to(torch.float16).float()
+        acc = acc * rescale[..., None] + torch.matmul(probs_q, v_t)
+        row_max = new_max
+    out = acc / row_sum[..., None]
+    if v_scale is not None:
+        out = out * (v_scale / FP8_E4M3_MAX)[:, :, None, None, :]
+    return out.reshape(batch, heads, -1, dim)[:, :, :length]
+
+
+def sla2_lowbit_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor,
+    *,
+    mode: str,
+    alpha: torch.Tensor | None = None,
+    block_q: int = 128,
+    block_k: int = 64,
+) -> torch.Tensor:
+    """Low-bit SLA2 forward for a given LUT: quantised sparse branch, input-precision linear branch, alpha mix.
+
+    Returns (B, H, L, D) in q's dtype. Every block selected (or alpha None) means no linear branch.
+    """
+    from sla2cli.ops.reference import attention_from_block_weights
+
+    out = lowbit_sparse_branch(q, k, v, lut, block_q, block_k, mode)
+    length = q.shape[2]
+    if alpha is not None and lut.shape[-1] < num_blocks(length, block_k):
+        mask = torch.zeros(*lut.shape[:-1], num_blocks(length, block_k), device=q.device)
+        mask.scatter_(-1, lut.long(), 1.0)
+        no_sparse = torch.zeros(*q.shape[:2], num_blocks(length, block_q), device=q.device)
+        linear = attention_from_block_weights(
+            q.float(), k.float(), v.float(), mask, no_sparse, block_q, block_k, all_selected=False
+        )
+        mix = alpha.float().expand(*q.shape[:2], num_blocks(length, block_q))
+        mix = mix.repeat_interleave(block_q, dim=-1)[..., :length, None]
+        out = mix * out + (1.0 - mix) * linear
+    return out.to(q.dtype)
+
+
+def emulated_lowbit(
+    exact: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lut: torch.Tensor,
+    alpha: torch.Tensor | None,
+    block_q: int,
+    block_k: int,
+    mode: str,
+) -> torch.Tensor:
+    """The CPU path's low-bit output from its exact one, with the exact one's gradients (straight-through).
+
+    The two outputs differ only in the sparse branch, weighted by alpha; so the low-bit output is
+    exact + alpha * (lowbit sparse - exact sparse), which reuses the exact path's linear branch.
+    """
+    from sla2cli.ops.blockwise import blockwise_sla2
+
+    with torch.no_grad():
+        exact_sparse = blockwise_sla2(q, k, v, lut, None, block_q, block_k).float()
+        shift = lowbit_sparse_branch(q, k, v, lut, block_q, block_k, mode) - exact_sparse
+        if alpha is not None and lut.shape[-1] < num_blocks(q.shape[2], block_k):
+            mix = alpha.float().expand(*q.shape[:2], num_blocks(q.shape[2], block_q))
+            shift = shift * mix.repeat_interleave(block_q, dim=-1)[..., : q.shape[2], None]
+    return exact + shift.to(exact.dtype)
