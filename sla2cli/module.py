@@ -56,12 +56,12 @@ class SLA2Attention(nn.Module):
 
     - ``proj_q``, ``proj_k``: the router's D x D matrices W_q, W_k, shared across heads, identity at
       creation (then the router is the plain pooled-score heuristic).
+    - ``alpha_weight``, ``alpha_bias``, ``alpha_log_temperature``: per-head parameters of the alpha
+      predictor, at creation 1, ALPHA_BIAS_AT_CREATION, 0.
 
     ``quant`` (one of REQUESTABLE_QUANT_MODES) is configuration, not a parameter: the sparse branch's
     forward in INT8/FP8 (or INT8/fp16), backward unquantised (straight through), so fine-tuning with
     it on is quantisation-aware training.
-    - ``alpha_weight``, ``alpha_bias``, ``alpha_log_temperature``: per-head parameters of the alpha
-      predictor, at creation 1, ALPHA_BIAS_AT_CREATION, 0.
 
     Why alpha is predicted this way: O = alpha * O_s + (1 - alpha) * O_l is exact when alpha is the share
     of the row's attention probability that the selected key blocks hold. The router already holds a
