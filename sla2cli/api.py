@@ -23,8 +23,7 @@ from sla2cli.models.conversion import conversion_info, convert_component, conver
 from sla2cli.models.model_spec import parse_model_spec
 from sla2cli.models.recipes import Recipe, get_recipe, recipe_for_architecture, recipe_for_hub_id
 from sla2cli.models.sources import EMBEDDED_RECIPE, base_source, build_components, locate
-from sla2cli.module import check_quant
-from sla2cli.ops.quantization import QUANT_NONE
+from sla2cli.ops.quantization import QUANT_NONE, check_quant
 
 COMPONENT_NAMES = ("transformer", "transformer_2")
 

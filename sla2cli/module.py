@@ -11,7 +11,7 @@ from torch import nn
 
 from sla2cli.ops import Routing, route, sla2_attention_routed
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, SUPPORTED_HEAD_DIMS
-from sla2cli.ops.quantization import QUANT_NONE, REQUESTABLE_QUANT_MODES, resolve_quant_mode
+from sla2cli.ops.quantization import QUANT_NONE, check_quant, resolve_quant_mode
 from sla2cli.ops.reference import block_token_counts
 from sla2cli.ops.soft import DEFAULT_TAU, SoftRouting, soft_routing, soft_sla2_routed
 from sla2cli.ops.validation import check_attention_inputs
@@ -37,13 +37,6 @@ def _check_block(name: str, value: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
         raise ValueError(f"{name} must be a power of two >= 16, got {value!r}")
     return value
-
-
-def check_quant(quant: str) -> str:
-    """A requestable quantisation mode (lower case); which ones a GPU runs is decided at call time."""
-    if not isinstance(quant, str) or quant.lower() not in REQUESTABLE_QUANT_MODES:
-        raise ValueError(f"quant must be one of {', '.join(REQUESTABLE_QUANT_MODES)}; got {quant!r}")
-    return quant.lower()
 
 
 ALPHA_BIAS_AT_CREATION = 4.0

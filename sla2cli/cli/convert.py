@@ -24,8 +24,7 @@ from sla2cli.models.conversion import conversion_info, convert_with_recipe, sla2
 from sla2cli.models.model_spec import ModelSpec, parse_model_spec
 from sla2cli.models.recipes import Recipe, all_recipes, get_recipe
 from sla2cli.models.sources import ModelLocation, base_source, build_components, locate
-from sla2cli.module import check_quant
-from sla2cli.ops.quantization import QUANT_NONE, REQUESTABLE_QUANT_MODES
+from sla2cli.ops.quantization import QUANT_NONE, REQUESTABLE_QUANT_MODES, check_quant
 
 QUANT_HELP = (
     "Low-bit forward of the sparse (exact) branch: int8-fp8 (INT8 Q K^T, FP8 P V; GPUs with FP8 tensor "

@@ -21,9 +21,9 @@ from sla2cli.models.base_model import BaseModelRef
 from sla2cli.models.flops import LayerAttention
 from sla2cli.models.processors import PROCESSORS, SLA2Processor
 from sla2cli.models.recipes import Recipe
-from sla2cli.module import SLA2Attention, check_quant
+from sla2cli.module import SLA2Attention
 from sla2cli.ops.geometry import SUPPORTED_HEAD_DIMS
-from sla2cli.ops.quantization import QUANT_NONE
+from sla2cli.ops.quantization import QUANT_NONE, check_quant
 
 INFO_ATTRIBUTE = "sla2_conversion"
 DENSE_PROCESSORS: dict[str, type] = {"wan": WanAttnProcessor, "cogvideox": CogVideoXAttnProcessor2_0}

@@ -53,11 +53,16 @@ def supported_quant_modes(device: torch.device | str) -> tuple[str, ...]:
     return tuple(modes)
 
 
+def check_quant(mode: str) -> str:
+    """A requestable mode in lower case; which ones a GPU runs is decided at call time."""
+    if not isinstance(mode, str) or mode.lower() not in REQUESTABLE_QUANT_MODES:
+        raise ValueError(f"quant must be one of {', '.join(REQUESTABLE_QUANT_MODES)}; got {mode!r}")
+    return mode.lower()
+
+
 def resolve_quant_mode(mode: str | None, device: torch.device | str) -> str:
     """The concrete mode to run: `auto` picks the fastest the device supports; errors name the options."""
-    requested = QUANT_NONE if mode is None else str(mode).lower()
-    if requested not in REQUESTABLE_QUANT_MODES:
-        raise ValueError(f"quant must be one of {', '.join(REQUESTABLE_QUANT_MODES)}; got {mode!r}")
+    requested = QUANT_NONE if mode is None else check_quant(mode)
     supported = supported_quant_modes(device)
     if requested == QUANT_AUTO:
         for candidate in (QUANT_INT8_FP8, QUANT_INT8_FP16):
