@@ -14,7 +14,8 @@ from sla2cli.ops.geometry import LINEAR_EPS, num_blocks
 _CHUNK_ELEMENTS = 1 << 24  # bound on gathered key elements per step (64 MiB in float32)
 
 
-def _to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+def to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(B, H, L, D) -> (B, H, T, block, D), zero rows past the end."""
     batch, heads, length, head_dim = x.shape
     blocks = num_blocks(length, block)
     padded = torch.nn.functional.pad(x, (0, 0, 0, blocks * block - length))
@@ -50,10 +51,10 @@ def blockwise_sla2(
         return torch.nn.functional.scaled_dot_product_attention(qf, kf, vf).to(q.dtype)
     sparse_only = alpha is None  # alpha = 1: the linear branch has no weight
     key_valid = (torch.arange(num_k_blocks * block_k, device=q.device) < length).reshape(num_k_blocks, block_k)
-    q_blocks = _to_blocks(qf, block_q)
-    k_blocks, v_blocks = _to_blocks(kf, block_k), _to_blocks(vf, block_k)
+    q_blocks = to_blocks(qf, block_q)
+    k_blocks, v_blocks = to_blocks(kf, block_k), to_blocks(vf, block_k)
     if not sparse_only:
-        phi_k_blocks = _to_blocks(torch.softmax(kf, dim=-1), block_k) * key_valid[..., None]
+        phi_k_blocks = to_blocks(torch.softmax(kf, dim=-1), block_k) * key_valid[..., None]
         states = phi_k_blocks.transpose(-1, -2) @ v_blocks  # (B, H, T_n, D, D)
         normalisers = phi_k_blocks.sum(dim=-2)  # (B, H, T_n, D)
         total_state, total_normaliser = states.sum(dim=2), normalisers.sum(dim=2)

@@ -22,7 +22,10 @@ import math
 
 import torch
 
+from sla2cli.ops.blockwise import blockwise_sla2, to_blocks
+from sla2cli.ops.complement import complement_map
 from sla2cli.ops.geometry import num_blocks
+from sla2cli.ops.reference import attention_from_block_weights, expand_block_values
 
 QUANT_NONE = "none"
 QUANT_INT8_FP8 = "int8-fp8"
@@ -97,15 +100,6 @@ def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return round_half_away(x * (1.0 / scale)[..., None]), scale
 
 
-def _pad_rows(x: torch.Tensor, block: int) -> torch.Tensor:
-    """(B, H, L, D) -> (B, H, T, block, D), zero rows past the end."""
-    batch, heads, length, dim = x.shape
-    blocks = num_blocks(length, block)
-    padded = x.new_zeros(batch, heads, blocks * block, dim)
-    padded[:, :, :length] = x
-    return padded.view(batch, heads, blocks, block, dim)
-
-
 def smooth_keys(k: torch.Tensor) -> torch.Tensor:
     """K minus its mean over the sequence (float32): removes the shared offset INT8 would waste range on."""
     k = k.float()
@@ -135,17 +129,17 @@ def lowbit_sparse_branch(
     k_sel = lut.shape[-1]
     q_int, q_scale = quantize_int8_rows(q)
     k_int, k_scale = quantize_int8_rows(smooth_keys(k))
-    q_int = _pad_rows(q_int, block_q)  # (B, H, Tm, bq, D)
-    q_scale = _pad_rows(q_scale[..., None], block_q)[..., 0]  # (B, H, Tm, bq)
-    k_int = _pad_rows(k_int, block_k)  # (B, H, Tn, bk, D)
-    k_scale = _pad_rows(k_scale[..., None], block_k)[..., 0]  # (B, H, Tn, bk)
+    q_int = to_blocks(q_int, block_q)  # (B, H, Tm, bq, D)
+    q_scale = to_blocks(q_scale[..., None], block_q)[..., 0]  # (B, H, Tm, bq)
+    k_int = to_blocks(k_int, block_k)  # (B, H, Tn, bk, D)
+    k_scale = to_blocks(k_scale[..., None], block_k)[..., 0]  # (B, H, Tn, bk)
     if mode == QUANT_INT8_FP8:
         v_scale = value_channel_scales(v)
         v_q = to_fp8(v.float() / v_scale[:, :, None, :])
     else:
         v_scale = None
         v_q = v.to(torch.float16).float()
-    v_blocks = _pad_rows(v_q, block_k)  # (B, H, Tn, bk, D)
+    v_blocks = to_blocks(v_q, block_k)  # (B, H, Tn, bk, D)
     key_valid = (torch.arange(num_blocks(length, block_k) * block_k, device=q.device) < length).view(-1, block_k)
     logit_scale = LOG2E / math.sqrt(dim)
 
@@ -193,21 +187,25 @@ def sla2_lowbit_reference(
 
     Returns (B, H, L, D) in q's dtype. Every block selected (or alpha None) means no linear branch.
     """
-    from sla2cli.ops.reference import attention_from_block_weights
-
     out = lowbit_sparse_branch(q, k, v, lut, block_q, block_k, mode)
     length = q.shape[2]
     if alpha is not None and lut.shape[-1] < num_blocks(length, block_k):
-        mask = torch.zeros(*lut.shape[:-1], num_blocks(length, block_k), device=q.device)
-        mask.scatter_(-1, lut.long(), 1.0)
+        num_k_blocks = num_blocks(length, block_k)
+        selected = 1.0 - complement_map(lut, num_k_blocks, torch.float32).view(*lut.shape[:-1], num_k_blocks)
         no_sparse = torch.zeros(*q.shape[:2], num_blocks(length, block_q), device=q.device)
         linear = attention_from_block_weights(
-            q.float(), k.float(), v.float(), mask, no_sparse, block_q, block_k, all_selected=False
+            q.float(), k.float(), v.float(), selected, no_sparse, block_q, block_k, all_selected=False
         )
-        mix = alpha.float().expand(*q.shape[:2], num_blocks(length, block_q))
-        mix = mix.repeat_interleave(block_q, dim=-1)[..., :length, None]
+        mix = _alpha_rows(alpha, q, block_q)
         out = mix * out + (1.0 - mix) * linear
     return out.to(q.dtype)
+
+
+def _alpha_rows(alpha: torch.Tensor, q: torch.Tensor, block_q: int) -> torch.Tensor:
+    """alpha per query row, (B, H, L, 1) float32, from its per-query-block values."""
+    length = q.shape[2]
+    blocks = alpha.float().expand(*q.shape[:2], num_blocks(length, block_q))
+    return expand_block_values(blocks, length, block_q, dim=-1)[..., None]
 
 
 def emulated_lowbit(
@@ -226,12 +224,9 @@ def emulated_lowbit(
     The two outputs differ only in the sparse branch, weighted by alpha; so the low-bit output is
     exact + alpha * (lowbit sparse - exact sparse), which reuses the exact path's linear branch.
     """
-    from sla2cli.ops.blockwise import blockwise_sla2
-
     with torch.no_grad():
         exact_sparse = blockwise_sla2(q, k, v, lut, None, block_q, block_k).float()
         shift = lowbit_sparse_branch(q, k, v, lut, block_q, block_k, mode) - exact_sparse
         if alpha is not None and lut.shape[-1] < num_blocks(q.shape[2], block_k):
-            mix = alpha.float().expand(*q.shape[:2], num_blocks(q.shape[2], block_q))
-            shift = shift * mix.repeat_interleave(block_q, dim=-1)[..., : q.shape[2], None]
+            shift = shift * _alpha_rows(alpha, q, block_q)
     return exact + shift.to(exact.dtype)
