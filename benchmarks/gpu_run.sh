@@ -29,10 +29,10 @@ elif [ "$phase" = lowbit ]; then
     | grep -v DEBUG | grep -E "errors|oracle|passed|failed|Error|assert" | tee -a "$log"
   timeout 150 python3 benchmarks/lowbit_accuracy.py --csv "$out/lowbit_accuracy.csv" >> "$log" 2>&1
   timeout 200 python3 benchmarks/gpu_suite.py --csv "$out/operator_lowbit.csv" --shapes 1,12,32760,128 \
-    --sparsities 0.97 --quant int8-fp8 int8-fp16 --rep-ms 150 >> "$log" 2>&1
+    --sparsities 0.97 --quant int8 int8-fp8 --rep-ms 150 >> "$log" 2>&1
   timeout 150 python3 benchmarks/gpu_suite.py --csv "$out/operator_lowbit_14b.csv" --shapes 1,40,75600,128 \
-    --sparsities 0.97 --modes fwd --quant int8-fp8 --rep-ms 150 >> "$log" 2>&1
-  timeout 100 python3 benchmarks/lowbit_parts.py > "$out/lowbit_parts.txt" 2>&1
+    --sparsities 0.97 --modes fwd --quant int8 --rep-ms 150 >> "$log" 2>&1
+  timeout 150 python3 benchmarks/lowbit_parts.py --csv "$out/lowbit_parts.csv" > "$out/lowbit_parts.txt" 2>&1
 else
   timeout 330 python3 benchmarks/model_suite.py --csv "$out/model_compiled.csv" --compile >> "$log" 2>&1
   timeout 240 python3 benchmarks/report_gpu.py --csv "$out/report.csv" --summary "$out/report_memory.csv" \

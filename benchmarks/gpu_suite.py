@@ -4,7 +4,7 @@ Prints a short table and writes a CSV (one row per measurement) with the device,
 versions and commit. Times are medians of triton.testing.do_bench (CUDA events, L2 flushed);
 `-graph` modes replay a CUDA graph of the whole op (GPU time without Python launch overhead).
 Usage: python benchmarks/gpu_suite.py --csv results.csv [--shapes 1,12,32760,128 ...] [--parts]
-       [--quant int8-fp8 int8-fp16]  (low-bit sparse branch, rows named sla2-<mode>)
+       [--quant int8 int8-fp8]  (low-bit sparse branch, rows named sla2-<mode>)
 """
 
 from __future__ import annotations
@@ -112,16 +112,16 @@ def time_parts(rec, q, k, v, alpha, sparsity, rep_ms):
     for name, fn in parts.items():
         rec.add(f"sla2-{name}", sparsity, "fwd", median_ms(fn, rep_ms), share)
     head_dim = q.shape[-1]
-    default = forward_module.FORWARD_LAUNCH[head_dim]
+    default = forward_module.FORWARD_LAUNCH[head_dim, False]
     for launch in ((4, 2), (8, 2), (8, 3)):
-        forward_module.FORWARD_LAUNCH[head_dim] = launch
+        forward_module.FORWARD_LAUNCH[head_dim, False] = launch
         rec.add("sla2-main-kernel", sparsity, "fwd", median_ms(
             lambda: sla2_forward(q, k, v, routing.lut, alpha, comp_states, comp_norms, 128, 64, False,
                                  LINEAR_EPS), rep_ms), share, note=f"warps,stages={launch}")
         rec.add("sla2-sparse-only", sparsity, "fwd", median_ms(
             lambda: sla2_forward(q, k, v, routing.lut, None, None, None, 128, 64, False, LINEAR_EPS), rep_ms),
             share, note=f"no linear branch, no routing; warps,stages={launch}")
-    forward_module.FORWARD_LAUNCH[head_dim] = default
+    forward_module.FORWARD_LAUNCH[head_dim, False] = default
     time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms)
 
 

@@ -19,7 +19,7 @@ from sla2cli.bench.environment import git_commit
 from sla2cli.models.embedded import embedded_example_inputs, load_embedded_model
 from sla2cli.ops import num_blocks, route
 from sla2cli.ops.attention import sla2_attention_routed
-from sla2cli.ops.quantization import QUANT_INT8_FP8, QUANT_INT8_FP16, supported_quant_modes
+from sla2cli.ops.quantization import QUANT_INT8, QUANT_INT8_FP8, supported_quant_modes
 from sla2cli.report.capture import find_sla2_layers
 from sla2cli.training.calibration import capture_dense_calls
 
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--sparsity", type=float, default=0.97)
     parser.add_argument("--shapes", nargs="+", default=["1,12,32760,128", "2,4,8192,64"])
     args = parser.parse_args()
-    modes = [m for m in (QUANT_INT8_FP8, QUANT_INT8_FP16) if m in supported_quant_modes("cuda")]
+    modes = [m for m in (QUANT_INT8_FP8, QUANT_INT8) if m in supported_quant_modes("cuda")]
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 commit=git_commit())
     rows = []

@@ -1,22 +1,28 @@
 """Stage timings of the low-bit forward on one GPU, beside the bf16 kernel (same process).
 
-Times the key/value quantisation pre-pass and its pieces, and the attention kernel alone in each
-precision with the routing and linear-branch states computed once beforehand. Also checks which
+Times the quantisation passes, and the forward kernel call (which includes them in the low-bit
+modes) in each precision under several launch settings, with the routing and linear-branch states
+computed once beforehand. Every time is a CUDA-graph replay, so short kernels are not inflated by
+Python launch overhead. Also checks which
 rounding the GPU's float32 -> FP8 e4m3 conversion in Triton performs (direct, or through fp16).
-Usage: python benchmarks/lowbit_parts.py [--shape 1,12,32760,128] [--sparsity 0.97]
+Usage: python benchmarks/lowbit_parts.py [--shape 1,12,32760,128] [--sparsity 0.97] [--csv OUT.csv]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import os
 
 import torch
 import triton
 import triton.language as tl
 
+from sla2_kernels import forward as forward_module
 from sla2_kernels import key_block_states, sla2_forward
-from sla2_kernels.forward import QUANT_INT8_FP8, QUANT_INT8_FP16, QUANT_OFF
-from sla2_kernels.quantize import quantize_keys_values, value_channel_scales
+from sla2_kernels.forward import QUANT_INT8, QUANT_INT8_FP8, QUANT_OFF
+from sla2_kernels.quantize import key_value_statistics, quantize_operands
+from sla2cli.bench.environment import git_commit
 from sla2cli.ops import num_blocks, route
 from sla2cli.ops.complement import complement_states
 from sla2cli.ops.geometry import LINEAR_EPS
@@ -39,12 +45,23 @@ def fp8_conversion_report() -> str:
             f"from torch via fp16 on {(kernel != via_half).sum().item()} / 4096")
 
 
+def write_csv_atomically(path: str, rows: list[dict]) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(temporary, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--shape", default="1,12,32760,128")
     parser.add_argument("--sparsity", type=float, default=0.97)
+    parser.add_argument("--csv", help="also write the timings here")
     args = parser.parse_args()
-    print(fp8_conversion_report())
+    conversion = fp8_conversion_report()
+    print(conversion)
     batch, heads, length, head_dim = (int(x) for x in args.shape.split(","))
     q, k, v = (torch.randn(batch, heads, length, head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     alpha = torch.rand(batch, heads, num_blocks(length, 128), device="cuda")
@@ -53,28 +70,53 @@ def main() -> None:
     comp_states, comp_norms = complement_states(lut, states, norms)
 
     def bench(fn):
-        return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
+        """GPU time of one call, replayed from a CUDA graph: launch overhead of small kernels excluded."""
+        fn()  # compile outside the capture
+        return triton.testing.do_bench_cudagraph(fn, rep=150, return_mode="median")
 
-    timings = {
-        "key mean (torch)": bench(lambda: k.mean(dim=2, dtype=torch.float32)),
-        "value channel scales (torch)": bench(lambda: value_channel_scales(v)),
-        "quantize keys (int8)": bench(lambda: quantize_keys_values(k, v, 64, False)),
-        "quantize keys+values (int8, fp8)": bench(lambda: quantize_keys_values(k, v, 64, True)),
+    from sla2_kernels import quantize as quantize_module
+
+    timings = {}
+    default_stats = dict(quantize_module.STATS_LAUNCH)
+    for chunk, block, warps in ((256, 32, 4), (512, 32, 4), (512, 64, 8), (1024, 32, 4)):
+        quantize_module.STATS_LAUNCH.update(chunk=chunk, block=block, warps=warps)
+        tag = " (default)" if quantize_module.STATS_LAUNCH == default_stats else ""
+        timings[f"key statistics chunk,block,warps={chunk},{block},{warps}{tag}"] = bench(
+            lambda: key_value_statistics(k, v, False)
+        )
+    quantize_module.STATS_LAUNCH.update(default_stats)
+    timings |= {
+        "key statistics (mean, channel gains)": bench(lambda: key_value_statistics(k, v, False)),
+        "key + value statistics": bench(lambda: key_value_statistics(k, v, True)),
+        "all int8 operands (stats, Q, K)": bench(lambda: quantize_operands(q, k, v, 128, 64, False)),
+        "all int8-fp8 operands (stats, Q, K, V)": bench(lambda: quantize_operands(q, k, v, 128, 64, True)),
     }
-    for name, mode in (("bf16", QUANT_OFF), ("int8-fp16", QUANT_INT8_FP16), ("int8-fp8", QUANT_INT8_FP8)):
-        timings[f"whole forward kernel call {name}"] = bench(lambda mode=mode: sla2_forward(
-            q, k, v, lut, alpha, comp_states, comp_norms, 128, 64, False, LINEAR_EPS, mode))
-    from sla2_kernels import forward as forward_module
-
-    default_launch = forward_module.FORWARD_LAUNCH[head_dim]
-    for launch in ((4, 2), (4, 3), (8, 2), (8, 4)):
-        forward_module.FORWARD_LAUNCH[head_dim] = launch
-        for name, mode in (("int8-fp16", QUANT_INT8_FP16), ("int8-fp8", QUANT_INT8_FP8)):
-            timings[f"forward {name} warps,stages={launch}"] = bench(lambda mode=mode: sla2_forward(
-                q, k, v, lut, alpha, comp_states, comp_norms, 128, 64, False, LINEAR_EPS, mode))
-    forward_module.FORWARD_LAUNCH[head_dim] = default_launch
+    modes = (("bf16", QUANT_OFF), ("int8", QUANT_INT8), ("int8-fp8", QUANT_INT8_FP8))
+    for name, mode in modes:
+        timings[f"sparse branch only, kernel call {name}"] = bench(
+            lambda mode=mode: sla2_forward(q, k, v, lut, None, None, None, 128, 64, False, LINEAR_EPS, mode)
+        )
+    for name, mode in modes:
+        key = (head_dim, mode != QUANT_OFF)
+        default_launch = forward_module.FORWARD_LAUNCH[key]
+        for launch in ((4, 2), (4, 3), (8, 2), (8, 3)):
+            forward_module.FORWARD_LAUNCH[key] = launch
+            tag = " (default)" if launch == default_launch else ""
+            timings[f"forward kernel call {name} warps,stages={launch}{tag}"] = bench(
+                lambda mode=mode: sla2_forward(
+                    q, k, v, lut, alpha, comp_states, comp_norms, 128, 64, False, LINEAR_EPS, mode
+                )
+            )
+        forward_module.FORWARD_LAUNCH[key] = default_launch
     for name, ms in timings.items():
         print(f"{name:40s} {ms:8.3f} ms")
+    if args.csv:
+        meta = dict(shape="x".join(map(str, q.shape)), sparsity=args.sparsity, device=torch.cuda.get_device_name(),
+                    torch=torch.__version__, triton=triton.__version__, commit=git_commit())
+        rows = [dict(stage=name, median_ms=round(ms, 4), note="CUDA graph replay", **meta)
+                for name, ms in timings.items()]
+        rows.append(dict(stage="fp8 conversion check", median_ms="", note=conversion, **meta))
+        write_csv_atomically(args.csv, rows)
 
 
 if __name__ == "__main__":

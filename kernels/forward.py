@@ -7,6 +7,10 @@ blocks outside this kernel), so the epilogue adds one D x D product, phi(Q) H_i 
 Measured on an H100 at (1, 12, 32760, 128), 97%: summing the selected states inside the loop instead
 cost 1.21 ms against 0.67 ms; computing the linear branch before the loop (parked in the output
 tile) 0.74 ms; the sparse branch alone takes 0.53 ms.
+
+Low-bit modes (QUANT != 0) read Q and K pre-quantised to INT8 (sla2_kernels.quantize): one scale per
+query row and one per key block, so a score row needs one scale, folded into the FMA that subtracts
+the running max. P.V stays in the input's type (QUANT_INT8) or goes through FP8 e4m3 (QUANT_INT8_FP8).
 """
 
 from __future__ import annotations
@@ -16,28 +20,31 @@ import triton
 import triton.language as tl
 
 from sla2_kernels.common import LOG2E, dot_precision, feature_softmax, last_dim_contiguous, row_stride_args
-from sla2_kernels.quantize import FP8_E4M3_MAX, INT8_MAX, TINY, int8_round, quantize_keys_values
+from sla2_kernels.quantize import FP8_E4M3_MAX, quantize_operands
 
-# Sparse-branch precision: the input's, INT8 Q.K with fp16 P.V, or INT8 Q.K with FP8 e4m3 P.V.
-QUANT_OFF, QUANT_INT8_FP16, QUANT_INT8_FP8 = 0, 1, 2
+# Sparse-branch precision: the input's; INT8 Q.K with P.V in the input's type; INT8 Q.K with FP8 e4m3 P.V.
+QUANT_OFF, QUANT_INT8, QUANT_INT8_FP8 = 0, 1, 2
 
-# (num_warps, num_stages) per head dim; benchmarks/gpu_suite.py sweeps these on the GPU.
-FORWARD_LAUNCH: dict[int, tuple[int, int]] = {64: (4, 2), 128: (8, 3)}
+# (num_warps, num_stages) per (head dim, low-bit); benchmarks/gpu_suite.py and lowbit_parts.py sweep them.
+FORWARD_LAUNCH: dict[tuple[int, bool], tuple[int, int]] = {
+    (64, False): (4, 2), (128, False): (8, 3), (64, True): (4, 2), (128, True): (4, 2)
+}
 
 
-@triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks", "k_sel", "padded_length"])
+@triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks", "k_sel", "padded_q", "padded_k"])
 def _sla2_forward_kernel(
     Q, K, V, Lut, Alpha, CompState, CompNorm,
-    KeyInt8, KeyScale, ValueFp8T, ValueScale,
+    QueryInt8, QueryScale, KeyInt8, KeyScale, ValueFp8T, ValueScale,
     Out, Lse, OutSparse,
     stride_qb, stride_qh, stride_ql,
     stride_kb, stride_kh, stride_kl,
     stride_vb, stride_vh, stride_vl,
     stride_ob, stride_oh, stride_ol,
-    heads, length, num_q_blocks, num_k_blocks, k_sel, padded_length,
+    heads, length, num_q_blocks, num_k_blocks, k_sel, padded_q, padded_k,
     qk_scale_log2, linear_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_LINEAR: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
+    ACCUMULATE_LINEAR: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     bh = tl.program_id(1)
@@ -47,19 +54,20 @@ def _sla2_forward_kernel(
     key_offsets = tl.arange(0, BLOCK_N)
     row_valid = rows < length
 
-    q = tl.load(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_ql + cols[None, :],
-                mask=row_valid[:, None], other=0.0)
+    q_offsets = batch * stride_qb + head * stride_qh + rows[:, None] * stride_ql + cols[None, :]
+    if QUANT != 0:
+        # INT8 Q (pre-quantised, per token) and INT8 keys with one scale per key block: the score
+        # tile's scale is then one value per row, applied in the same FMA as the max subtraction.
+        q = tl.load(QueryInt8 + (bh * padded_q + rows[:, None]) * HEAD_DIM + cols[None, :])
+        row_scale = tl.load(QueryScale + bh * padded_q + rows) * qk_scale_log2
+    else:
+        q = tl.load(Q + q_offsets, mask=row_valid[:, None], other=0.0)
+        row_scale = tl.full([BLOCK_M], 1.0, tl.float32) * qk_scale_log2
     k_base = K + batch * stride_kb + head * stride_kh
     v_base = V + batch * stride_vb + head * stride_vh
     lut_base = Lut + (bh * num_q_blocks + q_block) * k_sel
-
-    if QUANT != 0:  # per-token INT8 Q, made here because this program is the only reader of its Q block
-        q_float = q.to(tl.float32)
-        q_scale = tl.maximum(tl.max(tl.abs(q_float), axis=1), TINY) / INT8_MAX
-        q_int8 = int8_round(q_float * (1.0 / q_scale)[:, None])
-        q_scale = q_scale * qk_scale_log2
-    key_int8_base = KeyInt8 + bh * padded_length * HEAD_DIM
-    value_fp8_base = ValueFp8T + bh * HEAD_DIM * padded_length
+    key_int8_base = KeyInt8 + bh * padded_k * HEAD_DIM
+    value_fp8_base = ValueFp8T + bh * HEAD_DIM * padded_k
 
     out_offsets = batch * stride_ob + head * stride_oh + rows[:, None] * stride_ol + cols[None, :]
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -71,52 +79,62 @@ def _sla2_forward_kernel(
         keys = key_block * BLOCK_N + key_offsets
         key_valid = keys < length
         if QUANT != 0:
-            k8 = tl.load(key_int8_base + keys[None, :] * HEAD_DIM + cols[:, None], mask=key_valid[None, :], other=0)
-            k_scale = tl.load(KeyScale + bh * padded_length + keys, mask=key_valid, other=0.0)
-            exact = tl.dot(q_int8, k8, out_dtype=tl.int32).to(tl.float32)
-            scores = exact * (q_scale[:, None] * k_scale[None, :])
+            k8 = tl.load(key_int8_base + keys[None, :] * HEAD_DIM + cols[:, None])
+            raw = tl.dot(q, k8, out_dtype=tl.int32).to(tl.float32)
+            step_scale = row_scale * tl.load(KeyScale + bh * num_k_blocks + key_block)
         else:
             k = tl.load(k_base + keys[None, :] * stride_kl + cols[:, None], mask=key_valid[None, :], other=0.0)
-            scores = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale_log2
-        scores = tl.where(key_valid[None, :], scores, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        probs = tl.math.exp2(scores - new_max[:, None])
+            raw = tl.dot(q, k, input_precision=DOT_PRECISION)
+            step_scale = row_scale
+        # Scales are positive, so the row max of the unscaled scores gives the scaled one; the
+        # subtraction and the scale are then one FMA per score.
+        raw = tl.where(key_valid[None, :], raw, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(raw, axis=1) * step_scale)
+        probs = tl.math.exp2(raw * step_scale[:, None] - new_max[:, None])
         rescale = tl.math.exp2(row_max - new_max)
         row_sum = row_sum * rescale + tl.sum(probs, axis=1)
         acc = acc * rescale[:, None]
         if QUANT == 2:
-            v8t = tl.load(value_fp8_base + cols[:, None] * padded_length + keys[None, :],
-                          mask=key_valid[None, :], other=0.0)
-            # The kernel sits 2.1-2.5e-3 from the fake-quant oracle (int8-fp16: 6-8e-4); adding a
-            # fresh product per block instead of accumulating inside the MMA did not change that.
+            v8t = tl.load(value_fp8_base + cols[:, None] * padded_k + keys[None, :])
+            # P times 448: the row max (P = 1) lands on e4m3's largest value, small P stay normal.
+            # A fresh product per block, added in float32: Hopper's FP8 MMA is reported to accumulate with
+            # fewer bits than float32.
             acc += tl.dot((probs * FP8_E4M3_MAX).to(tl.float8e4nv), tl.trans(v8t))
         else:
             v = tl.load(v_base + keys[:, None] * stride_vl + cols[None, :], mask=key_valid[:, None], other=0.0)
-            if QUANT == 1:
-                acc = tl.dot(probs.to(tl.float16), v.to(tl.float16), acc)
-            else:
-                acc = tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         row_max = new_max
 
     out_sparse = acc / row_sum[:, None]
     if QUANT == 2:
         value_scale = tl.load(ValueScale + bh * HEAD_DIM + cols) / FP8_E4M3_MAX
         out_sparse = out_sparse * value_scale[None, :]
+    if SAVE:
+        tl.store(OutSparse + out_offsets, out_sparse.to(OutSparse.dtype.element_ty), mask=row_valid[:, None])
+        tl.store(Lse + bh * length + rows, row_max + tl.math.log2(row_sum), mask=row_valid)
     if HAS_LINEAR:
+        if QUANT != 0:
+            q = tl.load(Q + q_offsets, mask=row_valid[:, None], other=0.0)
         block_offset = bh * num_q_blocks + q_block
         state = tl.load(CompState + block_offset * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :])
         norm = tl.load(CompNorm + block_offset * HEAD_DIM + cols)
         phi = feature_softmax(q.to(tl.float32))
-        numerator = tl.dot(phi.to(state.dtype), state, input_precision=DOT_PRECISION)
-        out_linear = numerator / (tl.sum(phi * norm[None, :], axis=1) + linear_eps)[:, None]
         mix = tl.load(Alpha + bh * num_q_blocks + q_block)
-        out = mix * out_sparse + (1.0 - mix) * out_linear
+        denominator = tl.sum(phi * norm[None, :], axis=1) + linear_eps
+        if ACCUMULATE_LINEAR:
+            # out = mix * out_sparse + (1 - mix) * (phi @ state) / denominator, with the product
+            # accumulated onto the rescaled sparse tile: one D-wide tile fewer live, which is what
+            # lets 4 warps run the epilogue without spilling (0.78 ms against 1.24 ms for the call).
+            linear_weight = tl.maximum((1.0 - mix) / denominator, 1e-30)
+            out = tl.dot(phi.to(state.dtype), state, out_sparse * (mix / linear_weight)[:, None],
+                         input_precision=DOT_PRECISION)
+            out = out * linear_weight[:, None]
+        else:
+            numerator = tl.dot(phi.to(state.dtype), state, input_precision=DOT_PRECISION)
+            out = mix * out_sparse + (1.0 - mix) * (numerator / denominator[:, None])
     else:
         out = out_sparse
     tl.store(Out + out_offsets, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
-    if SAVE:
-        tl.store(OutSparse + out_offsets, out_sparse.to(OutSparse.dtype.element_ty), mask=row_valid[:, None])
-        tl.store(Lse + bh * length + rows, row_max + tl.math.log2(row_sum), mask=row_valid)
 
 
 def sla2_forward(
@@ -139,7 +157,7 @@ def sla2_forward(
     the pure sparse branch (also what every-block-selected means). comp_states (B, H, T_m, D, D) and
     comp_norms (B, H, T_m, D): each query block's linear state over its unselected key blocks,
     needed when alpha is given. Returns (out, lse_log2, out_sparse); the last two are empty unless
-    `save` (the backward needs them). quant: QUANT_OFF, QUANT_INT8_FP16 or QUANT_INT8_FP8 for the
+    `save` (the backward needs them). quant: QUANT_OFF, QUANT_INT8 or QUANT_INT8_FP8 for the
     sparse branch's forward; lse and out_sparse are then those of the low-bit forward (the custom op
     saves the unquantised ones for its straight-through backward instead).
     """
@@ -152,25 +170,22 @@ def sla2_forward(
     empty = q.new_empty(0, dtype=torch.float32)
     lse = q.new_empty(batch, heads, length, dtype=torch.float32) if save else empty
     out_sparse = torch.empty_like(q) if save else q.new_empty(0)
-    num_warps, num_stages = FORWARD_LAUNCH[head_dim]
-    key_int8 = key_scale = value_fp8_t = value_scale = empty
-    padded_length = num_k_blocks * block_k
+    num_warps, num_stages = FORWARD_LAUNCH[head_dim, quant != QUANT_OFF]
+    low_bit = [empty] * 6
+    padded_q, padded_k = num_q_blocks * block_q, num_k_blocks * block_k
     if quant != QUANT_OFF:
-        key_int8, key_scale, value_fp8_t, value_scale = quantize_keys_values(
-            k, v, block_k, fp8_values=quant == QUANT_INT8_FP8
-        )
-        if quant != QUANT_INT8_FP8:
-            value_fp8_t = value_scale = empty
+        operands = quantize_operands(q, k, v, block_q, block_k, fp8_values=quant == QUANT_INT8_FP8)
+        low_bit = [empty if x is None else x for x in operands]
     _sla2_forward_kernel[(num_q_blocks, batch * heads)](
         q, k, v, lut, alpha if has_linear else empty,
         comp_states if has_linear else empty, comp_norms if has_linear else empty,
-        key_int8, key_scale, value_fp8_t, value_scale,
+        *low_bit,
         out, lse, out_sparse,
         *row_stride_args(q), *row_stride_args(k), *row_stride_args(v), *row_stride_args(out),
-        heads, length, num_q_blocks, num_k_blocks, k_sel, padded_length,
+        heads, length, num_q_blocks, num_k_blocks, k_sel, padded_q, padded_k,
         head_dim**-0.5 * LOG2E, linear_eps,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
         HAS_LINEAR=has_linear, SAVE=save, DOT_PRECISION=dot_precision(q.dtype), QUANT=quant,
-        num_warps=num_warps, num_stages=num_stages,
+        ACCUMULATE_LINEAR=num_warps == 4, num_warps=num_warps, num_stages=num_stages,
     )
     return out, lse, out_sparse

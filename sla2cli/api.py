@@ -85,7 +85,7 @@ def convert(
 
     The recipe is found from the model's Hub id or architecture unless named. Sparsity and block sizes
     default to the recipe's. `quant` runs the sparse branch's forward in low precision (none, int8-fp8,
-    int8-fp16, or auto: the best the GPU supports, resolved when the model runs); the backward stays
+    int8, or auto: the best the GPU supports, resolved when the model runs); the backward stays
     unquantised. Returns the object it was given.
     """
     quant = check_quant(quant)

@@ -213,7 +213,7 @@ def test_quantisation_mode_round_trips_through_a_checkpoint(tmp_path, quant):
 
 
 def test_config_accepts_every_requestable_quantisation_mode(tmp_path):
-    for mode in ("none", "int8-fp8", "int8-fp16", "auto"):
+    for mode in ("none", "int8-fp8", "int8", "auto"):
         data = {**_valid_config(), "quantization": mode}
         assert parse_config(data, tmp_path / "sla2_config.json").quantization == mode
 
@@ -225,12 +225,12 @@ def test_unknown_quantisation_in_a_stored_config_fails_loudly(tmp_path):
     config = json.loads((out / "sla2_config.json").read_text())
     config["quantization"] = "int4"
     (out / "sla2_config.json").write_text(json.dumps(config))
-    with pytest.raises(UserError, match="quantization 'int4' is not one of none, int8-fp8, int8-fp16, auto"):
+    with pytest.raises(UserError, match="quantization 'int4' is not one of none, int8, int8-fp8, auto"):
         sla2cli.load(out)
 
 
 def test_layers_with_different_quantisation_cannot_be_saved(converted, tmp_path):
-    next(iter(sla2_layers(converted).values())).quant = "int8-fp16"
+    next(iter(sla2_layers(converted).values())).quant = "int8"
     with pytest.raises(ValueError, match="disagree on the quantisation mode"):
         sla2cli.save(converted, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()

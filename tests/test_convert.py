@@ -225,7 +225,7 @@ def test_reconverting_a_checkpoint_keeps_trained_parameters(wan_folder, tmp_path
         assert torch.equal(layer.alpha_bias, torch.full_like(layer.alpha_bias, 0.3))
 
 
-@pytest.mark.parametrize("quant", ["int8-fp16", "auto"])
+@pytest.mark.parametrize("quant", ["int8", "auto"])
 def test_convert_records_the_quantisation_mode(wan_folder, tmp_path, capsys, quant):
     out = tmp_path / "out"
     code, stdout, err = run_cli(["convert", str(wan_folder), "--out", str(out), "--quant", quant], capsys)
@@ -249,7 +249,7 @@ def test_reconverting_changes_or_keeps_the_quantisation_mode(wan_folder, tmp_pat
 
 def test_api_convert_quant_reaches_every_layer_and_is_checked_first():
     model = build_random_model(WAN.name, full_size=False)
-    with pytest.raises(ValueError, match="quant must be one of none, int8-fp8, int8-fp16, auto"):
+    with pytest.raises(ValueError, match="quant must be one of none, int8, int8-fp8, auto"):
         sla2cli.convert(model, quant="int4")
     assert conversion_info(model) is None
     sla2cli.convert(model, quant="int8-fp8")
@@ -315,7 +315,7 @@ def test_damaged_base_weights(wan_folder, tmp_path, capsys, damage):
 
 def test_unknown_quant_mode(wan_folder, tmp_path, capsys):
     _assert_fails_cleanly(["convert", str(wan_folder), "--quant", "int4", "--out", str(tmp_path / "o")],
-                          capsys, tmp_path, "--quant must be one of none, int8-fp8, int8-fp16, auto; got 'int4'")
+                          capsys, tmp_path, "--quant must be one of none, int8, int8-fp8, auto; got 'int4'")
 
 
 @pytest.mark.parametrize("sparsity", ["1.0", "-0.1"])

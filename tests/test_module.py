@@ -184,17 +184,17 @@ def test_quant_is_configuration_checked_and_shown():
     layer = SLA2Attention(2, 64)
     assert layer.quant == "none"
     layer.quant = "INT8-FP16"
-    assert layer.quant == "int8-fp16"
-    assert "quant=int8-fp16" in repr(layer)
+    assert layer.quant == "int8"
+    assert "quant=int8" in repr(layer)
     assert sorted(layer.state_dict()) == sorted(STATE_KEYS)
-    with pytest.raises(ValueError, match="quant must be one of none, int8-fp8, int8-fp16, auto"):
+    with pytest.raises(ValueError, match="quant must be one of none, int8, int8-fp8, auto"):
         SLA2Attention(2, 64, quant="int4")
     with pytest.raises(ValueError, match="quant must be one of"):
         layer.quant = "fp8"
-    assert layer.quant == "int8-fp16"
+    assert layer.quant == "int8"
 
 
-@pytest.mark.parametrize("quant", ["int8-fp8", "int8-fp16", "auto"])
+@pytest.mark.parametrize("quant", ["int8-fp8", "int8", "auto"])
 def test_lowbit_forward_is_the_oracle_and_backward_is_straight_through(quant):
     from sla2cli.ops.quantization import resolve_quant_mode, sla2_lowbit_reference
 

@@ -13,9 +13,11 @@ from kernel_cases import random_alpha, random_qkv, rel_l2
 from sla2cli.ops import num_blocks, route, sla2_attention
 from sla2cli.ops.attention import sla2_attention_routed
 from sla2cli.ops.quantization import (
+    QUANT_INT8,
     QUANT_INT8_FP8,
-    QUANT_INT8_FP16,
+    channel_gains,
     lowbit_sparse_branch,
+    quantize_int8_blocks,
     quantize_int8_rows,
     resolve_quant_mode,
     round_half_away,
@@ -41,19 +43,28 @@ def test_rounding_helpers():
     v = torch.randn(2, 2, 40, 8)
     assert torch.allclose(value_channel_scales(v) * 448, v.abs().amax(dim=2))
     assert smooth_keys(v).mean(dim=2).abs().max() < 1e-6
+    blocks, block_scale = quantize_int8_blocks(x, 16)  # 50 rows: blocks of 16, the last one partial
+    assert blocks.shape == (2, 3, 4, 16, 64) and block_scale.shape == (2, 3, 4)
+    assert torch.equal(blocks.abs().amax(dim=(-1, -2)), torch.full((2, 3, 4), 127.0))
+    assert (blocks[:, :, -1, 2:] == 0).all()  # padding rows stay zero
+    gains = channel_gains(smooth_keys(v))
+    assert torch.allclose(gains**2, smooth_keys(v).abs().amax(dim=2, keepdim=True))
 
 
 def test_mode_resolution_and_errors(monkeypatch):
-    assert supported_quant_modes("cpu") == ("none", "int8-fp8", "int8-fp16")
-    assert resolve_quant_mode("auto", "cpu") == "int8-fp8"
+    assert supported_quant_modes("cpu") == ("none", "int8", "int8-fp8")
+    assert resolve_quant_mode("auto", "cpu") == "int8"
     assert resolve_quant_mode(None, "cpu") == "none"
-    with pytest.raises(ValueError, match="one of none, int8-fp8, int8-fp16, auto"):
+    with pytest.raises(ValueError, match="one of none, int8, int8-fp8, auto"):
         resolve_quant_mode("int4", "cpu")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "A100")
-    assert resolve_quant_mode("auto", "cuda") == "int8-fp16"
-    with pytest.raises(ValueError, match=r"int8-fp8.*A100, compute capability 8.0.*supports: none, int8-fp16"):
+    assert resolve_quant_mode("auto", "cuda") == "int8"
+    with pytest.raises(ValueError, match=r"int8-fp8.*A100, compute capability 8.0.*supports: none, int8"):
         resolve_quant_mode("int8-fp8", "cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert resolve_quant_mode("auto", "cuda") == "int8"  # FP8 P.V is no faster on an H100, and less exact
+    assert resolve_quant_mode("int8-fp8", "cuda") == "int8-fp8"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
     assert resolve_quant_mode("auto", "cuda") == "none"
 
@@ -64,15 +75,18 @@ def test_unknown_mode_is_refused_by_the_op():
         sla2_attention(q, k, v, sparsity=0.5, quant="fp4")
 
 
-@pytest.mark.parametrize("mode", [QUANT_INT8_FP16, QUANT_INT8_FP8])
+@pytest.mark.parametrize("mode", [QUANT_INT8, QUANT_INT8_FP8])
 def test_oracle_online_loop_matches_one_shot_softmax(mode):
     """The LUT-order loop (running max, P rounded per block) equals one softmax over the same
     dequantised logits up to the rounding of P, which the running max moves by at most one step."""
     q, k, v = random_qkv(2, 3, 300, 64, torch.float32, 1, requires_grad=False)
     lut = route(q, k, sparsity=0.5).lut
-    q_int, q_scale = quantize_int8_rows(q)
-    k_int, k_scale = quantize_int8_rows(smooth_keys(k))
-    logits = (q_int * q_scale[..., None]) @ (k_int * k_scale[..., None]).transpose(-1, -2) / math.sqrt(64)
+    smoothed = smooth_keys(k)
+    gains = channel_gains(smoothed)
+    q_int, q_scale = quantize_int8_rows(q * gains)
+    k_int, k_scale = quantize_int8_blocks(smoothed * (1.0 / gains), 64)
+    k_dequantised = (k_int * k_scale[..., None, None]).flatten(2, 3)[:, :, :300]
+    logits = (q_int * q_scale[..., None]) @ k_dequantised.transpose(-1, -2) / math.sqrt(64)
     selected = torch.zeros(*lut.shape[:-1], num_blocks(300, 64), dtype=torch.bool).scatter_(-1, lut.long(), True)
     keep = selected.repeat_interleave(128, dim=-2)[..., :300, :].repeat_interleave(64, dim=-1)[..., :300]
     probabilities = torch.softmax(logits.masked_fill(~keep, float("-inf")), dim=-1)
@@ -89,11 +103,11 @@ def test_oracle_stays_close_to_the_unquantised_op(length, head_dim):
     alpha = random_alpha(2, 3, routing.lut.shape[2], 2).detach() * 0.5 + 0.5
     exact = sla2_attention_routed(q, k, v, routing.lut, alpha=alpha)
     errors = {}
-    for mode in (QUANT_INT8_FP16, QUANT_INT8_FP8):
+    for mode in (QUANT_INT8, QUANT_INT8_FP8):
         errors[mode] = rel_l2(sla2_lowbit_reference(q, k, v, routing.lut, mode=mode, alpha=alpha), exact)
     # Measured on these standard-normal inputs: ~1.2% (INT8 Q.K) and ~3.6% (plus FP8 P.V).
-    assert 1e-3 < errors[QUANT_INT8_FP16] <= 0.02, errors
-    assert errors[QUANT_INT8_FP16] < errors[QUANT_INT8_FP8] <= 0.05, errors
+    assert 1e-3 < errors[QUANT_INT8] <= 0.02, errors
+    assert errors[QUANT_INT8] < errors[QUANT_INT8_FP8] <= 0.05, errors
 
 
 CASES = [(63, 64, torch.float32, 0.5), (200, 128, torch.float16, 0.5), (1000, 64, torch.float32, 0.9),
@@ -102,17 +116,39 @@ CASES = [(63, 64, torch.float32, 0.5), (200, 128, torch.float16, 0.5), (1000, 64
 
 @pytest.mark.parametrize(("length", "head_dim", "dtype", "sparsity"), CASES)
 def test_interpreted_kernel_matches_oracle(monkeypatch, length, head_dim, dtype, sparsity):
-    """INT8 Q.K + fp16 P.V through the Triton interpreter. FP8 is checked on the GPU only: the
+    """INT8 Q.K + P.V in the input's type through the Triton interpreter. FP8 is checked on the GPU only: the
     interpreter's float32 -> e4m3 conversion drops the carry into the next binade (31.4 -> 16)."""
     monkeypatch.setenv("SLA2_BACKEND", "triton")
     batch, heads = (2, 1) if length % 2 else (1, 3)
     q, k, v = random_qkv(batch, heads, length, head_dim, dtype, length, requires_grad=False)
     routing = route(q, k, sparsity=sparsity)
     alpha = random_alpha(batch, heads, routing.lut.shape[2], length).detach()
-    out = sla2_attention_routed(q, k, v, routing.lut, alpha=alpha, quant=QUANT_INT8_FP16)
-    expected = sla2_lowbit_reference(q, k, v, routing.lut, mode=QUANT_INT8_FP16, alpha=alpha)
+    out = sla2_attention_routed(q, k, v, routing.lut, alpha=alpha, quant=QUANT_INT8)
+    expected = sla2_lowbit_reference(q, k, v, routing.lut, mode=QUANT_INT8, alpha=alpha)
     bound = KERNEL_TOLERANCE if dtype == torch.float32 else 2e-3  # fp16 output rounding
     assert out.dtype == dtype and rel_l2(out.float(), expected.float()) <= bound
+
+
+@pytest.mark.parametrize(("length", "head_dim"), [(200, 64), (129, 128)])
+def test_quantisation_passes_match_the_helpers(length, head_dim):
+    """The statistics and quantisation kernels (interpreted) against the oracle's helpers."""
+    from sla2_kernels.quantize import quantize_operands
+
+    q, k, v = random_qkv(2, 2, length, head_dim, torch.float32, 7, requires_grad=False)
+    k = k + torch.randn(head_dim)  # a per-channel offset for the smoothing to remove
+    ops = quantize_operands(q, k, v, 128, 64, fp8_values=False)
+    smoothed = smooth_keys(k)
+    gains = channel_gains(smoothed)
+    q_int, q_scale = quantize_int8_rows(q * gains)
+    k_int, k_scale = quantize_int8_blocks(smoothed * (1.0 / gains), 64)
+    assert torch.allclose(ops.query_scale[:, :, :length], q_scale, rtol=1e-5)
+    assert torch.allclose(ops.key_scale, k_scale, rtol=1e-5)
+    # A rounding tie may land on either side when the float32 statistics differ in the last bit.
+    assert (ops.query_int8[:, :, :length].float() - q_int).abs().max() <= 1
+    assert (ops.query_int8[:, :, :length].float() != q_int).float().mean() < 1e-3
+    keys = ops.key_int8.view_as(k_int).float()
+    assert (keys - k_int).abs().max() <= 1 and (keys != k_int).float().mean() < 1e-3
+    assert (ops.query_int8[:, :, length:] == 0).all() and (ops.key_int8[:, :, length:] == 0).all()
 
 
 def _gradients(out, inputs, grad):
@@ -125,7 +161,7 @@ def test_straight_through_gradients_match_the_unquantised_op(monkeypatch, backen
     q, k, v = random_qkv(2, 2, 300, 64, torch.float32, 5)
     routing = route(q.detach(), k.detach(), sparsity=0.5)
     alpha = random_alpha(2, 2, routing.lut.shape[2], 5)
-    mode = QUANT_INT8_FP16 if backend == "triton" else QUANT_INT8_FP8
+    mode = QUANT_INT8 if backend == "triton" else QUANT_INT8_FP8
     low = sla2_attention_routed(q, k, v, routing.lut, alpha=alpha, quant=mode)
     grad = torch.randn_like(low)
     low_grads = _gradients(low, (q, k, v, alpha), grad)

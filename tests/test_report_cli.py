@@ -174,8 +174,8 @@ def test_report_writes_csv_json_and_heatmap(embedded_model, tmp_path, capsys):
     )
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no temporary files left
-    # --quant defaults to auto, which is int8-fp8 (emulated) on a CPU
-    assert document["settings"]["quant"] == "auto" and document["settings"]["quant_compared"] == "int8-fp8"
+    # --quant defaults to auto, which is int8 (emulated) on a CPU
+    assert document["settings"]["quant"] == "auto" and document["settings"]["quant_compared"] == "int8"
     assert all(0.0 < float(row["lowbit_rel_l2_vs_sla2"]) < 1.0 for row in rows)
     assert "lowbit_rel_l2_vs_sla2" in document["model"] and "lowbit_rel_l2_vs_sla2" in document["layers"][0]
 
@@ -329,7 +329,7 @@ def test_inputs_file_that_is_not_safetensors(embedded_model, tmp_path, capsys):
         (["--resolution", "64x64"], "--resolution"),
         (["--sparsity", "1.2"], "--sparsity"),
         (["--clips", "0"], "--clips"),
-        (["--quant", "int4"], "--quant must be one of none, int8-fp8, int8-fp16, auto"),
+        (["--quant", "int4"], "--quant must be one of none, int8, int8-fp8, auto"),
     ],
 )
 def test_bad_options(embedded_model, args, mentions, capsys):

@@ -157,8 +157,8 @@ def report(
         typer.Option(
             metavar="|".join(REQUESTABLE_QUANT_MODES),
             help="Low-bit sparse-branch mode to compare, per layer, with the unquantised op on the same q, k, v, "
-            "routing and alpha (column lowbit_rel_l2_vs_sla2): int8-fp8, int8-fp16, auto (the best this GPU "
-            "runs; int8-fp8 on CPU, emulated), or none to leave the column out.",
+            "routing and alpha (column lowbit_rel_l2_vs_sla2): int8, int8-fp8, auto (int8 where the GPU "
+            "runs it, and on CPU, emulated), or none to leave the column out.",
         ),
     ] = QUANT_AUTO,
     device: DeviceOption = "auto",
