@@ -78,7 +78,7 @@ def main() -> None:
 
     timings = {}
     default_stats = dict(quantize_module.STATS_LAUNCH)
-    for chunk, block, warps in ((256, 32, 4), (512, 32, 4), (512, 64, 8), (1024, 32, 4)):
+    for chunk, block, warps in ((512, 32, 4), (1024, 32, 4), (2048, 32, 4)):
         quantize_module.STATS_LAUNCH.update(chunk=chunk, block=block, warps=warps)
         tag = " (default)" if quantize_module.STATS_LAUNCH == default_stats else ""
         timings[f"key statistics chunk,block,warps={chunk},{block},{warps}{tag}"] = bench(
@@ -97,7 +97,7 @@ def main() -> None:
             lambda mode=mode: sla2_forward(q, k, v, lut, None, None, None, 128, 64, False, LINEAR_EPS, mode)
         )
     for name, mode in modes:
-        key = (head_dim, mode != QUANT_OFF)
+        key = (head_dim, mode)
         default_launch = forward_module.FORWARD_LAUNCH[key]
         for launch in ((4, 2), (4, 3), (8, 2), (8, 3)):
             forward_module.FORWARD_LAUNCH[key] = launch

@@ -33,7 +33,7 @@ INT8_MAX = tl.constexpr(127.0)
 FP8_E4M3_MAX = tl.constexpr(448.0)
 TINY = tl.constexpr(1e-30)
 # Statistics pass: rows per program, rows per load, warps (benchmarks/lowbit_parts.py sweeps them).
-STATS_LAUNCH = {"chunk": 512, "block": 32, "warps": 4}
+STATS_LAUNCH = {"chunk": 1024, "block": 32, "warps": 4}  # H100: 0.053 ms at 32760 x 12 heads
 
 
 class LowBitOperands(NamedTuple):

@@ -183,15 +183,15 @@ def test_forward_rejects_inputs_that_do_not_fit_the_layer():
 def test_quant_is_configuration_checked_and_shown():
     layer = SLA2Attention(2, 64)
     assert layer.quant == "none"
-    layer.quant = "INT8-FP16"
-    assert layer.quant == "int8"
-    assert "quant=int8" in repr(layer)
+    layer.quant = "INT8-FP8"
+    assert layer.quant == "int8-fp8"
+    assert "quant=int8-fp8" in repr(layer)
     assert sorted(layer.state_dict()) == sorted(STATE_KEYS)
     with pytest.raises(ValueError, match="quant must be one of none, int8, int8-fp8, auto"):
         SLA2Attention(2, 64, quant="int4")
     with pytest.raises(ValueError, match="quant must be one of"):
         layer.quant = "fp8"
-    assert layer.quant == "int8"
+    assert layer.quant == "int8-fp8"
 
 
 @pytest.mark.parametrize("quant", ["int8-fp8", "int8", "auto"])
