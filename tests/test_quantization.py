@@ -1,6 +1,6 @@
 """Low-bit sparse branch on CPU: rounding helpers, mode resolution, the fake-quant oracle against the
-unquantised op, the Triton kernel (interpreter, INT8 Q.K with fp16 P.V) against the oracle, and the
-straight-through gradients."""
+unquantised op, the Triton kernels (interpreter: quantisation passes, INT8 Q.K with P.V in the input
+type) against the oracle, and the straight-through gradients."""
 
 from __future__ import annotations
 

@@ -27,7 +27,7 @@ from sla2cli.models.sources import ModelLocation, base_source, build_components,
 from sla2cli.ops.quantization import QUANT_NONE, REQUESTABLE_QUANT_MODES, check_quant
 
 QUANT_HELP = (
-    "Low-bit forward of the sparse (exact) branch: int8 (INT8 Q K^T, P V in the model's 16-bit type; "
+    "Low-bit forward of the sparse (exact) branch: int8 (INT8 Q K^T, P V in the model's own precision; "
     "GPUs of compute capability 8.0+), int8-fp8 (INT8 Q K^T, FP8 P V: no faster on an H100 and about "
     "3.7% off on random inputs; 8.9+), none, or auto (int8 where the GPU runs it). The backward "
     "stays unquantised (straight through), so fine-tuning with it is quantisation-aware. Default: "

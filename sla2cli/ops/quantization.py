@@ -7,7 +7,7 @@ by g = sqrt(max |K - mean|) per channel: Q.K^T is unchanged) and INT8 with one s
 block, so that the kernel applies one scale per score row (measured on an H100 at (1, 12, 32760,
 128), 97%, attention loop alone: 0.40 ms against 0.54 ms for per-token key scales or bf16).
 Then P.V is either
-- `int8`: in the input's 16-bit type, as the unquantised kernel does it; or
+- `int8`: in the input's precision, as the unquantised kernel does it; or
 - `int8-fp8`: FP8 e4m3 (V scaled per channel, P by 448 so that 1 maps to the format's top), which
   needs FP8 tensor cores (compute capability 8.9+). Measured on an H100 it is no faster (0.40 ms)
   and, with 3 mantissa bits, about 3.7% off the bf16 output on random inputs, so `auto` picks `int8`.

@@ -95,11 +95,11 @@ class Sla2(BlockSparseProvider):
 
 
 class Sla2Lowbit(BlockSparseProvider):
-    """The SLA2 op with quant=auto: the best low-bit sparse branch this GPU runs (INT8 Q K^T, then FP8 or
-    fp16 P V); skipped where the GPU has none."""
+    """The SLA2 op with quant=auto: the low-bit sparse branch this GPU runs (int8: INT8 Q K^T, P V in the
+    input's precision); skipped where the GPU has none."""
 
     name = "sla2-lowbit"
-    summary = "SLA2 op, low-bit sparse branch (quant=auto): routing + INT8/FP8 sparse branch + linear branch + mix"
+    summary = "SLA2 op, low-bit sparse branch (quant=auto): routing + INT8 sparse branch + linear branch + mix"
     mixes_linear_branch = True
 
     def quant_mode(self, device: torch.device) -> str:
