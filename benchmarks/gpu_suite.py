@@ -112,16 +112,17 @@ def time_parts(rec, q, k, v, alpha, sparsity, rep_ms):
     for name, fn in parts.items():
         rec.add(f"sla2-{name}", sparsity, "fwd", median_ms(fn, rep_ms), share)
     head_dim = q.shape[-1]
-    default = forward_module.FORWARD_LAUNCH[head_dim, forward_module.QUANT_OFF]
-    for launch in ((4, 2), (8, 2), (8, 3)):
-        forward_module.FORWARD_LAUNCH[head_dim, forward_module.QUANT_OFF] = launch
+    key = (head_dim, forward_module.QUANT_OFF)
+    default = forward_module.FORWARD_LAUNCH[key]
+    for launch in ((4, 2, True), (8, 2, False), (8, 3, False)):
+        forward_module.FORWARD_LAUNCH[key] = forward_module.Launch(*launch)
         rec.add("sla2-main-kernel", sparsity, "fwd", median_ms(
             lambda: sla2_forward(q, k, v, routing.lut, alpha, comp_states, comp_norms, 128, 64, False,
-                                 LINEAR_EPS), rep_ms), share, note=f"warps,stages={launch}")
+                                 LINEAR_EPS), rep_ms), share, note=f"warps,stages,accumulate_linear={launch}")
         rec.add("sla2-sparse-only", sparsity, "fwd", median_ms(
             lambda: sla2_forward(q, k, v, routing.lut, None, None, None, 128, 64, False, LINEAR_EPS), rep_ms),
-            share, note=f"no linear branch, no routing; warps,stages={launch}")
-    forward_module.FORWARD_LAUNCH[head_dim, forward_module.QUANT_OFF] = default
+            share, note=f"no linear branch, no routing; warps,stages,accumulate_linear={launch}")
+    forward_module.FORWARD_LAUNCH[key] = default
     time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms)
 
 

@@ -99,10 +99,10 @@ def main() -> None:
     for name, mode in modes:
         key = (head_dim, mode)
         default_launch = forward_module.FORWARD_LAUNCH[key]
-        for launch in ((4, 2), (4, 3), (8, 2), (8, 3)):
-            forward_module.FORWARD_LAUNCH[key] = launch
-            tag = " (default)" if launch == default_launch else ""
-            timings[f"forward kernel call {name} warps,stages={launch}{tag}"] = bench(
+        for launch in ((4, 2, True), (4, 2, False), (4, 3, True), (8, 2, False), (8, 3, False), (8, 3, True)):
+            forward_module.FORWARD_LAUNCH[key] = forward_module.Launch(*launch)
+            tag = " (default)" if launch == tuple(default_launch) else ""
+            timings[f"forward kernel call {name} warps,stages,accumulate={launch}{tag}"] = bench(
                 lambda mode=mode: sla2_forward(
                     q, k, v, lut, alpha, comp_states, comp_norms, 128, 64, False, LINEAR_EPS, mode
                 )

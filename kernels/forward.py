@@ -15,6 +15,8 @@ the running max. P.V stays in the input's type (QUANT_INT8) or goes through FP8 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -25,13 +27,21 @@ from sla2_kernels.quantize import FP8_E4M3_MAX, quantize_operands
 # Sparse-branch precision: the input's; INT8 Q.K with P.V in the input's type; INT8 Q.K with FP8 e4m3 P.V.
 QUANT_OFF, QUANT_INT8, QUANT_INT8_FP8 = 0, 1, 2
 
-# (num_warps, num_stages) per (head dim, QUANT_*); benchmarks/gpu_suite.py and lowbit_parts.py sweep them.
-# H100, (1, 12, 32760, 128), 97%, kernel call: bf16 0.68 ms at (8, 3); int8 0.71 ms at (4, 2) against
-# 0.79 at (8, 3); int8-fp8 0.98 ms at (8, 3) against 1.96 at (4, 2). Head dim 64 is not tuned per mode.
-FORWARD_LAUNCH: dict[tuple[int, int], tuple[int, int]] = {
-    (64, QUANT_OFF): (4, 2), (128, QUANT_OFF): (8, 3),
-    (64, QUANT_INT8): (4, 2), (128, QUANT_INT8): (4, 2),
-    (64, QUANT_INT8_FP8): (4, 2), (128, QUANT_INT8_FP8): (8, 3),
+class Launch(NamedTuple):
+    """How the forward kernel is launched; `accumulate_linear` picks the epilogue (see the kernel)."""
+
+    num_warps: int
+    num_stages: int
+    accumulate_linear: bool
+
+
+# Per (head dim, QUANT_*); benchmarks/gpu_suite.py and lowbit_parts.py sweep them. H100, (1, 12, 32760,
+# 128), 97%, kernel call: bf16 0.68 ms at (8, 3); int8 0.71 ms at (4, 2) against 0.79 at (8, 3);
+# int8-fp8 0.98 ms at (8, 3) against 1.96 at (4, 2).
+FORWARD_LAUNCH: dict[tuple[int, int], Launch] = {
+    (64, QUANT_OFF): Launch(4, 2, True), (128, QUANT_OFF): Launch(8, 3, False),
+    (64, QUANT_INT8): Launch(4, 2, True), (128, QUANT_INT8): Launch(4, 2, True),
+    (64, QUANT_INT8_FP8): Launch(4, 2, True), (128, QUANT_INT8_FP8): Launch(8, 3, False),
 }
 
 
@@ -174,7 +184,7 @@ def sla2_forward(
     empty = q.new_empty(0, dtype=torch.float32)
     lse = q.new_empty(batch, heads, length, dtype=torch.float32) if save else empty
     out_sparse = torch.empty_like(q) if save else q.new_empty(0)
-    num_warps, num_stages = FORWARD_LAUNCH[head_dim, quant]
+    launch = FORWARD_LAUNCH[head_dim, quant]
     low_bit = [empty] * 6
     padded_q, padded_k = num_q_blocks * block_q, num_k_blocks * block_k
     if quant != QUANT_OFF:
@@ -190,6 +200,6 @@ def sla2_forward(
         head_dim**-0.5 * LOG2E, linear_eps,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
         HAS_LINEAR=has_linear, SAVE=save, DOT_PRECISION=dot_precision(q.dtype), QUANT=quant,
-        ACCUMULATE_LINEAR=num_warps == 4, num_warps=num_warps, num_stages=num_stages,
+        ACCUMULATE_LINEAR=launch.accumulate_linear, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return out, lse, out_sparse
