@@ -35,12 +35,13 @@ class Launch(NamedTuple):
     accumulate_linear: bool
 
 
-# Per (head dim, QUANT_*); benchmarks/gpu_suite.py and lowbit_parts.py sweep them. H100, (1, 12, 32760,
-# 128), 97%, kernel call: bf16 0.68 ms at (8, 3); int8 0.71 ms at (4, 2) against 0.79 at (8, 3);
-# int8-fp8 0.98 ms at (8, 3) against 1.96 at (4, 2).
+# Per (head dim, QUANT_*); benchmarks/gpu_suite.py and lowbit_parts.py sweep them. H100, 97%, kernel
+# call (benchmarks/results/h100_lowbit_parts*.csv): at (1, 12, 32760, 128) bf16 0.68 ms at (8, 3),
+# int8 0.70 ms at (4, 2, accumulating) against 0.77 at (8, 3), int8-fp8 0.96 ms at (8, 3) against 1.88
+# at (4, 2); at (1, 24, 32760, 64) bf16 0.69 ms at (4, 2), int8 0.80 ms at (8, 3), int8-fp8 1.05 ms at (4, 2).
 FORWARD_LAUNCH: dict[tuple[int, int], Launch] = {
-    (64, QUANT_OFF): Launch(4, 2, True), (128, QUANT_OFF): Launch(8, 3, False),
-    (64, QUANT_INT8): Launch(4, 2, True), (128, QUANT_INT8): Launch(4, 2, True),
+    (64, QUANT_OFF): Launch(4, 2, False), (128, QUANT_OFF): Launch(8, 3, False),
+    (64, QUANT_INT8): Launch(8, 3, True), (128, QUANT_INT8): Launch(4, 2, True),
     (64, QUANT_INT8_FP8): Launch(4, 2, True), (128, QUANT_INT8_FP8): Launch(8, 3, False),
 }
 
