@@ -142,7 +142,7 @@ def _quantize_queries_kernel(
                 mask=rows[:, None] < length, other=0.0).to(tl.float32)
     q = q * tl.load(Gain + bh * HEAD_DIM + cols)[None, :]
     scale = tl.maximum(tl.max(tl.abs(q), axis=1), TINY) / INT8_MAX
-    tl.store(QueryInt8 + (bh * padded_length + rows[:, None]) * HEAD_DIM + cols[None, :],
+    tl.store(QueryInt8 + (bh.to(tl.int64) * padded_length + rows[:, None]) * HEAD_DIM + cols[None, :],
              int8_round(q * (1.0 / scale)[:, None]))
     tl.store(QueryScale + bh * padded_length + rows, scale)
 
@@ -167,7 +167,7 @@ def _quantize_keys_values_kernel(
     inverse_gain = 1.0 / tl.load(Gain + bh * HEAD_DIM + cols)
     smoothed = tl.where(valid[:, None], (k - mean[None, :]) * inverse_gain[None, :], 0.0)
     scale = tl.maximum(tl.max(tl.max(tl.abs(smoothed), axis=1), axis=0), TINY) / INT8_MAX
-    tl.store(KeyInt8 + (bh * padded_length + rows[:, None]) * HEAD_DIM + cols[None, :],
+    tl.store(KeyInt8 + (bh.to(tl.int64) * padded_length + rows[:, None]) * HEAD_DIM + cols[None, :],
              int8_round(smoothed * (1.0 / scale)))
     tl.store(KeyScale + bh * tl.num_programs(0) + block_id, scale)
     if FP8_VALUES:
@@ -177,7 +177,8 @@ def _quantize_keys_values_kernel(
         v8 = (v * inverse[None, :]).to(tl.float8e4nv)
         # Stored transposed (D, L): the P @ V product wants keys contiguous for FP8 tensor cores.
         # Transposing the tile first makes neighbouring threads write neighbouring bytes.
-        tl.store(ValueFp8T + (bh * HEAD_DIM + cols[:, None]) * padded_length + rows[None, :], tl.trans(v8))
+        tl.store(ValueFp8T + (bh.to(tl.int64) * HEAD_DIM + cols[:, None]) * padded_length + rows[None, :],
+                 tl.trans(v8))
 
 
 def key_value_statistics(
