@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
+from pathlib import Path
 
 import torch
 import triton
@@ -26,6 +26,7 @@ from sla2cli.bench.environment import git_commit
 from sla2cli.ops import num_blocks, route
 from sla2cli.ops.complement import complement_states
 from sla2cli.ops.geometry import LINEAR_EPS
+from sla2cli.report.output import atomic_path
 
 
 @triton.jit
@@ -43,15 +44,6 @@ def fp8_conversion_report() -> str:
     via_half = x.half().to(torch.float8_e4m3fn).float()
     return (f"fp8 conversion: differs from torch direct on {(kernel != direct).sum().item()} / 4096, "
             f"from torch via fp16 on {(kernel != via_half).sum().item()} / 4096")
-
-
-def write_csv_atomically(path: str, rows: list[dict]) -> None:
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(temporary, path)
 
 
 def main() -> None:
@@ -116,7 +108,10 @@ def main() -> None:
         rows = [dict(stage=name, median_ms=round(ms, 4), note="CUDA graph replay", **meta)
                 for name, ms in timings.items()]
         rows.append(dict(stage="fp8 conversion check", median_ms="", note=conversion, **meta))
-        write_csv_atomically(args.csv, rows)
+        with atomic_path(Path(args.csv)) as temporary, open(temporary, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -15,13 +15,15 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
-import subprocess
 import sys
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+from sla2cli.bench.environment import git_commit
+from sla2cli.report.output import atomic_path
 
 QK_BF16, QK_INT8_TOKEN, QK_INT8_BLOCK, QK_FP8_BLOCK, QK_INT8_BLOCK_QHERE, QK_INT8_TOKEN_FMA = 0, 1, 2, 3, 4, 5
 PV_INPUT, PV_FP8, PV_FP16 = 0, 1, 2
@@ -224,9 +226,8 @@ def main() -> None:
     }
     base_variants = groups[args.group]
     launches = [(4, 2), (4, 3), (8, 2), (8, 3), (8, 4)]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                commit=commit + args.label, shape=args.shape, sparsity=args.sparsity, k_sel=k_sel)
+                commit=git_commit() + args.label, shape=args.shape, sparsity=args.sparsity, k_sel=k_sel)
     rows = []
     out = torch.empty_like(q)
     for base in base_variants:
@@ -238,7 +239,8 @@ def main() -> None:
                     handle = launch(variant, q, k, v, ops, sparse_lut, out, block_m, block_n)
                     torch.cuda.synchronize()
                 except Exception as error:  # noqa: BLE001 - a variant Triton cannot build is a result too
-                    print(f"{variant}: {type(error).__name__}: {str(error).splitlines()[0][:120]}", flush=True)
+                    reason = str(error).splitlines()[0][:120] if str(error) else ""
+                    print(f"build failed: {variant}: {type(error).__name__}: {reason}", flush=True)
                     continue
                 ms = triton.testing.do_bench(
                     lambda variant=variant: launch(variant, q, k, v, ops, sparse_lut, out, block_m, block_n),
@@ -264,12 +266,10 @@ def main() -> None:
                        wgmma="", regs="", spills="")
             rows.append(row)
             print(row, flush=True)
-    tmp = args.csv + ".tmp"
-    with open(tmp, "w", newline="") as handle_csv:
+    with atomic_path(Path(args.csv)) as temporary, open(temporary, "w", newline="") as handle_csv:
         writer = csv.DictWriter(handle_csv, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, args.csv)
     print("\nbest per variant (sparse LUT):")
     for base in base_variants:
         mine = [r for r in rows if r["lut"] == "sparse" and r["qk"] == QK_NAMES[base["qk"]]
