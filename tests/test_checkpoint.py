@@ -218,6 +218,13 @@ def test_config_accepts_every_requestable_quantisation_mode(tmp_path):
         assert parse_config(data, tmp_path / "sla2_config.json").quantization == mode
 
 
+def test_config_reads_the_earlier_name_of_the_int8_mode(tmp_path):
+    data = {**_valid_config(), "quantization": "int8-fp16"}
+    assert parse_config(data, tmp_path / "sla2_config.json").quantization == "int8"
+    with pytest.raises(UserError, match=r"quantization \['int8'\] is not one of"):
+        parse_config({**_valid_config(), "quantization": ["int8"]}, tmp_path / "sla2_config.json")
+
+
 def test_unknown_quantisation_in_a_stored_config_fails_loudly(tmp_path):
     model = build_random_model(WAN, full_size=False)
     sla2cli.convert(model)

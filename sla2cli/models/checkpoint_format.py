@@ -22,7 +22,7 @@ from typing import Any
 
 from sla2cli.errors import UserError
 from sla2cli.models.base_model import BaseModelRef
-from sla2cli.ops.quantization import REQUESTABLE_QUANT_MODES
+from sla2cli.ops.quantization import LEGACY_QUANT_NAMES, REQUESTABLE_QUANT_MODES
 
 SCHEMA_VERSION = 1
 CONFIG_FILE = "sla2_config.json"
@@ -116,8 +116,11 @@ def parse_config(data: Any, path: Path) -> CheckpointConfig:
         raise _bad(path, f"schema_version must be {SCHEMA_VERSION}, got {version!r}")
     if data["base_weights"] not in BASE_WEIGHT_MODES:
         raise _bad(path, f"base_weights must be one of {BASE_WEIGHT_MODES}")
-    if data["quantization"] not in QUANTIZATION_MODES:
-        raise _bad(path, f"quantization {data['quantization']!r} is not one of {', '.join(QUANTIZATION_MODES)}")
+    quantization = data["quantization"]
+    if isinstance(quantization, str):
+        quantization = LEGACY_QUANT_NAMES.get(quantization, quantization)
+    if quantization not in QUANTIZATION_MODES:
+        raise _bad(path, f"quantization {quantization!r} is not one of {', '.join(QUANTIZATION_MODES)}")
     sparsity = data["sparsity"]
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise _bad(path, "sparsity must be a number in [0, 1)")
@@ -140,7 +143,7 @@ def parse_config(data: Any, path: Path) -> CheckpointConfig:
         sparsity=float(sparsity),
         block_q=data["block_q"],
         block_k=data["block_k"],
-        quantization=data["quantization"],
+        quantization=quantization,
         attention_sha256=data.get("attention_sha256"),
         measurements=dict(data.get("measurements") or {}),
     )

@@ -36,6 +36,9 @@ QUANT_INT8 = "int8"
 QUANT_AUTO = "auto"
 QUANT_MODES = (QUANT_NONE, QUANT_INT8, QUANT_INT8_FP8)
 REQUESTABLE_QUANT_MODES = (*QUANT_MODES, QUANT_AUTO)
+# Names that checkpoints written by earlier versions may hold: `int8-fp16` (INT8 Q.K^T, fp16 P.V)
+# became `int8` (P.V in the input's precision) once per-block key scales made fp16 P.V the slow part.
+LEGACY_QUANT_NAMES = {"int8-fp16": QUANT_INT8}
 
 INT8_MAX = 127.0
 FP8_E4M3_MAX = 448.0
