@@ -19,6 +19,7 @@ from sla2cli.ops.quantization import (
     lowbit_sparse_branch,
     quantize_int8_blocks,
     quantize_int8_rows,
+    quantize_queries_keys,
     resolve_quant_mode,
     round_half_away,
     sla2_lowbit_reference,
@@ -81,10 +82,7 @@ def test_oracle_online_loop_matches_one_shot_softmax(mode):
     dequantised logits up to the rounding of P, which the running max moves by at most one step."""
     q, k, v = random_qkv(2, 3, 300, 64, torch.float32, 1, requires_grad=False)
     lut = route(q, k, sparsity=0.5).lut
-    smoothed = smooth_keys(k)
-    gains = channel_gains(smoothed)
-    q_int, q_scale = quantize_int8_rows(q * gains)
-    k_int, k_scale = quantize_int8_blocks(smoothed * (1.0 / gains), 64)
+    q_int, q_scale, k_int, k_scale = quantize_queries_keys(q, k, 64)
     k_dequantised = (k_int * k_scale[..., None, None]).flatten(2, 3)[:, :, :300]
     logits = (q_int * q_scale[..., None]) @ k_dequantised.transpose(-1, -2) / math.sqrt(64)
     selected = torch.zeros(*lut.shape[:-1], num_blocks(300, 64), dtype=torch.bool).scatter_(-1, lut.long(), True)
@@ -137,10 +135,7 @@ def test_quantisation_passes_match_the_helpers(length, head_dim):
     q, k, v = random_qkv(2, 2, length, head_dim, torch.float32, 7, requires_grad=False)
     k = k + torch.randn(head_dim)  # a per-channel offset for the smoothing to remove
     ops = quantize_operands(q, k, v, 128, 64, fp8_values=False)
-    smoothed = smooth_keys(k)
-    gains = channel_gains(smoothed)
-    q_int, q_scale = quantize_int8_rows(q * gains)
-    k_int, k_scale = quantize_int8_blocks(smoothed * (1.0 / gains), 64)
+    q_int, q_scale, k_int, k_scale = quantize_queries_keys(q, k, 64)
     assert torch.allclose(ops.query_scale[:, :, :length], q_scale, rtol=1e-5)
     assert torch.allclose(ops.key_scale, k_scale, rtol=1e-5)
     # A rounding tie may land on either side when the float32 statistics differ in the last bit.

@@ -124,6 +124,20 @@ def quantize_int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
     return round_half_away(blocks * (1.0 / scale)[..., None, None]), scale
 
 
+def quantize_queries_keys(
+    q: torch.Tensor, k: torch.Tensor, block_k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The low-bit Q and K the kernels use: INT8 rows of Q * g, INT8 key blocks of (K - mean) / g.
+
+    Returns (q_int (B, H, L, D), q_scale (B, H, L), k_int (B, H, Tn, block_k, D), k_scale (B, H, Tn)).
+    """
+    smoothed = smooth_keys(k)
+    gains = channel_gains(smoothed)
+    q_int, q_scale = quantize_int8_rows(q.float() * gains)
+    k_int, k_scale = quantize_int8_blocks(smoothed * (1.0 / gains), block_k)
+    return q_int, q_scale, k_int, k_scale
+
+
 def value_channel_scales(v: torch.Tensor) -> torch.Tensor:
     """Per (batch, head, channel) FP8 scale: the channel's largest magnitude maps to 448. (B, H, D) float32."""
     return v.float().abs().amax(dim=2).clamp_min(_TINY) / FP8_E4M3_MAX
@@ -145,10 +159,7 @@ def lowbit_sparse_branch(
         raise ValueError(f"lowbit_sparse_branch needs a low-bit mode, got {mode!r}")
     batch, heads, length, dim = q.shape
     k_sel = lut.shape[-1]
-    smoothed = smooth_keys(k)
-    gains = channel_gains(smoothed)
-    q_int, q_scale = quantize_int8_rows(q.float() * gains)
-    k_int, k_scale = quantize_int8_blocks(smoothed * (1.0 / gains), block_k)  # (B, H, Tn, bk, D), (B, H, Tn)
+    q_int, q_scale, k_int, k_scale = quantize_queries_keys(q, k, block_k)
     q_int = to_blocks(q_int, block_q)  # (B, H, Tm, bq, D)
     q_scale = to_blocks(q_scale[..., None], block_q)[..., 0]  # (B, H, Tm, bq)
     if mode == QUANT_INT8_FP8:
