@@ -23,10 +23,10 @@ from sla2_kernels import key_block_states, sla2_forward
 from sla2_kernels.forward import QUANT_INT8, QUANT_INT8_FP8, QUANT_OFF
 from sla2_kernels.quantize import key_value_statistics, quantize_operands
 from sla2cli.bench.environment import git_commit
+from sla2cli.models.atomic import atomic_path
 from sla2cli.ops import num_blocks, route
 from sla2cli.ops.complement import complement_states
 from sla2cli.ops.geometry import LINEAR_EPS
-from sla2cli.report.output import atomic_path
 
 
 @triton.jit

@@ -143,6 +143,17 @@ def test_output_rules(checkpoint, tmp_path, capsys):
     assert folder_listing(checkpoint) == listing and not any(existing.iterdir())
 
 
+def test_overwrite_in_place_keeps_a_users_file(checkpoint, tmp_path, monkeypatch, capsys):
+    (checkpoint / "notes.txt").write_text("mine")
+    listing = folder_listing(tmp_path)
+    code, _, err = run_cli(["calibrate", str(checkpoint), "--overwrite", "--steps", "1", *FAST], capsys)
+    assert_user_error(code, err, mentions=r"notes\.txt, which sla2 did not write")
+    monkeypatch.chdir(checkpoint)
+    code, _, err = run_cli(["calibrate", ".", "--overwrite", "--steps", "1", *FAST], capsys)
+    assert_user_error(code, err, mentions="the current folder")
+    assert folder_listing(tmp_path) == listing and (checkpoint / "notes.txt").read_text() == "mine"
+
+
 def test_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     code, _, err = run_cli(["calibrate", str(tmp_path), "--out", str(tmp_path / "out")], capsys)
     assert_user_error(code, err, mentions="not an SLA2 checkpoint")

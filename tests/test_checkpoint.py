@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import sla2cli
 from sla2cli import __version__
 from sla2cli.errors import UserError
 from sla2cli.models import checkpoint as checkpoint_module
+from sla2cli.models.atomic import check_output_folder, foreign_entries, replacement_refusal
 from sla2cli.models.base_model import BaseModelRef, base_ref_from_name_or_path
 from sla2cli.models.checkpoint import check_not_over_base
 from sla2cli.models.checkpoint_format import SCHEMA_VERSION, parse_config, read_config
@@ -98,15 +100,125 @@ def test_failed_write_leaves_nothing(converted, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_overwrite_replaces_the_folder(converted, tmp_path):
-    out = tmp_path / "ckpt"
-    out.mkdir()
-    (out / "old.txt").write_text("old")
+def test_overwrite_replaces_an_earlier_checkpoint(converted, tmp_path):
+    out = sla2cli.save(converted, tmp_path / "ckpt")
+    (out / "sla2_attention.safetensors").write_bytes(b"stale")
     with pytest.raises(UserError, match="--overwrite"):
         sla2cli.save(converted, out)
     sla2cli.save(converted, out, overwrite=True)
-    assert not (out / "old.txt").exists()
+    assert load_file(out / "sla2_attention.safetensors")  # the stale file was replaced by a whole one
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_overwrite_never_deletes_a_users_file(converted, tmp_path):
+    out = sla2cli.save(converted, tmp_path / "ckpt")
+    (out / "notes.txt").write_text("mine")
+    listing = sorted(p.name for p in out.iterdir())
+    with pytest.raises(UserError, match=r"notes\.txt, which sla2 did not write"):
+        sla2cli.save(converted, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == listing
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_refuses_a_folder_that_is_no_checkpoint(converted, tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(UserError, match="not an sla2 checkpoint"):
+        sla2cli.save(converted, out, overwrite=True)
+    assert (out / "old.txt").read_text() == "old"
+
+
+def test_an_empty_folder_may_be_written(converted, tmp_path):
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    sla2cli.save(converted, out, overwrite=True)
     assert (out / "sla2_config.json").is_file()
+
+
+def _checkpoint_like(folder, components=()):
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"components": {name: {} for name in components}}
+    (folder / "sla2_config.json").write_text(json.dumps(config))
+    (folder / "sla2_attention.safetensors").write_bytes(b"x")
+    (folder / "README.md").write_text("card")
+    for name in components:
+        (folder / name).mkdir()
+        (folder / name / "config.json").write_text("{}")
+        (folder / name / "diffusion_pytorch_model-00001-of-00002.safetensors").write_bytes(b"x")
+        (folder / name / "diffusion_pytorch_model.safetensors.index.json").write_text("{}")
+    return folder
+
+
+def test_replacement_rule_looks_inside_component_folders(tmp_path):
+    folder = _checkpoint_like(tmp_path / "ckpt", components=["transformer"])
+    assert replacement_refusal(folder) is None
+    (folder / "transformer" / "my_lora.bin").write_bytes(b"x")
+    assert foreign_entries(folder) == ["transformer/my_lora.bin"]
+    assert "transformer/my_lora.bin" in replacement_refusal(folder)
+    (folder / "vae").mkdir()  # a component the config does not list
+    assert foreign_entries(folder) == ["transformer/my_lora.bin", "vae/"]
+
+
+def test_replacement_rule_accepts_what_the_command_owns(tmp_path):
+    """A command (fine-tuning) names what it keeps in its own checkpoints; anything else stays foreign."""
+    folder = _checkpoint_like(tmp_path / "ckpt")
+    (folder / "training_state").mkdir()
+    (folder / "training_state" / "optimizer.safetensors").write_bytes(b"x")
+    (folder / "metrics.csv").write_text("step,loss\n")
+    assert foreign_entries(folder) == ["metrics.csv", "training_state/"]
+    assert replacement_refusal(folder, owned={"training_state", "metrics.csv"}) is None
+    assert check_output_folder(folder, overwrite=True, owned={"training_state", "metrics.csv"}) == folder.resolve()
+    with pytest.raises(UserError, match="metrics.csv"):
+        check_output_folder(folder, overwrite=True, owned={"training_state"})
+
+
+def test_protected_folders_are_never_replaced(tmp_path, monkeypatch):
+    """The current folder, its parents and the home folder are refused even when they look like a checkpoint."""
+    home = _checkpoint_like(tmp_path / "home")
+    work = _checkpoint_like(tmp_path / "a" / "b")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    for out, reason in ((".", "the current folder"), (str(tmp_path / "a"), "a parent of the current folder"),
+                        (str(tmp_path), "a parent"), ("~", "the home folder"), (str(home), "the home folder")):
+        with pytest.raises(UserError, match=reason):
+            check_output_folder(Path(out), overwrite=True)
+
+
+def test_symlinks_are_resolved_before_deciding(converted, tmp_path):
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "data.txt").write_text("mine")
+    (tmp_path / "to-users").symlink_to(users)
+    with pytest.raises(UserError, match="not an sla2 checkpoint"):
+        sla2cli.save(converted, tmp_path / "to-users", overwrite=True)
+    assert sorted(p.name for p in users.iterdir()) == ["data.txt"]
+
+    real = sla2cli.save(converted, tmp_path / "real")
+    link = tmp_path / "to-real"
+    link.symlink_to(real)
+    sla2cli.save(converted, link, overwrite=True)  # the checkpoint it points to is replaced; the link stays
+    assert link.is_symlink() and (real / "sla2_config.json").is_file()
+
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing")
+    with pytest.raises(UserError, match="does not exist"):
+        sla2cli.save(converted, tmp_path / "dangling")
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_file_put_into_the_output_during_the_run_stops_the_swap(converted, tmp_path, monkeypatch):
+    out = sla2cli.save(converted, tmp_path / "ckpt")
+    real_render = checkpoint_module.render_model_card
+
+    def user_drops_a_file(*args, **kwargs):
+        (out / "late.txt").write_text("mine")
+        return real_render(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "render_model_card", user_drops_a_file)
+    with pytest.raises(UserError, match="late.txt"):
+        sla2cli.save(converted, out, overwrite=True)
+    assert (out / "late.txt").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def _valid_config() -> dict:

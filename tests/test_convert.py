@@ -297,11 +297,42 @@ def test_existing_out_without_overwrite(wan_folder, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     _assert_fails_cleanly(["convert", str(wan_folder), "--out", str(out)], capsys, tmp_path, "--overwrite")
+    _assert_fails_cleanly(["convert", str(wan_folder), "--out", str(out), "--overwrite"], capsys, tmp_path,
+                          "not an sla2 checkpoint")
 
-    code, _, err = run_cli(["convert", str(wan_folder), "--out", str(out), "--overwrite"], capsys)
+
+def test_overwrite_replaces_only_an_earlier_checkpoint(wan_folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = run_cli(["convert", str(wan_folder), "--out", str(out)], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["convert", str(wan_folder), "--out", str(out), "--overwrite", "--sparsity", "0.5"], capsys)
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "sla2_attention.safetensors", "sla2_config.json"]
+    assert json.loads((out / "sla2_config.json").read_text())["sparsity"] == 0.5
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    (out / "notes.txt").write_text("mine")  # a checkpoint plus a user's file: refused, untouched
+    _assert_fails_cleanly(["convert", str(wan_folder), "--out", str(out), "--overwrite"], capsys, tmp_path,
+                          r"notes\.txt, which sla2 did not write")
+
+
+@pytest.mark.parametrize("where", [".", "parent", "~", "symlink"])
+def test_overwrite_never_touches_a_users_folder(wan_folder, tmp_path, monkeypatch, capsys, where):
+    """--out ., a parent of the current folder, the home folder, or a link to a user's folder: refused."""
+    users = tmp_path / "user" / "work"
+    users.mkdir(parents=True)
+    (users / "thesis.tex").write_text("mine")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(users if where in (".", "parent") else elsewhere)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    if where == "symlink":
+        (tmp_path / "link").symlink_to(users)
+    out = {".": ".", "parent": str(tmp_path / "user"), "~": "~", "symlink": str(tmp_path / "link")}[where]
+    reason = {".": "the current folder", "parent": "a parent of the current folder", "~": "home folder",
+              "symlink": "not an sla2 checkpoint"}[where]
+    _assert_fails_cleanly(["convert", str(wan_folder), "--out", out, "--overwrite"], capsys, tmp_path, reason)
+    assert (users / "thesis.tex").read_text() == "mine"
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage header"])

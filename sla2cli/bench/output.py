@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -15,25 +12,12 @@ from rich.table import Table
 
 from sla2cli.bench.environment import Environment
 from sla2cli.bench.records import OK, Measurement, column_order
+from sla2cli.models.atomic import atomic_path
 
 CPU_WARNING = (
     "warning: running on CPU: these are NOT GPU numbers (small shapes, PyTorch block-gather path); "
     "use them only to compare providers on this CPU"
 )
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """write(temp) next to `path`, then rename over it, so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    temp = Path(temp_name)
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
 
 
 INTEGER_COLUMNS = ("repeats", "k_sel")
@@ -50,7 +34,8 @@ def rows_frame(measurements: list[Measurement]) -> pd.DataFrame:
 
 def write_csv(measurements: list[Measurement], path: Path) -> None:
     frame = rows_frame(measurements)
-    write_atomically(path, lambda temp: frame.to_csv(temp, index=False))
+    with atomic_path(path) as temporary:
+        frame.to_csv(temporary, index=False)
 
 
 def _json_value(value: object) -> object:
@@ -63,7 +48,8 @@ def write_json(measurements: list[Measurement], path: Path) -> None:
     """A JSON list with one object per measurement (null where a CSV cell is empty)."""
     rows = [{key: _json_value(value) for key, value in m.as_row().items()} for m in measurements]
     text = json.dumps(rows, indent=2)
-    write_atomically(path, lambda temp: temp.write_text(text + "\n", encoding="utf-8"))
+    with atomic_path(path) as temporary:
+        temporary.write_text(text + "\n", encoding="utf-8")
 
 
 def header_lines(environment: Environment) -> list[str]:

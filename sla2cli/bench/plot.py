@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sla2cli.bench.output import write_atomically
 from sla2cli.bench.providers import ROUTING, get_provider, provider_names
 from sla2cli.bench.records import OK, Measurement
+from sla2cli.models.atomic import atomic_path
 
 
 def _is_routing(name: str) -> bool:
@@ -62,5 +62,6 @@ def write_plot(measurements: list[Measurement], path: Path, cpu_numbers: bool) -
     if cpu_numbers:
         figure.suptitle("CPU run: not GPU numbers", color="darkred")
     figure.tight_layout()
-    write_atomically(path, lambda temp: figure.savefig(temp, format="png", dpi=120))
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120)
     plt.close(figure)

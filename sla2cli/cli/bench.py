@@ -32,6 +32,7 @@ from sla2cli.bench.providers import provider_names, select_providers
 from sla2cli.bench.records import FAILED, Measurement
 from sla2cli.bench.timing import TimingPlan
 from sla2cli.errors import UserError
+from sla2cli.models.atomic import check_output_file
 
 GPU_WARMUP, CPU_WARMUP = 3, 1
 GPU_TIME_BUDGET_S = 10.0
@@ -159,6 +160,9 @@ def bench(
         "--train-step", help="Model mode: also time forward+backward (a training step without the optimizer)."
     )] = False,
 ) -> None:
+    check_output_file("--csv", csv, (".csv",))
+    check_output_file("--json", json, (".json",))
+    check_output_file("--plot", plot, (".png",))
     console = report_console()
     target = _resolve_device(device)
     precision = _resolve_dtype(dtype, target)

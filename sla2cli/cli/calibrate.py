@@ -77,9 +77,8 @@ def output_folder(checkpoint: Path, out: Path | None, overwrite: bool) -> Path:
     if out is None:
         if not overwrite:
             raise UserError("give --out FOLDER for the calibrated checkpoint, or --overwrite to update it in place")
-        return checkpoint
-    check_output_folder(out, overwrite=overwrite)
-    return out
+        out = checkpoint
+    return check_output_folder(out, overwrite=overwrite)
 
 
 def _load_target(checkpoint: Path, device: torch.device) -> ReportTarget:
@@ -185,7 +184,9 @@ def calibrate(
                      "CHECKPOINT_DIR in place.", show_default=False),
     ] = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace --out if it exists (or CHECKPOINT_DIR without --out).")
+        bool,
+        typer.Option("--overwrite", help="Replace --out if it exists (or CHECKPOINT_DIR without --out); a folder "
+                     "holding files sla2 did not write is never replaced."),
     ] = False,
     steps: Annotated[int, typer.Option(help="Adam steps per layer.")] = DEFAULT_SETTINGS.steps,
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = DEFAULT_SETTINGS.learning_rate,
@@ -226,12 +227,13 @@ def calibrate(
     from sla2cli import api
 
     measurements = {**config.measurements, **summary_measurements(results, settings)}
-    with console.status(f"writing {destination}", spinner="dots"):
+    shown = out or checkpoint_dir
+    with console.status(f"writing {shown}", spinner="dots"):
         api.save(
             target.components, destination, include_base_weights=config.base_weights == "included",
             overwrite=overwrite, measurements=measurements,
         )
-    console.print(f"wrote {destination}", highlight=False)
+    console.print(f"wrote {shown}", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -172,7 +172,11 @@ def convert_command(
         str | None,
         typer.Option(metavar="|".join(REQUESTABLE_QUANT_MODES), help=QUANT_HELP, show_default=False),
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace --out if it exists and holds only an sla2 checkpoint (or nothing); "
+                     "a folder with other files is never replaced."),
+    ] = False,
     offline: Annotated[
         bool,
         typer.Option("--offline", help="Use only the Hugging Face cache, never the network (like HF_HUB_OFFLINE=1)."),
@@ -190,10 +194,10 @@ def convert_command(
     if recipe is not None:
         get_recipe(recipe)
     spec = parse_model_spec(model)
-    out = out or default_out(spec)
-    check_output_folder(out, overwrite=overwrite)
-    if spec.kind == "local" and (out.absolute() == spec.path or out.absolute() in spec.path.parents):
-        raise UserError(f"--out {out} would replace the input folder {spec.path}; choose another output folder")
+    shown_out = out or default_out(spec)
+    out = check_output_folder(shown_out, overwrite=overwrite)
+    if spec.kind == "local" and (out == spec.path or out in spec.path.parents):
+        raise UserError(f"--out {shown_out} would replace the input folder {spec.path}; choose another output folder")
     start = time.monotonic()
     location = locate(spec, offline=offline)
     with console.status("building the model and attaching SLA2 processors"):
@@ -203,10 +207,10 @@ def convert_command(
             components, include = _reconvert_checkpoint(location, sparsity, quant)
         else:
             components, include = _convert_base_model(location, recipe, sparsity, quant), False
-    with console.status(f"writing {out}"):
+    with console.status(f"writing {shown_out}"):
         write_checkpoint(out, components, include_base_weights=include, overwrite=overwrite)
     used = get_recipe(conversion_info(next(iter(components.values()))).recipe)
-    console.print(summary_table(components, used, spec.describe(), out, time.monotonic() - start))
+    console.print(summary_table(components, used, spec.describe(), shown_out, time.monotonic() - start))
 
 
 def register(app: typer.Typer) -> None:

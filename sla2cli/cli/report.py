@@ -25,6 +25,7 @@ from sla2cli.cli.sample_options import (
     TimestepsOption,
 )
 from sla2cli.errors import UserError
+from sla2cli.models.atomic import check_output_file
 from sla2cli.ops.quantization import QUANT_AUTO, REQUESTABLE_QUANT_MODES
 from sla2cli.report.output import (
     render_table,
@@ -64,15 +65,6 @@ def resolve_device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise UserError(f"--device {name!r} is unknown; use auto, cuda or cpu")
     return torch.device(name)
-
-
-def _check_output_path(option: str, path: Path | None, suffixes: tuple[str, ...]) -> None:
-    if path is None:
-        return
-    if path.suffix.lower() not in suffixes:
-        raise UserError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
-    if path.exists() and path.is_dir():
-        raise UserError(f"{option} {path} is a folder; give a file name")
 
 
 def _progress(console: Console) -> Progress:
@@ -174,10 +166,10 @@ def report(
         clips=clips, seed=seed, quant=quant.lower(),
     )
     check_settings(settings)
-    _check_output_path("--csv", csv, (".csv",))
-    _check_output_path("--json", json, (".json",))
-    _check_output_path("--heatmap", heatmap, (".png",))
-    _check_output_path("--video", video, (".gif",))
+    check_output_file("--csv", csv, (".csv",))
+    check_output_file("--json", json, (".json",))
+    check_output_file("--heatmap", heatmap, (".png",))
+    check_output_file("--video", video, (".gif",))
     if video_steps < MIN_VIDEO_STEPS:
         raise UserError(f"--video-steps must be at least {MIN_VIDEO_STEPS}, got {video_steps}")
     target_device = resolve_device(device)

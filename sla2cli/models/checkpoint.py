@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,7 @@ def check_not_over_base(out: Path, base: BaseModelRef) -> None:
     """Replacing a folder the base weights are referenced from (or one holding it) would destroy them."""
     if base.source != "local":
         return
-    out, folder = Path(out).absolute(), Path(base.path).absolute()
+    out, folder = Path(out).expanduser().resolve(), Path(base.path).resolve()
     if out == folder or out in folder.parents:
         raise UserError(f"{out} would replace the base model folder {folder}; choose another output folder")
 
@@ -112,14 +113,19 @@ def write_checkpoint(
     include_base_weights: bool,
     overwrite: bool,
     measurements: dict[str, Any] | None = None,
+    owned: Collection[str] = (),
 ) -> CheckpointConfig:
-    """Write config, SLA2 parameters, model card (and base weights if asked) into `out`, atomically."""
+    """Write config, SLA2 parameters, model card (and base weights if asked) into `out`, atomically.
+
+    An existing `out` is replaced only with `overwrite` and only when sla2 wrote all of it (see
+    `atomic.replacement_refusal`); `owned` names what the calling command adds to its checkpoints.
+    """
     recipe, base, (sparsity, block_q, block_k, quant), records = describe_components(components)
     check_not_over_base(out, base)
     if not include_base_weights and not base.referencable:
         raise UserError("this model has no Hub id or folder to refer to; save it with include_base_weights=True")
     tensors = attention_tensors(components)
-    with atomic_folder(out, overwrite=overwrite) as folder:
+    with atomic_folder(out, overwrite=overwrite, owned=owned) as folder:
         metadata = {"format": "sla2", "schema": str(SCHEMA_VERSION)}
         (folder / ATTENTION_FILE).write_bytes(save(tensors, metadata=metadata))
         if include_base_weights:

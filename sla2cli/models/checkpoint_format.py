@@ -28,6 +28,7 @@ SCHEMA_VERSION = 1
 CONFIG_FILE = "sla2_config.json"
 ATTENTION_FILE = "sla2_attention.safetensors"
 CARD_FILE = "README.md"
+CHECKPOINT_FILES = (CONFIG_FILE, ATTENTION_FILE, CARD_FILE)  # every checkpoint has these; base weights aside
 BASE_WEIGHT_MODES = ("referenced", "included")
 QUANTIZATION_MODES = REQUESTABLE_QUANT_MODES  # `auto` is resolved when the model runs, per GPU
 REQUIRED_KEYS = (

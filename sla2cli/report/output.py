@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +16,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from sla2cli.models.atomic import atomic_path
 from sla2cli.report.summary import Row, layer_name, worst_layers
 
 # (metric, header, format, shown on narrow terminals too)
@@ -37,27 +35,6 @@ TABLE_COLUMNS: tuple[tuple[str, str, str, bool], ...] = (
     ("lowbit_rel_l2_vs_sla2", "low-bit vs SLA2", "{:.4f}", False),
 )
 WIDE_CONSOLE = 130
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary path next to `path` (same suffix) that replaces `path` once the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(handle)
-    try:
-        yield Path(temporary)
-        os.chmod(temporary, 0o666 & ~_current_umask())  # mkstemp makes 0600; give the usual permissions
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def _format(value: Any, pattern: str) -> str:
