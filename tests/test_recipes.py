@@ -127,6 +127,21 @@ def test_list_recipes_table(capsys, monkeypatch):
     assert "32,760" in stdout
 
 
+@pytest.mark.parametrize("columns", [80, 60])
+def test_list_recipes_shows_whole_names_on_a_narrow_terminal(capsys, monkeypatch, columns):
+    """The names are what --recipe takes: never cut, first on their line; the details wrap beside them."""
+    monkeypatch.setenv("COLUMNS", str(columns))
+    code, stdout, _ = run_cli(["convert", "--list-recipes"], capsys)
+    assert code == 0
+    lines = stdout.splitlines()
+    assert max(len(line) for line in lines) <= columns
+    first_words = {line.split()[0] for line in lines if line.strip()}
+    assert set(REQUIRED) <= first_words
+    assert "…" not in stdout
+    if columns == 80:
+        assert all(hub_id in stdout for hub_id in REQUIRED.values() if hub_id)
+
+
 def test_full_size_random_model_and_inputs_for_wan_480p():
     model = build_random_model("wan2.1-t2v-1.3b", dtype=torch.bfloat16, device="meta")
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(1.42e9, rel=0.01)

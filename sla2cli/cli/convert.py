@@ -13,6 +13,7 @@ from typing import Annotated
 
 import torch
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -35,29 +36,66 @@ QUANT_HELP = (
 )
 
 OUT_SUFFIX = "-sla2"
+SHIPPED = "(ships with sla2)"  # the hub id cell of a recipe whose model comes with the package
+UNLIMITED_WIDTH = 10_000  # to measure the width a table needs to show every cell whole
 
 
-def recipes_table() -> Table:
-    """Every shipped recipe, one row each."""
+RECIPE_COLUMNS = ("recipe", "model", "hub id", "class", "components", "sparsity", "blocks q/k",
+                  "default resolution", "tokens", "dense layers")
+
+
+def _recipe_cells(recipe: Recipe) -> dict[str, str]:
+    """One recipe's values, by column."""
+    size = recipe.resolution()
+    values = (
+        recipe.name,
+        recipe.title,
+        recipe.hub_id or SHIPPED,
+        recipe.model_class,
+        ", ".join(recipe.components),
+        f"{recipe.sparsity:g}",
+        f"{recipe.block_q}/{recipe.block_k}",
+        f"{recipe.default_resolution}: {size.width}x{size.height}, {size.frames} frames",
+        f"{recipe.default_tokens():,}",
+        ", ".join(map(str, recipe.dense_layers)) or "none",
+    )
+    return dict(zip(RECIPE_COLUMNS, values, strict=True))
+
+
+def _wide_recipes_table(rows: list[dict[str, str]]) -> Table:
     table = Table(title="SLA2 recipes", title_justify="left")
-    for column in ("recipe", "model", "hub id", "class", "components", "sparsity", "blocks q/k",
-                   "default resolution", "tokens", "dense layers"):
+    for column in RECIPE_COLUMNS:
         table.add_column(column, justify="right" if column in ("sparsity", "tokens") else "left")
-    for recipe in all_recipes().values():
-        size = recipe.resolution()
-        table.add_row(
-            recipe.name,
-            recipe.title,
-            recipe.hub_id or "(ships with sla2)",
-            recipe.model_class,
-            ", ".join(recipe.components),
-            f"{recipe.sparsity:g}",
-            f"{recipe.block_q}/{recipe.block_k}",
-            f"{recipe.default_resolution}: {size.width}x{size.height}, {size.frames} frames",
-            f"{recipe.default_tokens():,}",
-            ", ".join(map(str, recipe.dense_layers)) or "none",
-        )
+    for row in rows:
+        table.add_row(*row.values())
     return table
+
+
+def _narrow_recipes_table(rows: list[dict[str, str]]) -> Table:
+    """Name first and never cut (it is what --recipe takes); everything else wraps beside it."""
+    table = Table(title="SLA2 recipes", title_justify="left", box=box.SIMPLE_HEAD, show_lines=True)
+    table.add_column("recipe", no_wrap=True, style="bold")
+    table.add_column("model and defaults", overflow="fold")
+    for row in rows:
+        details = "\n".join((
+            row["model"] if row["hub id"] == SHIPPED else f"{row['model']}: {row['hub id']}",
+            f"{row['class']} ({row['components']})",
+            f"sparsity {row['sparsity']}, blocks q/k {row['blocks q/k']}, dense layers: {row['dense layers']}",
+            f"{row['default resolution']} ({row['tokens']} tokens)",
+        ))
+        table.add_row(row["recipe"], details)
+    return table
+
+
+def recipes_table(console: Console) -> Table:
+    """Every shipped recipe, one row each: all columns where the console is wide enough, else names
+    first with the details wrapped beside them."""
+    rows = [_recipe_cells(recipe) for recipe in all_recipes().values()]
+    wide = _wide_recipes_table(rows)
+    unlimited = console.options.update_width(UNLIMITED_WIDTH)
+    if console.measure(wide, options=unlimited).maximum <= console.width:
+        return wide
+    return _narrow_recipes_table(rows)
 
 
 def default_out(spec: ModelSpec) -> Path:
@@ -186,7 +224,7 @@ def convert_command(
     """Swap the self-attention of a video diffusion transformer for SLA2 and write a checkpoint."""
     console = Console()
     if list_recipes:
-        console.print(recipes_table())
+        console.print(recipes_table(console))
         return
     _check_sparsity(sparsity)
     if quant is not None:
