@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sys
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
+from sla2cli import __version__
 from sla2cli.errors import UserError
 
 # Typer may ship its own copy of click; find its base error class through a public Typer name.
@@ -19,7 +21,24 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},  # sub-commands inherit it
 )
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        typer.echo(f"sla2 {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version of sla2 and exit."),
+    ] = False,
+) -> None:
+    """Options of `sla2` itself, before the sub-command."""
 
 
 def _register_commands() -> None:
@@ -36,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; user mistakes print one line and exit with code 2."""
     _register_commands()
     try:
-        result = app(args=argv, standalone_mode=False)
+        result = app(args=argv, prog_name="sla2", standalone_mode=False)
     except (UserError, ValueError) as error:
         _fail(str(error))
     except typer.Exit as done:
