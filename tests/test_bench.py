@@ -19,7 +19,8 @@ from sla2cli.bench.environment import describe
 from sla2cli.bench.flops import dense_attention_flops, selected_blocks, sparse_share
 from sla2cli.bench.inputs import make_inputs
 from sla2cli.bench.kernel_mode import KernelBenchPlan, fill_speedups, measure, run_kernel_bench
-from sla2cli.bench.plot import write_plot
+from sla2cli.bench.output import print_report, rows_frame
+from sla2cli.bench.plot import speedup_figure, write_plot
 from sla2cli.bench.providers import get_provider, provider_names, select_providers
 from sla2cli.bench.providers.dense import DenseProvider
 from sla2cli.bench.providers.sparse import Sla2, Sla2Routing, block_mask_from_lut
@@ -336,6 +337,77 @@ def test_kernel_bench_rows_cover_every_case():
     assert all(r.status == OK and r.environment["device"] == "cpu" for r in rows)
 
 
+def _rounded(sparsity: float, key_blocks: int) -> tuple[int, float]:
+    """(k_sel, effective sparsity) by the formula of the design: k_sel = max(1, floor((1 - s) * T_n))."""
+    k_sel = max(1, math.floor((1 - sparsity) * key_blocks))
+    return k_sel, 1 - k_sel / key_blocks
+
+
+def test_rows_carry_k_sel_and_the_effective_sparsity():
+    """At 1024 tokens (16 key blocks) 0.9 and 0.97 both keep one key block: the rows say so."""
+    shape = AttentionShape(1, 2, 1024, 64)
+    plan = _plan([get_provider("sdpa"), get_provider("sla2")], shape=shape, sparsities=(0.9, 0.97, 0.5))
+    rows = run_kernel_bench(plan, describe(CPU), lambda step: None)
+    dense = rows[0]
+    assert (dense.sparsity, dense.k_sel, dense.key_blocks, dense.effective_sparsity) == (None, None, None, None)
+    for row in rows[1:]:
+        k_sel, effective = _rounded(row.sparsity, 16)
+        assert (row.k_sel, row.key_blocks) == (k_sel, 16)
+        assert row.effective_sparsity == pytest.approx(effective)
+    assert rows[1].effective_sparsity == rows[2].effective_sparsity != pytest.approx(0.9)
+    assert rows[3].effective_sparsity == pytest.approx(0.5)
+    frame = rows_frame(rows)
+    assert list(frame["k_sel"])[1:] == [r.k_sel for r in rows[1:]]
+    assert frame["effective_sparsity"].tolist()[1:] == [r.effective_sparsity for r in rows[1:]]
+
+
+def _rows_at(sparsities, shape="1x2x1024x64", key_blocks=16):
+    rows = [Measurement("sdpa", shape, None, FORWARD, median_ms=10.0)]
+    for sparsity in sparsities:
+        k_sel, effective = _rounded(sparsity, key_blocks)
+        rows.append(Measurement("sla2", shape, sparsity, FORWARD, median_ms=2.0 + sparsity, k_sel=k_sel,
+                                key_blocks=key_blocks, effective_sparsity=effective))
+    return rows
+
+
+def _printed(rows) -> str:
+    from rich.console import Console
+
+    console = Console(record=True, width=250)
+    print_report(console, rows, describe(CPU), "bench")
+    return console.export_text()
+
+
+def test_table_and_note_show_the_rounding_once_where_it_happens():
+    text = _printed(_rows_at([0.9, 0.97]))
+    header = next(line for line in text.splitlines() if "┃ provider" in line)
+    assert "k_sel" in header and "eff. sparsity" in header
+    assert text.count("note: sparsity is applied in whole key blocks") == 1
+    note = next(line for line in text.splitlines() if line.startswith("note:"))
+    assert "0.9 keeps 1 of 16 key blocks (effective_sparsity 0.938)" in note
+    assert "0.97 keeps 1 of 16 key blocks (effective_sparsity 0.938)" in note
+    exact = _printed(_rows_at([0.5, 0.75]))  # whole numbers of blocks: nothing to say
+    assert "eff. sparsity" not in exact and "note:" not in exact
+
+
+def test_plot_puts_points_at_the_effective_sparsity_and_names_k_sel():
+    import matplotlib.pyplot as plt
+
+    rows = _rows_at([0.8, 0.9, 0.97])
+    figure = speedup_figure(rows, cpu_numbers=True)
+    try:
+        axis = figure.axes[0]
+        sla2_line = next(line for line in axis.get_lines() if line.get_label() == "sla2")
+        expected = sorted(_rounded(s, 16)[1] for s in (0.8, 0.9, 0.97))
+        assert list(sla2_line.get_xdata()) == pytest.approx(expected)
+        labels = [tick.get_text() for tick in axis.get_xticklabels()]
+        assert "0.938\nk_sel 1" in labels and "0.812\nk_sel 3" in labels
+        assert "requested 0.9, 0.97 -> 0.938 (k_sel 1 of 16)" in axis.get_title()
+        assert axis.get_xlabel().startswith("effective sparsity")
+    finally:
+        plt.close(figure)
+
+
 # ----- the command -----------------------------------------------------------------------------------
 
 
@@ -364,6 +436,15 @@ def test_bad_options_give_one_line_and_exit_code_2(argv, message, capsys):
     assert _exit_code(["bench", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("option, name", [("--csv", "rows.txt"), ("--json", "rows.csv"), ("--plot", "folder.png")])
+def test_output_files_are_checked_before_any_timing(tmp_path, capsys, option, name):
+    (tmp_path / "folder.png").mkdir()
+    assert _exit_code(["bench", "--provider", "sla2", "--shape", "1,2,512,64", option, str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert option in err and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.png"]
 
 
 def test_a_missing_provider_named_explicitly_exits_2(capsys):
@@ -447,6 +528,9 @@ def test_cpu_run_writes_csv_json_plot_in_under_a_minute(tmp_path):
     assert (timed["median_ms"] > 0).all()
     assert timed["speedup_vs_fa2"].isna().all()  # FA2 cannot run on a CPU
     sla2_rows = frame[frame["provider"] == "sla2"]
+    for _, row in sla2_rows.iterrows():
+        assert (row["k_sel"], row["key_blocks"]) == (_rounded(row["sparsity"], 8)[0], 8)  # 512 tokens
+        assert row["effective_sparsity"] == pytest.approx(_rounded(row["sparsity"], 8)[1])
     assert sorted(zip(sla2_rows["sparsity"], sla2_rows["mode"], strict=True)) == sorted(
         (s, m) for s in (0.9, 0.95, 0.97) for m in (FORWARD, FORWARD_BACKWARD)
     )

@@ -18,9 +18,9 @@ from sla2cli.models.random_models import build_random_model, scaled_down_config
 from sla2cli.models.recipes import get_recipe
 from sla2cli.module import SLA2Attention
 from sla2cli.ops import k_selected
-from sla2cli.ops.geometry import num_blocks
+from sla2cli.ops.geometry import ROUNDING_NOTE, num_blocks
 from sla2cli.report.capture import capture_metrics, dense_attention, find_sla2_layers, overridden_sparsity
-from sla2cli.report.summary import MetricAccumulator
+from sla2cli.report.summary import MetricAccumulator, rounded_levels, rounding_note
 
 REQUIRED_COLUMNS = {
     "layer", "head", "sparsity", "k_sel", "captured_mass", "router_recall", "alpha_mean",
@@ -182,7 +182,7 @@ def test_report_writes_csv_json_and_heatmap(embedded_model, tmp_path, capsys):
 
 def test_alias_and_sparsity_override(embedded_model, tmp_path, capsys):
     out_csv = tmp_path / "r.csv"
-    code, _, err = run_cli(
+    code, stdout, err = run_cli(
         ["sparsity-report", "--sparsity", "0.5", "--resolution", SMALL_CLIP, "--timesteps", "0.5",
          "--csv", str(out_csv), "--quant", "none", "--quiet"],
         capsys,
@@ -192,6 +192,57 @@ def test_alias_and_sparsity_override(embedded_model, tmp_path, capsys):
     assert "lowbit_rel_l2_vs_sla2" not in rows[0]
     assert {int(row["k_sel"]) for row in rows} == {k_selected(num_blocks(SMALL_TOKENS, 64), 0.5)}
     assert all(float(row["sparsity"]) == pytest.approx(0.5) for row in rows)
+    assert all(float(row["effective_sparsity"]) == float(row["requested_sparsity"]) == 0.5 for row in rows)
+    assert "note:" not in stdout  # 0.5 of 8 key blocks is exactly 4: nothing was rounded
+
+
+def test_rounded_sparsity_is_shown_and_said_once(embedded_model, tmp_path, capsys, monkeypatch):
+    """At 512 tokens (8 key blocks) 0.9 keeps one block: the effective sparsity is 0.875, not 0.9."""
+    monkeypatch.setenv("COLUMNS", "80")
+    out_csv, out_json = tmp_path / "r.csv", tmp_path / "r.json"
+    code, stdout, err = run_cli(
+        ["report", "--sparsity", "0.9", "--resolution", SMALL_CLIP, "--timesteps", "0.5", "--quant", "none",
+         "--csv", str(out_csv), "--json", str(out_json), "--quiet"],
+        capsys,
+    )
+    assert code == 0, err
+    kept = k_selected(num_blocks(SMALL_TOKENS, 64), 0.9)
+    effective = 1 - kept / num_blocks(SMALL_TOKENS, 64)
+    for row in _read_csv(out_csv):
+        assert float(row["requested_sparsity"]) == pytest.approx(0.9)
+        assert float(row["effective_sparsity"]) == pytest.approx(effective)
+        assert (int(row["k_sel"]), int(row["key_blocks"])) == (kept, num_blocks(SMALL_TOKENS, 64))
+    notes = [line for line in stdout.splitlines() if line.startswith("note:")]
+    assert notes == [
+        f"note: {ROUNDING_NOTE}: 0.9 keeps {kept} of 8 key blocks (effective_sparsity {effective:.3f})"
+    ]
+    assert json.loads(out_json.read_text())["notes"] == [notes[0].removeprefix("note: ")]
+    model_line = next(line for line in stdout.splitlines() if line.startswith("│ model"))
+    assert f"{effective:.3f}" in model_line  # the table's sparsity column is the effective one
+
+    monkeypatch.setenv("COLUMNS", "200")  # wide: the requested value and k_sel stand beside it
+    code, stdout, err = run_cli(
+        ["report", "--sparsity", "0.9", "--resolution", SMALL_CLIP, "--timesteps", "0.5", "--quant", "none",
+         "--quiet"],
+        capsys,
+    )
+    header = next(line for line in stdout.splitlines() if line.startswith("┃ layer"))
+    assert "requested" in header and "k_sel" in header
+
+
+def test_rounding_note_lists_each_rounded_level_once():
+    rows = [
+        {"requested_sparsity": 0.97, "key_blocks": 128, "k_sel": 3},
+        {"requested_sparsity": 0.97, "key_blocks": 128, "k_sel": 3},
+        {"requested_sparsity": 0.5, "key_blocks": 128, "k_sel": 64},
+        {"requested_sparsity": 0.9, "key_blocks": 16, "k_sel": 1},
+    ]
+    assert rounded_levels(rows) == [(128, 0.97), (16, 0.9)]
+    assert rounding_note(rows).endswith(
+        "0.97 keeps 3 of 128 key blocks (effective_sparsity 0.977), 0.9 keeps 1 of 16 key blocks "
+        "(effective_sparsity 0.938)"
+    )
+    assert rounding_note(rows[2:3]) is None
 
 
 def test_inputs_file_is_used(embedded_model, tmp_path, capsys):

@@ -213,6 +213,9 @@ def test_attention_metrics_match_brute_force(length):
                 "sparsity": 1.0 - selected_pairs / length**2,
                 "router_recall": sum(recall) / len(recall),
                 "k_sel": k_selected(num_blocks(length, BLOCK_K), sparsity),
+                "key_blocks": num_blocks(length, BLOCK_K),
+                "requested_sparsity": sparsity,
+                "effective_sparsity": 1.0 - len(sel[0]) / num_blocks(length, BLOCK_K),  # whole blocks
                 "captured_mass": sum(per_block) / len(per_block),
                 "captured_mass_min": min(per_block),
                 "alpha_mean": sum(alphas) / len(alphas),

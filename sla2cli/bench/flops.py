@@ -7,8 +7,10 @@ FlashAttention's papers use).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from sla2cli.bench.cases import FORWARD, AttentionShape
-from sla2cli.ops.geometry import DEFAULT_BLOCK_K, k_selected, num_blocks
+from sla2cli.ops.geometry import DEFAULT_BLOCK_K, effective_sparsity, k_selected, num_blocks
 
 BACKWARD_FACTOR = 2.5
 
@@ -27,12 +29,28 @@ def selected_blocks(
     return k_selected(total, sparsity), total
 
 
+class BlockBudget(NamedTuple):
+    """A row's key blocks: kept per query block (k_sel), in all, and the sparsity that really runs.
+    All None for dense attention."""
+
+    k_sel: int | None = None
+    key_blocks: int | None = None
+    effective_sparsity: float | None = None
+
+
+def block_budget(shape: AttentionShape, sparsity: float | None) -> BlockBudget:
+    """The key-block budget of a row at `sparsity` (the requested value rounded to whole blocks)."""
+    if sparsity is None:
+        return BlockBudget()
+    k_sel, total = selected_blocks(shape, sparsity)
+    return BlockBudget(k_sel, total, effective_sparsity(total, sparsity))
+
+
 def sparse_share(shape: AttentionShape, sparsity: float | None) -> float:
     """Share of the dense FLOPs that the exact (sparse) branch computes: k_sel / T_n (1 when dense)."""
     if sparsity is None:
         return 1.0
-    k_sel, total = selected_blocks(shape, sparsity)
-    return k_sel / total
+    return 1.0 - effective_sparsity(num_blocks(shape.length, DEFAULT_BLOCK_K), sparsity)
 
 
 def tflops(flops: float, milliseconds: float) -> float:

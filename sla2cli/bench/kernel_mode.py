@@ -14,7 +14,7 @@ import torch
 from sla2cli.bench.cases import FORWARD, AttentionShape
 from sla2cli.bench.checks import KernelMismatch
 from sla2cli.bench.environment import Environment
-from sla2cli.bench.flops import dense_attention_flops, selected_blocks, sparse_share, tflops
+from sla2cli.bench.flops import block_budget, dense_attention_flops, sparse_share, tflops
 from sla2cli.bench.inputs import AttentionInputs, forward_backward, make_inputs
 from sla2cli.bench.providers import BASELINE, DENSE, ROUTING, Provider, ProviderUnavailable
 from sla2cli.bench.records import FAILED, OK, OUT_OF_MEMORY, SKIPPED, Measurement
@@ -77,7 +77,7 @@ def measure(
         sparsity=sparsity,
         mode=mode,
         dtype=str(plan.dtype).removeprefix("torch."),
-        k_sel=None if sparsity is None else selected_blocks(shape, sparsity)[0],
+        **block_budget(shape, sparsity)._asdict(),
         extra=dict.fromkeys(ACCURACY_COLUMNS),
         environment=environment.as_dict(),
     )

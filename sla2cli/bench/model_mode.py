@@ -18,7 +18,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from sla2cli.bench.cases import FORWARD, FORWARD_BACKWARD, AttentionShape
 from sla2cli.bench.checks import KernelMismatch, relative_error
 from sla2cli.bench.environment import Environment
-from sla2cli.bench.flops import selected_blocks
+from sla2cli.bench.flops import block_budget
 from sla2cli.bench.kernel_mode import fill_speedups
 from sla2cli.bench.model_setup import (
     BenchModel,
@@ -205,7 +205,7 @@ def _row(
         sparsity=bench.sparsity if is_sla2 else None,
         mode=mode,
         note=f"{bench.description}: one transformer {what}, {attention}",
-        k_sel=selected_blocks(shape, bench.sparsity)[0] if is_sla2 else None,
+        **block_budget(shape, bench.sparsity if is_sla2 else None)._asdict(),
         dtype=str(plan.dtype).removeprefix("torch."),
         quant=quant,
         extra={

@@ -13,6 +13,7 @@ from rich.table import Table
 from sla2cli.bench.environment import Environment
 from sla2cli.bench.records import OK, Measurement, column_order
 from sla2cli.models.atomic import atomic_path
+from sla2cli.ops.geometry import ROUNDING_NOTE, describe_rounding, sparsity_is_rounded
 
 CPU_WARNING = (
     "warning: running on CPU: these are NOT GPU numbers (small shapes, PyTorch block-gather path); "
@@ -20,7 +21,7 @@ CPU_WARNING = (
 )
 
 
-INTEGER_COLUMNS = ("repeats", "k_sel")
+INTEGER_COLUMNS = ("repeats", "k_sel", "key_blocks")
 
 
 def rows_frame(measurements: list[Measurement]) -> pd.DataFrame:
@@ -68,19 +69,49 @@ def _number(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def rounded_cases(measurements: list[Measurement]) -> dict[str, list[tuple[int, float]]]:
+    """Per shape, the (key blocks, requested sparsity) whose effective sparsity differs visibly."""
+    cases: dict[str, list[tuple[int, float]]] = {}
+    for m in measurements:
+        if m.sparsity is None or m.key_blocks is None or not sparsity_is_rounded(m.key_blocks, m.sparsity):
+            continue
+        case = (m.key_blocks, m.sparsity)
+        if case not in cases.setdefault(m.shape, []):
+            cases[m.shape].append(case)
+    return cases
+
+
+def rounding_note(measurements: list[Measurement]) -> str | None:
+    """One line saying how the requested sparsities were rounded to whole key blocks (None if nowhere)."""
+    cases = rounded_cases(measurements)
+    if not cases:
+        return None
+    per_shape = [
+        f"at {shape}, " + ", ".join(describe_rounding(blocks, sparsity) for blocks, sparsity in levels)
+        for shape, levels in cases.items()
+    ]
+    return f"note: {ROUNDING_NOTE}: {'; '.join(per_shape)}"
+
+
 def results_table(measurements: list[Measurement], title: str) -> Table:
-    """Numbers only; what each provider times goes in the legend, skip reasons in the last column."""
+    """Numbers only; what each provider times goes in the legend, skip reasons in the last column.
+
+    Where a requested sparsity was rounded to whole key blocks, k_sel and the effective sparsity
+    stand beside it."""
+    rounded = bool(rounded_cases(measurements))
     table = Table(title=title, title_justify="left")
-    for name in ("provider", "shape", "sparsity", "mode"):
+    for name in ("provider", "shape", "sparsity", *(("k_sel", "eff. sparsity") if rounded else ()), "mode"):
         table.add_column(name, no_wrap=True)
     for name in ("median ms", "vs FA2", "dense TFLOP/s", "sparse TFLOP/s", "peak MB"):
         table.add_column(name, justify="right", no_wrap=True)
     table.add_column("status", overflow="fold")
     for m in measurements:
+        budget = (str(m.k_sel) if m.k_sel is not None else "-", _number(m.effective_sparsity, ".3f"))
         table.add_row(
             m.provider,
             m.shape,
             "dense" if m.sparsity is None else f"{m.sparsity:g}",
+            *(budget if rounded else ()),
             m.mode,
             _number(m.median_ms, ".4g"),
             "-" if m.speedup_vs_fa2 is None else f"{m.speedup_vs_fa2:.2f}x",
@@ -114,6 +145,9 @@ def print_report(
         style = "bold yellow" if line == CPU_WARNING else None
         console.print(line, style=style, highlight=False, soft_wrap=True)
     console.print(results_table(measurements, title))
+    note = rounding_note(measurements)
+    if note is not None:
+        console.print(note, highlight=False, soft_wrap=True)
     for line in legend_lines(measurements):
         console.print(line, highlight=False, soft_wrap=True)
     if environment.device != "cuda":

@@ -43,7 +43,9 @@ class Measurement:
     note: str = ""
     min_ms: float | None = None
     repeats: int | None = None
-    k_sel: int | None = None
+    k_sel: int | None = None  # key blocks per query block in the exact branch
+    key_blocks: int | None = None
+    effective_sparsity: float | None = None  # the requested sparsity rounded to whole blocks: 1 - k_sel / key_blocks
     dtype: str = ""
     quant: str | None = None  # SLA2 rows: the concrete sparse-branch quantisation mode that ran
     extra: dict[str, object] = field(default_factory=dict)  # mode-specific columns (model mode)

@@ -187,12 +187,16 @@ def report(
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     title = f"SLA2 report: {target.name} ({len(result.rows)} heads, {result.seconds:.1f} s)"
     render_table(console, result.layer_rows, result.model_row, title=title)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
     if csv is not None:
         write_csv(result.rows, csv)
         console.print(f"wrote {csv}", highlight=False)
     if json is not None:
         write_json(
-            report_document(result.settings, result.model_row, result.layer_rows, result.rows, result.warnings),
+            report_document(
+                result.settings, result.model_row, result.layer_rows, result.rows, result.warnings, result.notes
+            ),
             json,
         )
         console.print(f"wrote {json}", highlight=False)

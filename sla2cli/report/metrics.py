@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sla2cli.ops import Routing, route, sla2_attention_routed
-from sla2cli.ops.geometry import num_blocks
+from sla2cli.ops.geometry import effective_sparsity, num_blocks
 from sla2cli.ops.quantization import QUANT_NONE
 from sla2cli.ops.reference import block_token_counts
 
@@ -293,9 +293,13 @@ def attention_metrics(
     flop_reduction = dense_attention_flops(length, head_dim) / sla2_attention_flops(
         pairs, length, head_dim, routing.k_sel, block_q, block_k
     )
+    num_k_blocks = num_blocks(length, block_k)
     metrics = {
         "sparsity": 1.0 - pairs / float(length * length),
+        "requested_sparsity": torch.full_like(pairs, sparsity),
+        "effective_sparsity": torch.full_like(pairs, effective_sparsity(num_k_blocks, sparsity)),
         "k_sel": torch.full_like(pairs, float(routing.k_sel)),
+        "key_blocks": torch.full_like(pairs, float(num_k_blocks)),
         "flop_reduction": flop_reduction,
         "captured_mass": mass.mean(dim=-1),
         "captured_mass_min": mass.amin(dim=-1),
@@ -321,7 +325,10 @@ def attention_metrics(
 
 METRIC_NAMES: tuple[str, ...] = (
     "sparsity",
+    "requested_sparsity",
+    "effective_sparsity",
     "k_sel",
+    "key_blocks",
     "flop_reduction",
     "captured_mass",
     "captured_mass_min",

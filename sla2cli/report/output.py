@@ -17,22 +17,25 @@ from rich.console import Console
 from rich.table import Table
 
 from sla2cli.models.atomic import atomic_path
-from sla2cli.report.summary import Row, layer_name, worst_layers
+from sla2cli.report.summary import Row, layer_name, rounded_levels, worst_layers
 
-# (metric, header, format, shown on narrow terminals too)
-TABLE_COLUMNS: tuple[tuple[str, str, str, bool], ...] = (
-    ("sparsity", "sparsity", "{:.3f}", True),
-    ("k_sel", "k_sel", "{:.0f}", False),
-    ("flop_reduction", "FLOPs /", "{:.1f}x", False),
-    ("captured_mass", "mass", "{:.3f}", True),
-    ("captured_mass_min", "mass min", "{:.3f}", False),
-    ("router_recall", "recall", "{:.3f}", True),
-    ("alpha_mean", "alpha", "{:.3f}", True),
-    ("alpha_mass_corr", "alpha~mass", "{:.2f}", False),
-    ("rel_l2_error", "rel L2", "{:.4f}", True),
-    ("cosine", "cosine", "{:.4f}", False),
-    ("heuristic_rel_l2_error", "heur. rel L2", "{:.4f}", True),
-    ("lowbit_rel_l2_vs_sla2", "low-bit vs SLA2", "{:.4f}", False),
+ALWAYS, WIDE, ROUNDED = "always", "wide", "rounded"
+# (metric, header, format, when shown: always, on wide terminals, or on wide terminals where the requested
+# sparsity was rounded to whole key blocks; the note under the table says that on any terminal)
+TABLE_COLUMNS: tuple[tuple[str, str, str, str], ...] = (
+    ("requested_sparsity", "requested", "{:.3f}", ROUNDED),
+    ("effective_sparsity", "sparsity", "{:.3f}", ALWAYS),
+    ("k_sel", "k_sel", "{:.0f}", WIDE),
+    ("flop_reduction", "FLOPs /", "{:.1f}x", WIDE),
+    ("captured_mass", "mass", "{:.3f}", ALWAYS),
+    ("captured_mass_min", "mass min", "{:.3f}", WIDE),
+    ("router_recall", "recall", "{:.3f}", ALWAYS),
+    ("alpha_mean", "alpha", "{:.3f}", ALWAYS),
+    ("alpha_mass_corr", "alpha~mass", "{:.2f}", WIDE),
+    ("rel_l2_error", "rel L2", "{:.4f}", ALWAYS),
+    ("cosine", "cosine", "{:.4f}", WIDE),
+    ("heuristic_rel_l2_error", "heur. rel L2", "{:.4f}", ALWAYS),
+    ("lowbit_rel_l2_vs_sla2", "low-bit vs SLA2", "{:.4f}", WIDE),
 )
 WIDE_CONSOLE = 130
 
@@ -49,13 +52,18 @@ def highlight_count(layers: int) -> int:
 
 
 def render_table(console: Console, layer_rows: list[Row], model_row: Row, *, title: str = "") -> None:
-    """Per-layer summary (heads averaged) with the worst layers by relative error in red."""
+    """Per-layer summary (heads averaged) with the worst layers by relative error in red.
+
+    Its sparsity column is the effective one (whole key blocks); where that differs from the requested
+    sparsity, wide terminals show the requested value beside it (and k_sel, as always)."""
     worst = set(worst_layers(layer_rows, highlight_count(len(layer_rows))))
     wide = console.width >= WIDE_CONSOLE
+    rounded = bool(rounded_levels(layer_rows))
+    shown = {ALWAYS: True, WIDE: wide, ROUNDED: rounded and wide}
     present = [
         (name, header, pattern)
-        for name, header, pattern, essential in TABLE_COLUMNS
-        if layer_rows and name in layer_rows[0] and (essential or wide)
+        for name, header, pattern, when in TABLE_COLUMNS
+        if layer_rows and name in layer_rows[0] and shown[when]
     ]
     table = Table(title=title or None, header_style="bold")
     table.add_column("layer", overflow="fold")
@@ -176,11 +184,12 @@ def write_side_by_side_gif(
 
 
 def report_document(settings: dict[str, Any], model_row: Row, layer_rows: list[Row], rows: list[Row],
-                    warnings: Sequence[str]) -> dict[str, Any]:
-    """The JSON report: settings, warnings, model summary, per-layer summary, one row per (layer, head)."""
+                    warnings: Sequence[str], notes: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON report: settings, warnings, notes, model summary, per-layer summary, one row per (layer, head)."""
     return {
         "settings": settings,
         "warnings": list(warnings),
+        "notes": list(notes),
         "model": model_row,
         "layers": layer_rows,
         "rows": rows,

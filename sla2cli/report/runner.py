@@ -34,7 +34,7 @@ from sla2cli.report.inputs import (
     random_samples,
 )
 from sla2cli.report.metrics import DEFAULT_CHUNK_ELEMENTS
-from sla2cli.report.summary import MetricAccumulator, Row, summarize_layers, summarize_model
+from sla2cli.report.summary import MetricAccumulator, Row, rounding_note, summarize_layers, summarize_model
 
 DEFAULT_TIMESTEPS = (0.9, 0.5, 0.1)
 DEFAULT_CLIPS = {"cpu": 1, "cuda": 4}  # one clip keeps the embedded model's report near 30 s on 2 cores
@@ -83,6 +83,7 @@ class ReportResult:
     warnings: list[str]
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)  # facts to read the numbers by (sparsity rounding)
 
 
 def parse_timesteps(text: str) -> tuple[float, ...]:
@@ -204,6 +205,7 @@ def run_report(
     if missing:
         warnings.append(f"{len(missing)} converted layer(s) were never called (e.g. {missing[0]})")
     rows = _labelled_rows(accumulator.rows(), target.recipe, list(keyed))
+    note = rounding_note(rows)
     return ReportResult(
         rows=rows,
         layer_rows=summarize_layers(rows),
@@ -211,6 +213,7 @@ def run_report(
         warnings=warnings,
         settings={**_settings_document(target, settings, samples, device, dtype), "quant_compared": lowbit},
         seconds=time.perf_counter() - started,
+        notes=[note] if note else [],
     )
 
 

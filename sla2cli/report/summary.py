@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sla2cli.ops.geometry import ROUNDING_NOTE, describe_rounding, sparsity_is_rounded
 from sla2cli.report.metrics import METRIC_NAMES
 
 Row = dict[str, "str | int | float"]
+INTEGER_METRICS = ("k_sel", "key_blocks")
 
 
 @dataclass
@@ -63,8 +65,9 @@ class MetricAccumulator:
                         continue
                     count = sums.counts[name][head].item()
                     row[name] = sums.sums[name][head].item() / count if count else math.nan
-                if "k_sel" in row and float(row["k_sel"]).is_integer():
-                    row["k_sel"] = int(row["k_sel"])
+                for name in INTEGER_METRICS:
+                    if name in row and float(row[name]).is_integer():
+                        row[name] = int(row[name])
                 rows.append(row)
         return rows
 
@@ -131,3 +134,24 @@ def worst_layers(layer_rows: list[Row], count: int) -> list[str]:
 
     ranked = sorted(layer_rows, key=error, reverse=True)
     return [layer_name(row) for row in ranked[:count]]
+
+
+def rounded_levels(rows: list[Row]) -> list[tuple[int, float]]:
+    """(key blocks, requested sparsity) wherever the requested sparsity was visibly rounded to whole
+    key blocks, in row order, once each."""
+    levels: dict[tuple[int, float], None] = {}
+    for row in rows:
+        if "key_blocks" not in row or "requested_sparsity" not in row:
+            continue
+        blocks, requested = round(float(row["key_blocks"])), round(float(row["requested_sparsity"]), 6)
+        if sparsity_is_rounded(blocks, requested):
+            levels[(blocks, requested)] = None
+    return list(levels)
+
+
+def rounding_note(rows: list[Row]) -> str | None:
+    """The report's one line on rounding: '... 0.97 keeps 3 of 128 key blocks (effective_sparsity 0.977)'."""
+    levels = rounded_levels(rows)
+    if not levels:
+        return None
+    return f"{ROUNDING_NOTE}: {', '.join(describe_rounding(blocks, requested) for blocks, requested in levels)}"
