@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -128,3 +129,44 @@ def test_hub_id_is_matched_case_insensitively_and_recipe_can_be_named(tmp_path, 
     assert code == 0, err
     config = json.loads((out / "sla2_config.json").read_text())
     assert (config["recipe"], config["sparsity"]) == ("cogvideox-2b", 0.9)
+
+
+@pytest.mark.parametrize("text", ["./mymodels/wan", "/no/such/models/wan", "~/no-such-models/wan", "mymodels/wan/",
+                                  "org/mymodels/wan", "wan"])
+def test_a_missing_local_looking_folder_is_no_such_folder(text, tmp_path, monkeypatch, capsys):
+    """A path that cannot be a Hub id never reaches the Hub: the user hears about the folder only."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the Hub was asked")
+
+    monkeypatch.setattr("sla2cli.models.hub.snapshot_download", no_hub)
+    for command in (["convert", text, "--out", str(tmp_path / "out")], ["report", text]):
+        code, _, err = run_cli(command, capsys)
+        assert_user_error(code, err, mentions=f"no such folder {re.escape(text)}")
+        assert "network" not in err and "Hub for" not in err
+    assert folder_listing(tmp_path) == []
+
+
+@pytest.mark.parametrize("offline", [False, True])
+def test_a_missing_folder_spelled_like_a_hub_id_names_both(offline, tmp_path, monkeypatch, capsys):
+    """`mymodels/wan` may be a folder or a Hub id: when neither exists, the error says both."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.chdir(tmp_path)
+    use_hub_cache(monkeypatch, tmp_path / "empty-cache")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", offline)
+
+    def unreachable(*args, **kwargs):  # what huggingface_hub raises when the Hub cannot be reached
+        raise LocalEntryNotFoundError("connection error")
+
+    monkeypatch.setattr("sla2cli.models.hub.snapshot_download", unreachable)
+    code, _, err = run_cli(["convert", "mymodels/wan", "--out", str(tmp_path / "out")], capsys)
+    hub_reason = "is not in the Hugging Face cache" if offline else "could not reach the Hub for mymodels/wan"
+    assert_user_error(code, err, mentions=f"^error: no such folder mymodels/wan, and as a Hub id: .*{hub_reason}")
+    assert not (tmp_path / "out").exists()
+
+    (tmp_path / "mymodels" / "wan").mkdir(parents=True)  # the folder, once it exists, wins over the Hub id
+    code, _, err = run_cli(["convert", "mymodels/wan", "--out", str(tmp_path / "out")], capsys)
+    assert_user_error(code, err, mentions="not a diffusers model folder")

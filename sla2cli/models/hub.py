@@ -23,6 +23,12 @@ from huggingface_hub.errors import (
 from sla2cli.errors import UserError
 
 MODEL_INDEX = "model_index.json"
+
+
+class HubRepoUnavailable(UserError):
+    """The Hub repository was not found, not reachable, or not cached offline: the id may be no Hub id at
+    all (a mistyped folder), so callers may add what else was tried."""
+
 CONFIG = "config.json"
 
 
@@ -62,7 +68,7 @@ def fetch_snapshot(repo_id: str, revision: str | None, patterns: list[str], *, o
     except GatedRepoError:
         raise UserError(f"{shown} is gated: accept its licence on the Hub, then set HF_TOKEN") from None
     except RepositoryNotFoundError:
-        raise UserError(
+        raise HubRepoUnavailable(
             f"Hub repository {shown} was not found; check the id (private repositories need HF_TOKEN)"
         ) from None
     except RevisionNotFoundError:
@@ -73,13 +79,15 @@ def fetch_snapshot(repo_id: str, revision: str | None, patterns: list[str], *, o
         ) from None
     except LocalEntryNotFoundError:
         if local_only:
-            raise UserError(
+            raise HubRepoUnavailable(
                 f"{shown} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the Hub is off "
                 "(--offline or HF_HUB_OFFLINE=1); download it once online or point HF_HUB_CACHE at its cache"
             ) from None
-        raise UserError(f"could not reach the Hub for {shown} and it is not cached; check the network") from None
+        raise HubRepoUnavailable(
+            f"could not reach the Hub for {shown} and it is not cached; check the network"
+        ) from None
     except HFValidationError:
-        raise UserError(f"{repo_id} is not a valid Hub repository id") from None
+        raise HubRepoUnavailable(f"{repo_id} is not a valid Hub repository id") from None
     except HfHubHTTPError as error:
         first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UserError(f"the Hub request for {shown} failed: {first_line}") from None

@@ -18,7 +18,7 @@ from sla2cli.models.base_model import BaseModelRef
 from sla2cli.models.checkpoint_format import CHECKPOINT_FILES
 from sla2cli.models.components import build_skeleton, load_weights
 from sla2cli.models.folders import Component, FolderContents, inspect_folder
-from sla2cli.models.hub import commit_of, config_patterns, fetch_snapshot, weight_patterns
+from sla2cli.models.hub import HubRepoUnavailable, commit_of, config_patterns, fetch_snapshot, weight_patterns
 from sla2cli.models.model_spec import ModelSpec
 from sla2cli.models.recipes import Recipe, get_recipe, recipe_for_architecture, recipe_for_hub_id
 from sla2cli.models.safetensors_check import check_weight_folder
@@ -66,7 +66,14 @@ def locate(spec: ModelSpec, *, offline: bool) -> ModelLocation:
         return ModelLocation(spec=spec, root=None, offline=offline)
     if spec.kind == "local":
         return ModelLocation(spec=spec, root=spec.path, offline=offline)
-    snapshot = fetch_snapshot(spec.repo_id, spec.revision, config_patterns() + list(CHECKPOINT_FILES), offline=offline)
+    try:
+        snapshot = fetch_snapshot(
+            spec.repo_id, spec.revision, config_patterns() + list(CHECKPOINT_FILES), offline=offline
+        )
+    except HubRepoUnavailable as error:
+        if spec.missing_folder is None:
+            raise
+        raise UserError(f"no such folder {spec.missing_folder}, and as a Hub id: {error}") from None
     return ModelLocation(spec=spec, root=snapshot, offline=offline)
 
 
