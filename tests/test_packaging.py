@@ -1,0 +1,35 @@
+"""What pip installs: the runtime requirements and the test extra agree on one triton version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")
+requirements = pytest.importorskip("packaging.requirements")
+version = pytest.importorskip("packaging.version")
+
+PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+
+
+def _triton(specs: list[str]):
+    found = [requirements.Requirement(spec) for spec in specs if spec.startswith("triton")]
+    assert len(found) <= 1
+    return found[0] if found else None
+
+
+def test_runtime_and_test_extra_install_the_same_triton():
+    """pip takes the newest version every requirement allows: from the test extra's lowest version up,
+    runtime and test extra must allow exactly the same versions, or the README's two commands install
+    two tritons (the test command replacing the runtime one)."""
+    project = tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["project"]
+    runtime = _triton(project["dependencies"])
+    test = _triton(project["optional-dependencies"]["test"]) or runtime
+    assert runtime is not None
+    assert str(test.marker) == str(runtime.marker)
+    grid = [version.Version(f"{major}.{minor}.{patch}") for major in (3, 4) for minor in range(13) for patch in (0, 1)]
+    lowest_tested = min(v for v in grid if test.specifier.contains(v))
+    for candidate in grid:
+        if candidate >= lowest_tested:
+            assert runtime.specifier.contains(candidate) == test.specifier.contains(candidate), candidate
