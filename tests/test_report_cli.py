@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 from fixtures_hub import assert_user_error, run_cli
@@ -20,6 +21,7 @@ from sla2cli.module import SLA2Attention
 from sla2cli.ops import k_selected
 from sla2cli.ops.geometry import ROUNDING_NOTE, num_blocks
 from sla2cli.report.capture import capture_metrics, dense_attention, find_sla2_layers, overridden_sparsity
+from sla2cli.report.output import MIN_HALF_WIDTH
 from sla2cli.report.summary import MetricAccumulator, rounded_levels, rounding_note
 
 REQUIRED_COLUMNS = {
@@ -278,7 +280,47 @@ def test_video_shows_dense_beside_sla2(embedded_model, tmp_path, capsys):
     with Image.open(gif) as image:
         assert image.format == "GIF"
         assert image.n_frames == 2  # one per latent frame
-        assert image.width > 2 * image.height  # two clips side by side
+        assert image.width >= 2 * MIN_HALF_WIDTH  # two clips side by side, enlarged so their labels fit
+        first = torch.from_numpy(numpy.array(image.convert("L"))).float()
+    half = image.width // 2
+    strip = first[: _label_strip_height(first)]
+    assert strip.shape[0] >= 8
+    for part in (strip[:, : half - 2], strip[:, half + 2 :]):  # dark text above each half
+        assert part.min() < 100 and part.max() > 200
+
+
+def _label_strip_height(frame: torch.Tensor) -> int:
+    """Rows above the clips: text leaves a row mostly white, the first row of the clips does not."""
+    mostly_white = (frame > 250).float().mean(dim=1) > 0.6
+    return int(torch.nonzero(~mostly_white)[0].item())
+
+
+def test_each_half_of_the_video_is_labelled():
+    from PIL import Image
+
+    from sla2cli.report.output import labelled_side_by_side
+
+    black = Image.new("RGB", (MIN_HALF_WIDTH, 40), "black")
+    names = ("dense attention", "SLA2, sparsity 0.97")
+    frame = numpy.asarray(labelled_side_by_side(black, black, names).convert("L"))
+    swapped = numpy.asarray(labelled_side_by_side(black, black, names[::-1]).convert("L"))
+    width = MIN_HALF_WIDTH
+    strip_height = frame.shape[0] - 40
+    left, right = frame[:strip_height, :width], frame[:strip_height, -width:]
+    assert left.min() < 100 and right.min() < 100  # text on a white strip above each half
+    assert not numpy.array_equal(left, right)  # two different labels
+    assert numpy.array_equal(left, swapped[:strip_height, -width:])  # the label follows its half
+    assert (frame[strip_height:, :width] == 0).all()  # the clip itself is untouched
+
+
+def test_video_label_names_the_sparsity_the_samples_ran_at(embedded_model):
+    from sla2cli.report.loading import load_report_target
+    from sla2cli.report.runner import ReportSettings
+    from sla2cli.report.sampling import sla2_label
+
+    target = load_report_target(None, sparsity=None, device=torch.device("cpu"), dtype=torch.float32)
+    assert sla2_label(target, ReportSettings()) == f"SLA2, sparsity {target.recipe.sparsity:g}"
+    assert sla2_label(target, ReportSettings(sparsity=0.9)) == "SLA2, sparsity 0.9"
 
 
 # --- converted Hub-family checkpoints (random weights, local folders) ---------------------------------

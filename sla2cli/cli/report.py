@@ -53,6 +53,7 @@ HELP = (
     "0.97) on its own validation clips."
 )
 DEFAULT_VIDEO_STEPS = 8
+DENSE_LABEL = "dense attention"
 MIN_VIDEO_STEPS = 1
 
 
@@ -100,11 +101,11 @@ def _write_video(
     target: ReportTarget, settings: ReportSettings, path: Path, steps: int, device: torch.device,
     console: Console,
 ) -> None:
-    from sla2cli.report.sampling import comparison_samples
+    from sla2cli.report.sampling import comparison_samples, sla2_label
 
     with console.status(f"sampling {steps} Euler steps with dense and with SLA2 attention"):
         dense, sparse = comparison_samples(target, settings, steps=steps, device=device, dtype=model_dtype(device))
-    write_side_by_side_gif(dense, sparse, path)
+    write_side_by_side_gif(dense, sparse, path, labels=(DENSE_LABEL, sla2_label(target, settings)))
 
 
 def report(
@@ -141,7 +142,8 @@ def report(
     video: Annotated[
         Path | None,
         typer.Option(help="Write a GIF of a sample from the dense model beside the same sample (same noise) "
-                     "from the SLA2 model; embedded model only (its latents are viewable).", show_default=False),
+                     "from the SLA2 model, each half labelled in the image; embedded model only (its latents "
+                     "are viewable).", show_default=False),
     ] = None,
     video_steps: Annotated[int, typer.Option(help="Euler flow-matching steps for --video.")] = DEFAULT_VIDEO_STEPS,
     quant: Annotated[

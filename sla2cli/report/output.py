@@ -10,7 +10,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
@@ -18,6 +18,12 @@ from rich.table import Table
 
 from sla2cli.models.atomic import atomic_path
 from sla2cli.report.summary import Row, layer_name, rounded_levels, worst_layers
+
+if TYPE_CHECKING:  # PIL loads only when a GIF is asked for
+    from PIL.Image import Image as PilImage
+    from PIL.ImageFont import FreeTypeFont, ImageFont
+
+    PilFont = FreeTypeFont | ImageFont
 
 ALWAYS, WIDE, ROUNDED = "always", "wide", "rounded"
 # (metric, header, format, when shown: always, on wide terminals, or on wide terminals where the requested
@@ -161,20 +167,55 @@ def latents_to_rgb(video: torch.Tensor, low: float, high: float, scale: int) -> 
     return [frame.repeat_interleave(scale, 0).repeat_interleave(scale, 1) for frame in frames]
 
 
+MIN_HALF_WIDTH = 160  # pixels: room for a label such as "SLA2, sparsity 0.97" above each half
+LABEL_FONT_SIZES = (14, 12, 10, 8)
+
+
+def _label_font(text: str, width: int) -> PilFont:
+    """The largest default font whose rendering of `text` fits in `width` pixels."""
+    from PIL import ImageFont
+
+    for size in LABEL_FONT_SIZES:
+        font = ImageFont.load_default(size=size)
+        if font.getlength(text) <= width - 4:
+            return font
+    return font
+
+
+def labelled_side_by_side(left: PilImage, right: PilImage, labels: tuple[str, str]) -> PilImage:
+    """One RGB frame: `left` and `right` (PIL images of one size) side by side under a white strip that
+    names each half (so a GIF passed around on its own still says which side is which)."""
+    from PIL import Image, ImageDraw
+
+    width, height = left.size
+    gap = max(4, width // 32)
+    fonts = [_label_font(text, width) for text in labels]
+    strip = max(font.getbbox("Ag")[3] for font in fonts) + 8
+    frame = Image.new("RGB", (2 * width + gap, strip + height), "white")
+    draw = ImageDraw.Draw(frame)
+    for index, (image, text, font) in enumerate(zip((left, right), labels, fonts, strict=True)):
+        x = index * (width + gap)
+        frame.paste(image, (x, strip))
+        draw.text((x + width / 2, strip / 2), text, fill="black", font=font, anchor="mm")
+    return frame
+
+
 def write_side_by_side_gif(
-    left: torch.Tensor, right: torch.Tensor, path: Path, *, scale: int = 4, frame_ms: int = 150
+    left: torch.Tensor, right: torch.Tensor, path: Path, *, labels: tuple[str, str] = ("dense", "SLA2"),
+    scale: int = 4, frame_ms: int = 150,
 ) -> None:
-    """Animated GIF with `left` and `right` (C, F, H, W) side by side, one shared colour range."""
+    """Animated GIF with `left` and `right` (C, F, H, W) side by side, one shared colour range, each half
+    labelled in the image. Small latents are enlarged (nearest neighbour) so that the labels fit."""
     from PIL import Image
 
+    scale = max(scale, math.ceil(MIN_HALF_WIDTH / left.shape[-1]))
     both = torch.stack([left.float(), right.float()])
     sample = both.flatten()[:: max(1, both.numel() // 1_000_000)]
     low, high = torch.quantile(sample, torch.tensor([0.01, 0.99]))
     left_frames = latents_to_rgb(left, low.item(), high.item(), scale)
     right_frames = latents_to_rgb(right, low.item(), high.item(), scale)
-    gap = torch.full((left_frames[0].shape[0], scale * 2, 3), 255, dtype=torch.uint8)
     images = [
-        Image.fromarray(torch.cat([a, gap, b], dim=1).numpy())
+        labelled_side_by_side(Image.fromarray(a.numpy()), Image.fromarray(b.numpy()), labels)
         for a, b in zip(left_frames, right_frames, strict=True)
     ]
     with atomic_path(path) as temporary:

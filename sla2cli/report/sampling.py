@@ -76,3 +76,12 @@ def comparison_samples(
         return dense_and_sla2_samples(
             target.main, layers, adapter, sample, steps=steps, seed=settings.seed, device=device, dtype=dtype
         )
+
+
+def sla2_label(target: ReportTarget, settings: ReportSettings) -> str:
+    """'SLA2, sparsity 0.97': what the SLA2 half of the comparison ran at (the override, else the layers' own)."""
+    if settings.sparsity is not None:
+        levels = [settings.sparsity]
+    else:
+        levels = sorted({layer.sparsity for layer in sla2_layers(target.main).values()})
+    return "SLA2, sparsity " + "/".join(f"{level:g}" for level in levels)
