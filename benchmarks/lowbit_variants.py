@@ -227,7 +227,7 @@ def main() -> None:
     base_variants = groups[args.group]
     launches = [(4, 2), (4, 3), (8, 2), (8, 3), (8, 4)]
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                commit=git_commit() + args.label, shape=args.shape, sparsity=args.sparsity, k_sel=k_sel)
+                commit=(git_commit() or "") + args.label, shape=args.shape, sparsity=args.sparsity, k_sel=k_sel)
     rows = []
     out = torch.empty_like(q)
     for base in base_variants:

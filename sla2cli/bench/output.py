@@ -58,7 +58,7 @@ def header_lines(environment: Environment) -> list[str]:
     lines = [
         f"device: {e.device}   gpu: {e.gpu}   driver: {e.driver}",
         f"torch {e.torch_version} (cuda {e.cuda_version})   triton {e.triton_version}   "
-        f"sla2 {e.sla2_version}   commit {e.git_commit}",
+        f"sla2 {e.sla2_version}" + (f"   commit {e.git_commit}" if e.git_commit else ""),
     ]
     if e.device != "cuda":
         lines.append(CPU_WARNING)
