@@ -77,6 +77,24 @@ def test_sparsity_zero_equals_sdpa(length):
         assert rel_l2(actual, reference) <= 1e-5
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("alpha_shape", [(2, 3, 2), (3, 1), ()])
+def test_alpha_gets_a_zero_gradient_when_every_block_is_selected(monkeypatch, backend, alpha_shape):
+    """No linear branch: alpha does not enter the output, and every path says so with zeros, not None."""
+    monkeypatch.setenv("SLA2_BACKEND", "torch" if backend == "torch" else "triton")
+    q, k, v = random_qkv(2, 3, 200, 64, torch.float32, 12)
+    alpha = torch.rand(alpha_shape, generator=torch.Generator().manual_seed(13)).requires_grad_(True)
+    attention = sla2_reference if backend == "reference" else sla2_attention
+    out = attention(q, k, v, sparsity=0.0, alpha=alpha)
+    (grad_alpha,) = torch.autograd.grad(out.square().sum(), alpha)  # no allow_unused: alpha is in the graph
+    assert grad_alpha.shape == alpha.shape and grad_alpha.dtype == alpha.dtype
+    assert torch.equal(grad_alpha, torch.zeros_like(alpha))
+    out = attention(q, k, v, sparsity=0.0, alpha=alpha)
+    out.sum().backward()
+    assert alpha.grad is not None and torch.equal(alpha.grad, torch.zeros_like(alpha))
+    assert torch.equal(out, attention(q, k, v, sparsity=0.0))  # the output itself does not depend on alpha
+
+
 def test_without_alpha_is_the_sparse_branch():
     q, k, v = random_qkv(1, 2, 300, 64, torch.float32, 3)
     out = sla2_attention(q, k, v, sparsity=0.5)

@@ -73,8 +73,8 @@ def sla2_attention(
 ) -> torch.Tensor:
     """SLA2 attention (hard routing) on (B, H, L, D) tensors; returns (B, H, L, D) in the input dtype.
 
-    Differentiable in q, k, v and alpha. The router (top-k) has no gradient. `quant` as in
-    `sla2_attention_routed`.
+    Differentiable in q, k, v and alpha (a zero gradient when every key block is selected, on every
+    backend). The router (top-k) has no gradient. `quant` as in `sla2_attention_routed`.
     """
     check_attention_inputs(
         q, k, v, sparsity=sparsity, alpha=alpha, proj_q=proj_q, proj_k=proj_k,

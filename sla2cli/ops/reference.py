@@ -16,6 +16,7 @@ from sla2cli.ops.geometry import (
     k_selected,
     num_blocks,
 )
+from sla2cli.ops.unused_alpha import with_unused_alpha
 from sla2cli.ops.validation import check_attention_inputs
 
 
@@ -87,7 +88,7 @@ def attention_from_block_weights(
     sparse_logits = logits + torch.log(weights)
     out_sparse = torch.softmax(sparse_logits, dim=-1) @ v
     if all_selected:
-        return out_sparse
+        return with_unused_alpha(out_sparse, alpha)
     linear_scores = (torch.softmax(q, dim=-1) @ torch.softmax(k, dim=-1).transpose(-1, -2)) * (1.0 - weights)
     out_linear = (linear_scores @ v) / (linear_scores.sum(dim=-1, keepdim=True) + LINEAR_EPS)
     if alpha is None:
