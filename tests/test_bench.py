@@ -22,7 +22,7 @@ from sla2cli.bench.environment import describe, git_commit
 from sla2cli.bench.flops import dense_attention_flops, selected_blocks, sparse_share
 from sla2cli.bench.inputs import make_inputs
 from sla2cli.bench.kernel_mode import KernelBenchPlan, fill_speedups, measure, run_kernel_bench
-from sla2cli.bench.output import header_lines, print_report, rows_frame
+from sla2cli.bench.output import header_lines, print_report, rows_frame, write_csv, write_json
 from sla2cli.bench.plot import speedup_figure, write_plot
 from sla2cli.bench.providers import get_provider, provider_names, select_providers
 from sla2cli.bench.providers.dense import DenseProvider
@@ -391,6 +391,18 @@ def test_table_and_note_show_the_rounding_once_where_it_happens():
     assert "0.97 keeps 1 of 16 key blocks (effective_sparsity 0.938)" in note
     exact = _printed(_rows_at([0.5, 0.75]))  # whole numbers of blocks: nothing to say
     assert "eff. sparsity" not in exact and "note:" not in exact
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    """Written under a private temporary name, published with the permissions any new file gets."""
+    umask = os.umask(0)
+    os.umask(umask)
+    rows = _rows_at([0.9])
+    write_csv(rows, tmp_path / "rows.csv")
+    write_json(rows, tmp_path / "rows.json")
+    for name in ("rows.csv", "rows.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.csv", "rows.json"]
 
 
 def test_plot_puts_points_at_the_effective_sparsity_and_names_k_sel():

@@ -12,9 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -30,6 +28,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from sla2cli.errors import UserError
+from sla2cli.models.atomic import atomic_path
 from sla2cli.ops import Routing, num_blocks, route, sla2_attention, sla2_attention_routed
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, SUPPORTED_HEAD_DIMS
 from sla2cli.ops.reference import block_token_counts
@@ -216,14 +215,8 @@ def write_csv_atomically(path: Path, rows: list[DemoRow]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=list(asdict(rows[0])))
     writer.writeheader()
     writer.writerows(asdict(row) for row in rows)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w", newline="") as handle:
-            handle.write(buffer.getvalue())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        temporary.write_text(buffer.getvalue(), encoding="utf-8", newline="")
 
 
 def render_table(rows: list[DemoRow]) -> Table:
