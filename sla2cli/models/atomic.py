@@ -35,9 +35,11 @@ def _protected(folder: Path) -> str | None:
         return "the current folder"
     if folder in cwd.parents:
         return "a parent of the current folder"
-    if folder == Path.home().resolve():
-        return "the home folder"
-    return None
+    try:
+        home = Path.home().resolve()
+    except RuntimeError:  # no HOME and no user entry (some containers): there is no home folder to protect
+        return None
+    return "the home folder" if folder == home else None
 
 
 def _component_names(config_path: Path) -> set[str]:
