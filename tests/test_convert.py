@@ -30,6 +30,7 @@ from sla2cli.models.embedded.config import ASSETS_DIR, CONFIG_FILENAME, WEIGHTS_
 from sla2cli.models.processors import CogVideoXSLA2Processor, WanSLA2Processor
 from sla2cli.models.random_models import build_random_model, example_inputs
 from sla2cli.models.recipes import all_recipes
+from sla2cli.ops import k_selected, num_blocks
 
 WAN = all_recipes()["wan2.1-t2v-1.3b"]
 EMBEDDED_SHIPPED = (ASSETS_DIR / CONFIG_FILENAME).is_file() and (ASSETS_DIR / WEIGHTS_FILENAME).is_file()
@@ -78,6 +79,9 @@ def test_local_folder_round_trip_is_exact_at_sparsity_zero(wan_folder, tmp_path,
     code, stdout, err = run_cli(["convert", str(wan_folder), "--out", str(out)], capsys)
     assert code == 0, err
     assert "attention FLOP reduction" in stdout
+    key_blocks = num_blocks(WAN.default_tokens(), 64)  # 0.97 is not a whole number of key blocks there
+    kept = k_selected(key_blocks, 0.97)
+    assert f"0.97 keeps {kept} of {key_blocks} key blocks (effective_sparsity {1 - kept / key_blocks:.3f})" in stdout
     base = WanTransformer3DModel.from_pretrained(wan_folder / "transformer").eval()
     inputs = small_inputs(WAN)
     reference = _forward(base, inputs)

@@ -25,6 +25,7 @@ from sla2cli.models.conversion import conversion_info, convert_with_recipe, sla2
 from sla2cli.models.model_spec import ModelSpec, parse_model_spec
 from sla2cli.models.recipes import Recipe, all_recipes, get_recipe
 from sla2cli.models.sources import ModelLocation, base_source, build_components, locate
+from sla2cli.ops.geometry import describe_rounding, num_blocks, sparsity_is_rounded
 from sla2cli.ops.quantization import QUANT_NONE, REQUESTABLE_QUANT_MODES, check_quant
 
 QUANT_HELP = (
@@ -128,6 +129,13 @@ def _format_flops(flops: int) -> str:
     return f"{flops:,} FLOP"
 
 
+def _sparsity_summary(sparsity: float, key_blocks: int) -> str:
+    """The sparsity, and what it rounds to in whole key blocks at the default resolution where that shows."""
+    if not sparsity_is_rounded(key_blocks, sparsity):
+        return f"{sparsity:g}"
+    return f"{describe_rounding(key_blocks, sparsity)} at the default resolution"
+
+
 def summary_table(components: dict, recipe: Recipe, source: str, out: Path, seconds: float) -> Table:
     """Layers converted, parameters added and the attention FLOP reduction at the default resolution."""
     layers = {name: sla2_layers(model) for name, model in components.items()}
@@ -146,7 +154,7 @@ def summary_table(components: dict, recipe: Recipe, source: str, out: Path, seco
         ("left on dense attention", ", ".join([*recipe.attention.kept_dense, "calls with a mask"])),
         ("layers kept dense by the recipe", ", ".join(map(str, recipe.dense_layers)) or "none"),
         ("parameters added", f"{added:,} ({added * 4 / 1e6:.2f} MB float32)"),
-        ("sparsity", f"{any_layer.sparsity:g}"),
+        ("sparsity", _sparsity_summary(any_layer.sparsity, num_blocks(estimate.length, any_layer.block_k))),
         ("sparse-branch quantisation", any_layer.quant),
         ("blocks (query, key)", f"{any_layer.block_q}, {any_layer.block_k}"),
         ("default resolution", f"{recipe.default_resolution}: {size.width}x{size.height}, {size.frames} frames, "
