@@ -32,6 +32,7 @@ from sla2cli.training.metrics import (
     validations,
 )
 from sla2cli.training.model_setup import frozen_dense_teacher, prepare_for_training, start_figures
+from sla2cli.training.objectives import VALIDATION_CHUNK, validation_loss
 from sla2cli.training.optim import TRAIN_ALL, TrainChoice, build_optimizer, finetune_parameter_groups
 from sla2cli.training.progress import ProgressReporter
 from sla2cli.training.settings import FinetuneSettings, check_partition, recipe_defaults, with_overrides
@@ -168,7 +169,7 @@ def finetune(
     trainable = prepare_for_training(model, device=target, quant=settings.quant, train=train,
                                      gradient_checkpointing=settings.gradient_checkpointing)
     validation = training_data.validation_set(target)
-    before, dense = start_figures(model, validation, use_autocast, micro_batch)
+    before, dense = start_figures(model, validation, use_autocast)
     optimizer = build_optimizer(finetune_parameter_groups(
         model, learning_rate=settings.learning_rate, sla2_learning_rate=settings.sla2_learning_rate,
         weight_decay=settings.weight_decay))
@@ -185,3 +186,31 @@ def finetune(
             model.disable_gradient_checkpointing()
         model.eval().requires_grad_(False)
     return summarize(result, settings, 0, before, dense, after, len(trainable), target, training_data)
+
+
+def evaluate(
+    model: nn.Module,
+    data: TrainingData | str | Path | None = None,
+    *,
+    clip: tuple[int, int, int] | None = None,
+    validation_samples: int | None = None,
+    recipe: str | None = None,
+) -> float:
+    """The held-out validation loss that fine-tuning reports, for any model (converted or not), on the
+    device it is on (bf16 autocast on GPUs): the same clips, noise and times as `finetune` with the same
+    `data`, `clip` and `validation_samples` (defaults: the recipe's)."""
+    chosen = model_recipe(model, recipe)
+    check_family(chosen)
+    settings = with_overrides(recipe_defaults(chosen), {"clip": clip, "validation_samples": validation_samples})
+    settings = resolve_clip(settings, chosen, has_data=data is not None)
+    training_data = make_data(data, settings)
+    check_fits(training_data, model)
+    device = next(model.parameters()).device
+    validation = training_data.validation_set(device)
+    was_training = model.training
+    model.eval()
+    try:
+        return validation_loss(model, validation.clean, validation.text, device.type == "cuda",
+                               extras=validation.extras, chunk_size=VALIDATION_CHUNK)
+    finally:
+        model.train(was_training)

@@ -208,7 +208,7 @@ def _run(request: FinetuneRequest, config: CheckpointConfig, settings: FinetuneS
                                      gradient_checkpointing=settings.gradient_checkpointing)
     validation = data.validation_set(device)
     if record is None:
-        before, dense = start_figures(model, validation, use_autocast, micro_batch)
+        before, dense = start_figures(model, validation, use_autocast)
         rows = [validation_row(0, dense, DENSE_VALIDATION), validation_row(0, before)]
         start = 0
     else:

@@ -20,7 +20,7 @@ from sla2cli.training.data import TrainingData, ValidationSet, training_batch
 from sla2cli.training.distributed import Processes, set_gradient_sync
 from sla2cli.training.interrupt import StopRequest
 from sla2cli.training.metrics import TRAIN, Row, peak_memory_mb, validation_row
-from sla2cli.training.objectives import distill_loss, flow_loss, validation_loss
+from sla2cli.training.objectives import VALIDATION_CHUNK, distill_loss, flow_loss, validation_loss
 from sla2cli.training.optim import set_learning_rates
 from sla2cli.training.progress import ProgressReporter
 from sla2cli.training.schedule import schedule_factor
@@ -110,7 +110,7 @@ def validate(trainer: Trainer) -> float:
     try:
         return validation_loss(
             trainer.model, trainer.validation.clean, trainer.validation.text, trainer.use_autocast,
-            extras=trainer.validation.extras, chunk_size=trainer.micro_batch,
+            extras=trainer.validation.extras, chunk_size=VALIDATION_CHUNK,
         )
     finally:
         trainer.model.train()

@@ -12,7 +12,7 @@ from sla2cli.errors import UserError
 from sla2cli.models.conversion import INFO_ATTRIBUTE, dense_processors, sla2_layers, sla2_processors
 from sla2cli.ops.quantization import QUANT_NONE, check_quant
 from sla2cli.training.data import ValidationSet
-from sla2cli.training.objectives import validation_loss
+from sla2cli.training.objectives import VALIDATION_CHUNK, validation_loss
 from sla2cli.training.optim import TrainChoice, select_trainable
 
 
@@ -67,16 +67,14 @@ def frozen_dense_teacher(model: nn.Module, dtype: torch.dtype, *, copy_model: bo
     return teacher.eval().requires_grad_(False)
 
 
-def start_figures(
-    model: nn.Module, validation: ValidationSet, use_autocast: bool, chunk_size: int
-) -> tuple[float, float]:
+def start_figures(model: nn.Module, validation: ValidationSet, use_autocast: bool) -> tuple[float, float]:
     """(validation loss of the model as given, of the same weights with dense attention)."""
     was_training = model.training
     model.eval()
     try:
         def measure() -> float:
             return validation_loss(model, validation.clean, validation.text, use_autocast,
-                                   extras=validation.extras, chunk_size=chunk_size)
+                                   extras=validation.extras, chunk_size=VALIDATION_CHUNK)
 
         before = measure()
         if not sla2_processors(model):
