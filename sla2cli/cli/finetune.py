@@ -54,6 +54,8 @@ def finetune(
                           ] = None,
     validate_every: Annotated[int | None, Opt(help="Held-out validation every N steps (always at start and end).")
                               ] = None,
+    validation_samples: Annotated[int | None, Opt(help="Held-out clips to validate on (--data: unless its manifest "
+                                                  "names them). Default: 8.")] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue the run saved in --out exactly.")] = False,
     overwrite: Annotated[bool, Opt("--overwrite", help="Replace --out if it exists.")] = False,
     seed: Annotated[int | None, Opt(help="Seed of the clips, noise and timesteps drawn for training.")] = None,
@@ -65,7 +67,8 @@ def finetune(
         "steps": steps, "learning_rate": lr, "batch_size": batch_size, "grad_accum": grad_accum,
         "objective": objective, "quant": quant, "schedule": schedule, "warmup_steps": warmup,
         "gradient_checkpointing": gradient_checkpointing, "save_every": save_every,
-        "validate_every": validate_every, "seed": seed, "clip": parse_clip(clip) if clip is not None else None,
+        "validate_every": validate_every, "validation_samples": validation_samples, "seed": seed,
+        "clip": parse_clip(clip) if clip is not None else None,
     }
     request = FinetuneRequest(checkpoint=checkpoint, out=out, overrides=overrides, data=data, resume=resume,
                               overwrite=overwrite, device=resolve_device(device), quiet=quiet)

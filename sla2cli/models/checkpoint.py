@@ -87,6 +87,10 @@ def save_component_weights(folder: Path, model: diffusers.ModelMixin, weights: d
     them, but from a given state dict: e.g. one gathered from a model sharded over processes."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_config(folder)
+    config_path = folder / "config.json"  # diffusers names the class it sees: FSDP<Name> for a sharded model
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["_class_name"] = model_class_name(model)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     pattern = SAFETENSORS_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
     split = split_torch_state_dict_into_shards(weights, max_shard_size=MAX_SHARD_SIZE, filename_pattern=pattern)
     for filename, names in split.filename_to_tensors.items():

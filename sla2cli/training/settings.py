@@ -57,6 +57,7 @@ OPTION_NAMES = {
     "objective": "--objective", "quant": "--quant", "schedule": "--schedule", "warmup_steps": "--warmup",
     "gradient_checkpointing": "--gradient-checkpointing", "validate_every": "--validate-every",
     "save_every": "--save-every", "seed": "--seed", "clip": "--clip", "sla2_learning_rate": "--sla2-lr",
+    "validation_samples": "--validation-samples",
 }
 REQUIRED_RECIPE_KEYS = ("objective", "learning_rate", "steps", "batch_size", "gradient_checkpointing", "shift")
 
@@ -121,7 +122,7 @@ def check_settings(settings: FinetuneSettings) -> None:
     if not _positive_number(settings.shift):
         raise UserError(f"the timestep shift must be positive, got {settings.shift}")
     if settings.validation_samples < 1:
-        raise UserError(f"validation_samples must be at least 1, got {settings.validation_samples}")
+        raise UserError(f"--validation-samples must be at least 1, got {settings.validation_samples}")
     if settings.clip is not None:
         frames, height, width = settings.clip
         if frames < 1 or height < 2 or width < 2 or height % 2 or width % 2:
