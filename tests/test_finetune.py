@@ -3,6 +3,8 @@ SIGINT), the Python API, objectives and QAT, and bad input."""
 
 from __future__ import annotations
 
+import csv
+import importlib.util
 import os
 import signal
 import subprocess
@@ -242,3 +244,32 @@ def test_help_lists_finetune(capsys):
     assert code == 0 and "finetune" in out
     code, out, _ = run_cli(["finetune", "--help"], capsys)
     assert code == 0 and "--resume" in out and "--objective" in out
+
+
+def test_gpu_script_runs_at_tiny_sizes_on_cpu(tmp_path):
+    spec = importlib.util.spec_from_file_location("finetune_gpu", ROOT / "benchmarks" / "finetune_gpu.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    argv = ["finetune_gpu.py", "--out", str(tmp_path), "--device", "cpu", "--phases", "qat,wan", "--steps", "1",
+            "--clip", "2,16,16", "--validation-samples", "1", "--wan-scaled-down", "--wan-latents", "16,2,16,16",
+            "--wan-text", "16,32", "--wan-steps", "1"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", argv)
+        script.main()
+    with (tmp_path / "finetune_gpu.csv").open() as stream:
+        rows = list(csv.DictReader(stream))
+    assert [(row["phase"], row["train_quant"], row["eval_quant"]) for row in rows] == [
+        ("qat", "int8", "int8"), ("qat", "int8", "none"), ("wan", "none", "none")]
+    assert all(row["device"] == "cpu" and row["commit"] and float(row["val_loss_after"]) > 0 for row in rows)
+
+
+@pytest.mark.gpu
+def test_finetune_on_a_gpu_trains_fp32_master_weights_under_bf16_autocast(converted, tmp_path):
+    out = tmp_path / "gpu"
+    assert _cli(["finetune", str(converted), "--out", str(out), "--steps", "3", "--batch-size", "2", "--quant",
+                 "int8", "--validation-samples", "2", "--quiet", "--device", "cuda"]) == 0
+    rows = read_metrics_csv(out / METRICS_FILE)
+    assert all(torch.isfinite(torch.tensor(loss)) for loss in train_losses(rows))
+    model = sla2cli.load(out, quant="int8", dtype=torch.float32, device="cuda")
+    assert sla2cli.evaluate(model, validation_samples=2) == pytest.approx(validations(rows)[-1][1], rel=1e-4)
+    assert load_file(str(out / WEIGHTS))["proj_out.weight"].dtype == torch.float32
