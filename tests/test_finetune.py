@@ -14,14 +14,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_hub import assert_user_error, folder_listing, run_cli
+from fixtures_hub import (
+    assert_user_error,
+    folder_listing,
+    publish_to_hub_cache,
+    run_cli,
+    scaled_down_components,
+    use_hub_cache,
+)
 from safetensors.torch import load_file
 
 import sla2cli
 from sla2cli.cli import main
 from sla2cli.models.checkpoint_format import read_config
 from sla2cli.models.conversion import sla2_layers
-from sla2cli.models.embedded import build_embedded_model
+from sla2cli.models.embedded import load_embedded_model
+from sla2cli.models.recipes import get_recipe
 from sla2cli.module import SLA2Attention
 from sla2cli.training import loop as loop_module
 from sla2cli.training.latent_format import latent_folder_writer
@@ -173,8 +181,7 @@ def test_qat_and_distillation_and_gradient_checkpointing(converted, tmp_path):
 
 
 def test_python_api_trains_a_dense_baseline_and_chosen_parameters(converted):
-    dense = build_embedded_model()
-    dense.load_state_dict(sla2cli.load(converted).state_dict(), strict=False)
+    dense = load_embedded_model()  # the shipped weights, not converted
     summary = sla2cli.finetune(dense, steps=2, batch_size=2, clip=(2, 16, 16), validation_samples=2)
     assert summary.validation_before == summary.dense_validation  # no SLA2 layer: the model is the dense one
     assert len(summary.losses) == 2 and summary.validation_after == sla2cli.evaluate(
@@ -244,6 +251,37 @@ def test_help_lists_finetune(capsys):
     assert code == 0 and "finetune" in out
     code, out, _ = run_cli(["finetune", "--help"], capsys)
     assert code == 0 and "--resume" in out and "--objective" in out
+
+
+def test_hub_model_finetunes_on_a_latent_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("COLUMNS", "400")
+    cache = tmp_path / "hub"
+    use_hub_cache(monkeypatch, cache)
+    for name in ("wan2.1-t2v-1.3b", "cogvideox-2b"):
+        recipe = get_recipe(name)
+        publish_to_hub_cache(cache, recipe.hub_id, scaled_down_components(recipe))
+        assert _cli(["convert", recipe.hub_id, "--sparsity", "0.9", "--out", str(tmp_path / name)]) == 0
+    generator = torch.Generator().manual_seed(0)
+    with latent_folder_writer(tmp_path / "latents") as writer:  # scaled-down Wan: 16 channels, text width 32
+        for index in range(4):
+            writer.add(f"clip-{index}", torch.randn(16, 2, 16, 16, generator=generator),
+                       torch.randn(16, 32, generator=generator))
+    wan, out = tmp_path / "wan2.1-t2v-1.3b", tmp_path / "wan-ft"
+
+    code, _, err = run_cli(["finetune", str(wan), "--out", str(out), *QUIET], capsys)
+    assert_user_error(code, err, mentions="needs training data")
+    code, _, err = run_cli(["finetune", str(tmp_path / "cogvideox-2b"), "--out", str(out), *QUIET], capsys)
+    assert_user_error(code, err, mentions="not supported yet")
+    assert _cli(["finetune", str(wan), "--out", str(out), "--data", str(tmp_path / "latents"), "--steps", "2",
+                 "--batch-size", "2", *QUIET]) == 0  # the recipe turns gradient checkpointing on
+
+    config = read_config(out)
+    assert (config.base.source, config.base_weights) == ("hub", "included")
+    assert "3 precomputed clips of latents (1 held out)" in (out / "README.md").read_text()
+    rows = read_metrics_csv(out / METRICS_FILE)
+    assert len(train_losses(rows)) == 2
+    model = sla2cli.load(out)
+    assert sla2cli.evaluate(model, tmp_path / "latents") == validations(rows)[-1][1]
 
 
 def test_gpu_script_runs_at_tiny_sizes_on_cpu(tmp_path):

@@ -21,6 +21,7 @@ from sla2cli.models.atomic import check_output_folder
 from sla2cli.models.checkpoint import write_checkpoint
 from sla2cli.models.checkpoint_format import CONFIG_FILE, CheckpointConfig, read_config
 from sla2cli.models.recipes import get_recipe
+from sla2cli.ops.quantization import resolve_quant_mode
 from sla2cli.training import distributed, state
 from sla2cli.training.data import TrainingData, check_fits
 from sla2cli.training.finetune import FinetuneSummary, check_family, make_data, resolve_clip, summarize
@@ -143,6 +144,10 @@ def check_request(request: FinetuneRequest) -> tuple[CheckpointConfig, FinetuneS
     if request.out.absolute() == request.checkpoint.absolute():
         raise UserError("--out must differ from CHECKPOINT: the checkpoint stays the run's starting point")
     settings = prepare_settings(request, config)
+    try:
+        resolve_quant_mode(settings.quant, request.device)  # a mode this GPU cannot run fails before any work
+    except ValueError as error:
+        raise UserError(f"--quant: {error}") from None
     if request.resume:
         record, _ = state.read_record(request.out)
         return config, settings, record
