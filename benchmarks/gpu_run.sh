@@ -5,10 +5,14 @@
 #   extra: the model forward under torch.compile, and `sla2 report` at 480p with peak memory
 #   lowbit: low-bit GPU tests, low-bit accuracy (random and embedded-model inputs), operator timing of
 #           bf16 SLA2 beside its low-bit modes and FA2 at both default shapes
-# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit
+#   finetune: fine-tuning GPU test; `sla2 finetune` on the embedded model at 0.97 with the recipe's defaults
+#           (validation dense/before/after, minutes, memory; also evaluated with int8) and 3 steps of a
+#           full-size Wan2.1-1.3B at 480p x 81 frames with gradient checkpointing (samples/s, peak memory)
+#   qat:    the same embedded run with --quant int8, evaluated with and without int8 (run after finetune)
+# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat
 set -uo pipefail
 out=${1:?output folder}
-phase=${2:?core, extra or lowbit}
+phase=${2:?core, extra, lowbit, finetune or qat}
 mkdir -p /tmp/site "$out"
 log="$out/all.log"
 source benchmarks/gpu_packages.sh
@@ -33,6 +37,14 @@ elif [ "$phase" = lowbit ]; then
   timeout 150 python3 benchmarks/gpu_suite.py --csv "$out/operator_lowbit_14b.csv" --shapes 1,40,75600,128 \
     --sparsities 0.97 --modes fwd --quant int8 --rep-ms 150 >> "$log" 2>&1
   timeout 150 python3 benchmarks/lowbit_parts.py --csv "$out/lowbit_parts.csv" > "$out/lowbit_parts.txt" 2>&1
+elif [ "$phase" = finetune ]; then
+  python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_finetune.py 2>&1 \
+    | grep -v DEBUG | grep -E "passed|failed|Error|assert" | tee -a "$log"
+  timeout 500 python3 benchmarks/finetune_gpu.py --out "$out/finetune" --phases embedded,wan \
+    --csv finetune_gpu.csv >> "$log" 2>&1
+elif [ "$phase" = qat ]; then
+  timeout 500 python3 benchmarks/finetune_gpu.py --out "$out/finetune" --phases qat --csv finetune_qat_gpu.csv \
+    >> "$log" 2>&1
 else
   timeout 330 python3 benchmarks/model_suite.py --csv "$out/model_compiled.csv" --compile >> "$log" 2>&1
   timeout 240 python3 benchmarks/report_gpu.py --csv "$out/report.csv" --summary "$out/report_memory.csv" \

@@ -2,11 +2,11 @@
 
 __version__ = "0.1.0"
 
-_API = ("convert", "load", "save")
+_API = ("convert", "load", "save", "finetune", "evaluate")
 
 
 def __getattr__(name: str):
-    """`sla2cli.convert/load/save`, imported on first use so that `import sla2cli` stays light."""
+    """`sla2cli.convert/load/save/finetune/evaluate`, imported on first use so that `import sla2cli` stays light."""
     if name in _API:
         from sla2cli import api
 

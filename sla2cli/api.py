@@ -6,6 +6,8 @@
     sla2cli.convert(pipe, quant="auto")         # low-bit sparse-branch forward (best mode the GPU runs)
     sla2cli.save(pipe, "wan-sla2")              # sla2_config.json + sla2_attention.safetensors + README.md
     model = sla2cli.load("wan-sla2")            # base weights from the Hub cache, SLA2 layers from the folder
+    summary = sla2cli.finetune(model, "latents/", steps=2000)   # stage 2 in memory (see sla2cli.training)
+    sla2cli.save(model, "wan-sla2-ft", include_base_weights=True)
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from sla2cli.models.model_spec import parse_model_spec
 from sla2cli.models.recipes import Recipe, get_recipe, recipe_for_architecture, recipe_for_hub_id
 from sla2cli.models.sources import EMBEDDED_RECIPE, base_source, build_components, locate
 from sla2cli.ops.quantization import QUANT_NONE, check_quant
+from sla2cli.training.finetune import evaluate, finetune
+
+__all__ = ["convert", "evaluate", "finetune", "load", "save"]
 
 COMPONENT_NAMES = ("transformer", "transformer_2")
 

@@ -42,6 +42,18 @@ def _check_block(name: str, value: int) -> int:
 ALPHA_BIAS_AT_CREATION = 4.0
 
 
+def _autocast_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Under autocast, attention runs in the autocast dtype, as torch's SDPA does: in mixed-precision
+    training the q/k norms may hand over float32 (autocast runs norms in float32) while v is bf16."""
+    device_type = q.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(device_type)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 class SLA2Attention(nn.Module):
     """SLA2 sparse-linear attention with a learnable router and a length-free alpha predictor.
 
@@ -178,7 +190,9 @@ class SLA2Attention(nn.Module):
         return self.alpha_from_mass(mass)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """SLA2 attention with hard routing on (B, H, L, D) tensors -> (B, H, L, D) in the input dtype."""
+        """SLA2 attention with hard routing on (B, H, L, D) tensors -> (B, H, L, D) in the input dtype
+        (under autocast: in the autocast dtype)."""
+        q, k, v = _autocast_inputs(q, k, v)
         self._check_inputs(q, k, v)
         routing = route(
             q, k, sparsity=self.sparsity, proj_q=self.proj_q, proj_k=self.proj_k,

@@ -17,7 +17,13 @@ from sla2cli.models import checkpoint as checkpoint_module
 from sla2cli.models.atomic import check_output_folder, foreign_entries, replacement_refusal
 from sla2cli.models.base_model import BaseModelRef, base_ref_from_name_or_path
 from sla2cli.models.checkpoint import check_not_over_base
-from sla2cli.models.checkpoint_format import SCHEMA_VERSION, parse_config, read_config
+from sla2cli.models.checkpoint_format import (
+    SCHEMA_VERSION,
+    TRAINING_METRICS_FILE,
+    TRAINING_STATE_DIR,
+    parse_config,
+    read_config,
+)
 from sla2cli.models.conversion import conversion_info, sla2_layers
 from sla2cli.models.random_models import build_random_model
 from sla2cli.models.safetensors_check import read_header
@@ -160,17 +166,19 @@ def test_replacement_rule_looks_inside_component_folders(tmp_path):
     assert foreign_entries(folder) == ["transformer/my_lora.bin", "vae/"]
 
 
-def test_replacement_rule_accepts_what_the_command_owns(tmp_path):
-    """A command (fine-tuning) names what it keeps in its own checkpoints; anything else stays foreign."""
+def test_replacement_rule_accepts_fine_tuning_state_and_nothing_else(tmp_path):
+    """A fine-tuned checkpoint's training state and metrics are sla2's own; other names stay foreign."""
     folder = _checkpoint_like(tmp_path / "ckpt")
-    (folder / "training_state").mkdir()
-    (folder / "training_state" / "optimizer.safetensors").write_bytes(b"x")
+    (folder / TRAINING_STATE_DIR).mkdir()
+    (folder / TRAINING_STATE_DIR / "optimizer.safetensors").write_bytes(b"x")
+    (folder / TRAINING_METRICS_FILE).write_text("step,loss\n")
+    assert foreign_entries(folder) == []
+    assert replacement_refusal(folder) is None
+    assert check_output_folder(folder, overwrite=True) == folder.resolve()
     (folder / "metrics.csv").write_text("step,loss\n")
-    assert foreign_entries(folder) == ["metrics.csv", "training_state/"]
-    assert replacement_refusal(folder, owned={"training_state", "metrics.csv"}) is None
-    assert check_output_folder(folder, overwrite=True, owned={"training_state", "metrics.csv"}) == folder.resolve()
+    assert foreign_entries(folder) == ["metrics.csv"]
     with pytest.raises(UserError, match="metrics.csv"):
-        check_output_folder(folder, overwrite=True, owned={"training_state"})
+        check_output_folder(folder, overwrite=True)
 
 
 def test_protected_folders_are_never_replaced(tmp_path, monkeypatch):

@@ -16,8 +16,8 @@ _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "Clic
 
 app = typer.Typer(
     name="sla2",
-    help="SLA2 sparse-linear attention for video diffusion transformers: convert a model, "
-    "benchmark it against FlashAttention2, and report sparsity and accuracy per layer.",
+    help="SLA2 sparse-linear attention for video diffusion transformers: convert a model, calibrate and "
+    "fine-tune it, benchmark it against FlashAttention2, and report sparsity and accuracy per layer.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -45,9 +45,9 @@ def _register_commands() -> None:
     """Attach every sub-command once (main() may run many times in one process, as in tests)."""
     if app.registered_commands:
         return
-    from sla2cli.cli import bench, calibrate, convert, demo, report
+    from sla2cli.cli import bench, calibrate, convert, demo, finetune, report
 
-    for module in (demo, convert, calibrate, bench, report):
+    for module in (demo, convert, calibrate, finetune, bench, report):
         module.register(app)
 
 

@@ -16,12 +16,12 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from sla2cli.errors import UserError
-from sla2cli.models.checkpoint_format import CHECKPOINT_FILES, CONFIG_FILE
+from sla2cli.models.checkpoint_format import CHECKPOINT_FILES, CONFIG_FILE, TRAINING_ENTRIES
 
 # What diffusers' save_pretrained writes into a component subfolder of a checkpoint with base weights.
 COMPONENT_FILE_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json")
@@ -64,17 +64,17 @@ def _foreign_in_component(folder: Path) -> list[str]:
     ]
 
 
-def foreign_entries(folder: Path, owned: Collection[str] = ()) -> list[str]:
+def foreign_entries(folder: Path) -> list[str]:
     """Entries of the checkpoint `folder` that sla2 did not write (relative names, sorted).
 
-    sla2 writes the checkpoint files, the component subfolders its config lists, and `owned`: names a
-    command keeps in its own checkpoints (for example fine-tuning's training state), taken as wholly its own.
+    sla2 writes the checkpoint files, the component subfolders its config lists, and fine-tuning's
+    training state and metrics (TRAINING_ENTRIES), taken as wholly its own.
     """
     components = _component_names(folder / CONFIG_FILE)
     foreign: list[str] = []
     for entry in sorted(folder.iterdir()):
         name = entry.name
-        if name in owned or (name in CHECKPOINT_FILES and _is_plain_file(entry)):
+        if name in TRAINING_ENTRIES or (name in CHECKPOINT_FILES and _is_plain_file(entry)):
             continue
         if name in components and entry.is_dir() and not entry.is_symlink():
             foreign += _foreign_in_component(entry)
@@ -88,7 +88,7 @@ def _listing(names: list[str]) -> str:
     return shown if len(names) <= SHOWN_ENTRIES else f"{shown} and {len(names) - SHOWN_ENTRIES} more"
 
 
-def replacement_refusal(folder: Path, owned: Collection[str] = ()) -> str | None:
+def replacement_refusal(folder: Path) -> str | None:
     """Why the existing folder `folder` (symlinks resolved) must not be replaced, and what to do; None
     when it may be.
 
@@ -103,19 +103,18 @@ def replacement_refusal(folder: Path, owned: Collection[str] = ()) -> str | None
     if not (folder / CONFIG_FILE).is_file():
         return (f"it is not empty and not an sla2 checkpoint (no {CONFIG_FILE}), and --overwrite replaces "
                 "only sla2's own output; choose another --out")
-    foreign = foreign_entries(folder, owned)
+    foreign = foreign_entries(folder)
     if foreign:
         return (f"besides the sla2 checkpoint it holds {_listing(foreign)}, which sla2 did not write; "
                 "move that out or choose another --out")
     return None
 
 
-def check_output_folder(out: Path, *, overwrite: bool, owned: Collection[str] = ()) -> Path:
+def check_output_folder(out: Path, *, overwrite: bool) -> Path:
     """The folder to write, symlinks resolved; a UserError when it may not be (re)placed there.
 
     Call before any expensive work. An existing folder needs `overwrite` and must pass
-    `replacement_refusal`; `owned` names what the calling command writes into its checkpoints beyond
-    the checkpoint files.
+    `replacement_refusal`.
     """
     given = Path(out).expanduser()
     if given.is_symlink() and not given.exists():
@@ -126,7 +125,7 @@ def check_output_folder(out: Path, *, overwrite: bool, owned: Collection[str] = 
         return folder
     if not folder.is_dir():
         raise UserError(f"{out} exists and is a file; choose another --out")
-    refusal = replacement_refusal(folder, owned)
+    refusal = replacement_refusal(folder)
     if refusal is not None:
         raise UserError(f"{out} cannot be replaced: {refusal}")
     if not overwrite:
@@ -135,18 +134,18 @@ def check_output_folder(out: Path, *, overwrite: bool, owned: Collection[str] = 
 
 
 @contextmanager
-def atomic_folder(out: Path, *, overwrite: bool, owned: Collection[str] = ()) -> Iterator[Path]:
+def atomic_folder(out: Path, *, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary folder next to `out`; on success it becomes `out` (replacing it if allowed).
 
     The rule is checked again just before the swap: files may have been put there during a long run.
     """
-    out = check_output_folder(out, overwrite=overwrite, owned=owned)
+    out = check_output_folder(out, overwrite=overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp"
     temporary.mkdir()
     try:
         yield temporary
-        check_output_folder(out, overwrite=overwrite, owned=owned)
+        check_output_folder(out, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
         raise

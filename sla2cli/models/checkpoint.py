@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import diffusers
 import torch
+from diffusers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from sla2cli import __version__
@@ -32,11 +34,11 @@ from sla2cli.models.checkpoint_format import (
     ComponentRecord,
     read_config,
 )
+from sla2cli.models.components import model_class_name
 from sla2cli.models.conversion import (
     attention_layers,
     conversion_info,
     convert_component,
-    dense_processors,
     model_quant,
     model_settings,
     sla2_layers,
@@ -61,6 +63,42 @@ def attention_tensors(components: dict[str, nn.Module]) -> dict[str, torch.Tenso
             for key, value in layer.state_dict().items():
                 tensors[f"{component}.{module_name}.{key}"] = value.detach().to("cpu", torch.float32).contiguous()
     return tensors
+
+
+def split_state(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+    """A converted model's full state dict split into (base weights, SLA2 parameters by layer key).
+
+    SLA2 parameters live in the processors (`<module>.processor.sla2.<name>`); the base weights are all
+    the rest, keyed as the unconverted model keys them. Keys of the SLA2 part are `<module>.<name>`.
+    """
+    prefixes = {f"{module}.processor.sla2.": module for module in sla2_layers(model)}
+    base, attention = {}, {}
+    for key, value in state.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None:
+            base[key] = value
+        else:
+            attention[f"{prefixes[prefix]}.{key[len(prefix):]}"] = value
+    return base, attention
+
+
+def save_component_weights(folder: Path, model: diffusers.ModelMixin, weights: dict[str, torch.Tensor]) -> None:
+    """`weights` in diffusers layout (config.json, sharded safetensors and index), as save_pretrained writes
+    them, but from a given state dict: e.g. one gathered from a model sharded over processes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_config(folder)
+    config_path = folder / "config.json"  # diffusers names the class it sees: FSDP<Name> for a sharded model
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["_class_name"] = model_class_name(model)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    pattern = SAFETENSORS_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
+    split = split_torch_state_dict_into_shards(weights, max_shard_size=MAX_SHARD_SIZE, filename_pattern=pattern)
+    for filename, names in split.filename_to_tensors.items():
+        shard = {name: weights[name].detach().to("cpu").contiguous() for name in names}
+        save_file(shard, str(folder / filename), metadata={"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": dict(split.metadata), "weight_map": split.tensor_to_filename}
+        (folder / SAFE_WEIGHTS_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
 def _sha256(path: Path) -> str:
@@ -91,7 +129,7 @@ def describe_components(
     if len(recipes) != 1 or len(bases) != 1 or len(settings) != 1:
         raise ValueError("the components were converted from different models or with different settings")
     records = {
-        name: ComponentRecord(model_class=type(model).__name__, converted_modules=infos[name].converted_modules)
+        name: ComponentRecord(model_class=model_class_name(model), converted_modules=infos[name].converted_modules)
         for name, model in components.items()
     }
     return get_recipe(recipes.pop()), bases.pop(), settings.pop(), records
@@ -113,25 +151,36 @@ def write_checkpoint(
     include_base_weights: bool,
     overwrite: bool,
     measurements: dict[str, Any] | None = None,
-    owned: Collection[str] = (),
+    states: dict[str, dict[str, torch.Tensor]] | None = None,
+    extra_files: Callable[[Path], None] | None = None,
 ) -> CheckpointConfig:
     """Write config, SLA2 parameters, model card (and base weights if asked) into `out`, atomically.
 
     An existing `out` is replaced only with `overwrite` and only when sla2 wrote all of it (see
-    `atomic.replacement_refusal`); `owned` names what the calling command adds to its checkpoints.
+    `atomic.replacement_refusal`).
+    `states` are the components' full state dicts when the modules cannot give them (sharded over
+    processes); `extra_files(folder)` adds files of the caller's to the folder before it is published.
     """
     recipe, base, (sparsity, block_q, block_k, quant), records = describe_components(components)
     check_not_over_base(out, base)
     if not include_base_weights and not base.referencable:
         raise UserError("this model has no Hub id or folder to refer to; save it with include_base_weights=True")
-    tensors = attention_tensors(components)
-    with atomic_folder(out, overwrite=overwrite, owned=owned) as folder:
+    if states is None:
+        states = {name: model.state_dict() for name, model in components.items()}
+    parts = {name: split_state(model, states[name]) for name, model in components.items()}
+    tensors = {
+        f"{name}.{key}": value.detach().to("cpu", torch.float32).contiguous()
+        for name, (_, attention) in parts.items()
+        for key, value in attention.items()
+    }
+    with atomic_folder(out, overwrite=overwrite) as folder:
         metadata = {"format": "sla2", "schema": str(SCHEMA_VERSION)}
         (folder / ATTENTION_FILE).write_bytes(save(tensors, metadata=metadata))
         if include_base_weights:
             for name, model in components.items():
-                with dense_processors(model):
-                    model.save_pretrained(folder / name, safe_serialization=True, max_shard_size=MAX_SHARD_SIZE)
+                save_component_weights(folder / name, model, parts[name][0])
+        if extra_files is not None:
+            extra_files(folder)
         config = CheckpointConfig(
             sla2_version=__version__,
             recipe=recipe.name,

@@ -11,6 +11,8 @@ A checkpoint folder holds:
 - `README.md`: the model card.
 - `<component>/`: base weights in diffusers layout (sharded safetensors), only once fine-tuning has
   changed them ("base_weights": "included").
+- `finetune_state/` and `finetune_metrics.csv`: in the output of `sla2 finetune` only, what `--resume` needs
+  and the run's losses.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ CONFIG_FILE = "sla2_config.json"
 ATTENTION_FILE = "sla2_attention.safetensors"
 CARD_FILE = "README.md"
 CHECKPOINT_FILES = (CONFIG_FILE, ATTENTION_FILE, CARD_FILE)  # every checkpoint has these; base weights aside
+TRAINING_STATE_DIR = "finetune_state"  # a fine-tuning run's optimizer, RNG and position (for --resume)
+TRAINING_METRICS_FILE = "finetune_metrics.csv"  # a fine-tuning run's losses, one row per step or validation
+TRAINING_ENTRIES = (TRAINING_STATE_DIR, TRAINING_METRICS_FILE)  # what `sla2 finetune` adds to its checkpoints
 BASE_WEIGHT_MODES = ("referenced", "included")
 QUANTIZATION_MODES = REQUESTABLE_QUANT_MODES  # `auto` is resolved when the model runs, per GPU
 REQUIRED_KEYS = (

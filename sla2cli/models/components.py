@@ -13,6 +13,8 @@ import diffusers
 import torch
 from accelerate import init_empty_weights
 from safetensors import SafetensorError
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from sla2cli.errors import UserError
 from sla2cli.models.recipes import supported_model_classes
@@ -28,6 +30,11 @@ def model_class(class_name: str) -> type[diffusers.ModelMixin]:
             "(see sla2 convert --list-recipes)"
         )
     return getattr(diffusers, class_name)
+
+
+def model_class_name(model: nn.Module) -> str:
+    """The model's own class name, also when FSDP2 has wrapped its class in place (as FSDP<Name>)."""
+    return next(cls for cls in type(model).__mro__ if not issubclass(cls, FSDPModule)).__name__
 
 
 def model_kwargs(config: dict[str, Any]) -> dict[str, Any]:

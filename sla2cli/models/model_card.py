@@ -31,7 +31,31 @@ def _settings_table(config: CheckpointConfig, recipe: Recipe) -> list[str]:
     return ["| setting | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows] + [""]
 
 
+FINETUNE_PREFIX = "finetune_"
+
+
+def _finetuning(measurements: dict) -> list[str]:
+    """How the base weights were fine-tuned (`sla2 finetune` records `finetune_*` measurements)."""
+    record = {key[len(FINETUNE_PREFIX):]: value for key, value in measurements.items()
+              if key.startswith(FINETUNE_PREFIX)}
+    if not record:
+        return []
+    lines = [
+        "## Fine-tuning",
+        "",
+        "The base weights in this folder were fine-tuned end to end with SLA2 attention in place (`sla2 finetune`; "
+        "hard routing, router frozen, alpha and every base weight trained). Validation losses are the velocity "
+        "loss on fixed held-out clips, noise and times.",
+        "",
+        "| setting | value |",
+        "|---|---|",
+    ]
+    lines += [f"| {name.replace('_', ' ')} | {value} |" for name, value in record.items()]
+    return lines + [""]
+
+
 def _figures(flops: FlopEstimate | None, recipe: Recipe, measurements: dict) -> list[str]:
+    measurements = {key: value for key, value in measurements.items() if not key.startswith(FINETUNE_PREFIX)}
     lines = ["## Figures", ""]
     if flops is not None:
         resolution = recipe.resolution()
@@ -61,6 +85,7 @@ def render_model_card(config: CheckpointConfig, recipe: Recipe, flops: FlopEstim
         "",
     ]
     lines += _settings_table(config, recipe)
+    lines += _finetuning(config.measurements)
     lines += _figures(flops, recipe, config.measurements)
     included = config.base_weights == "included"
     lines += [

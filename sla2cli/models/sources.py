@@ -124,8 +124,9 @@ def build_components(
     source: ModelSource, *, weights: bool, dtype: torch.dtype, device: torch.device | str
 ) -> dict[str, diffusers.ModelMixin]:
     """The source's models by component name: with weights, or as skeletons (meta tensors) when
-    only the module tree is needed. The embedded model is small and always loads its weights."""
-    if source.recipe.source == EMBEDDED_RECIPE:
+    only the module tree is needed. The embedded model is small and always loads its weights: the
+    shipped ones, or the component folders when a checkpoint includes its own (fine-tuned) weights."""
+    if source.recipe.source == EMBEDDED_RECIPE and not source.components:
         from sla2cli.models.embedded import load_embedded_model
 
         return {name: load_embedded_model(dtype=dtype, device=device) for name in source.recipe.components}

@@ -36,7 +36,7 @@ from sla2cli.models.embedded.config import (
     publish_temporary,
     save_config,
 )
-from sla2cli.models.embedded.loading import build_embedded_model, noisy_latents
+from sla2cli.models.embedded.loading import build_embedded_model
 from sla2cli.models.embedded.synthetic import (
     TEXT_DIM,
     TEXT_TOKENS,
@@ -45,8 +45,9 @@ from sla2cli.models.embedded.synthetic import (
     stack_clips,
     validation_clips,
 )
-
-VALIDATION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)
+from sla2cli.training.objectives import flow_matching_loss, validation_loss
+from sla2cli.training.optim import parameter_groups
+from sla2cli.training.schedule import learning_rate_factor
 
 
 @dataclass
@@ -89,28 +90,12 @@ class TrainSummary:
     loss_history: list[float] = field(default_factory=list)
 
 
-def learning_rate_factor(step: int, progress: float, warmup_steps: int, min_fraction: float) -> float:
-    """Warm-up over the first steps, then cosine from 1 down to `min_fraction` as progress goes 0 -> 1."""
-    warmup = min(1.0, (step + 1) / max(1, warmup_steps))
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))
-    return warmup * (min_fraction + (1.0 - min_fraction) * cosine)
-
-
 def resolve_device(name: str) -> torch.device:
     """The torch device for `name`, refusing CUDA where there is none."""
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("CUDA is not available on this machine; pass --device cpu")
     return device
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay only weight matrices: decaying the q/k norm gains would pull attention back towards uniform."""
-    matrices, others = [], []
-    for name, parameter in model.named_parameters():
-        is_matrix = parameter.dim() >= 2 and "scale_shift_table" not in name
-        (matrices if is_matrix else others).append(parameter)
-    return [{"params": matrices, "weight_decay": weight_decay}, {"params": others, "weight_decay": 0.0}]
 
 
 def scale_attention_logits(model: WanTransformer3DModel, gain: float) -> None:
@@ -143,41 +128,6 @@ def check_settings(settings: TrainSettings) -> None:
         raise UserError("--height and --width must be even (the patch is 2 x 2)")
     if not settings.qk_gain > 0:
         raise UserError("--qk-gain must be positive")
-
-
-def flow_matching_loss(
-    model: WanTransformer3DModel, clean: torch.Tensor, text: torch.Tensor, generator: torch.Generator | None
-) -> torch.Tensor:
-    """Rectified-flow velocity loss on one batch, t ~ U(0, 1) per clip."""
-    batch = clean.shape[0]
-    t = torch.rand(batch, generator=generator, device=clean.device)
-    noise = torch.randn(clean.shape, generator=generator, device=clean.device)
-    prediction = model(
-        hidden_states=noisy_latents(clean, noise, t),
-        timestep=t * 1000.0,
-        encoder_hidden_states=text,
-        return_dict=False,
-    )[0]
-    return torch.nn.functional.mse_loss(prediction.float(), (noise - clean).float())
-
-
-@torch.no_grad()
-def validation_loss(model: WanTransformer3DModel, clean: torch.Tensor, text: torch.Tensor, use_autocast: bool) -> float:
-    """Mean velocity loss over fixed noise and fixed times: comparable between runs and checkpoints."""
-    generator = torch.Generator().manual_seed(VALIDATION_SEED_BASE)
-    losses = []
-    for time_value in VALIDATION_TIMES:
-        noise = torch.randn(clean.shape, generator=generator).to(clean.device)
-        t = torch.full((clean.shape[0],), time_value, device=clean.device)
-        with torch.autocast(clean.device.type, dtype=torch.bfloat16, enabled=use_autocast):
-            prediction = model(
-                hidden_states=noisy_latents(clean, noise, t),
-                timestep=t * 1000.0,
-                encoder_hidden_states=text,
-                return_dict=False,
-            )[0]
-        losses.append(torch.nn.functional.mse_loss(prediction.float(), noise - clean).item())
-    return sum(losses) / len(losses)
 
 
 def save_weights_atomically(model: WanTransformer3DModel, path: Path) -> None:
