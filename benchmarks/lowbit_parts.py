@@ -20,7 +20,7 @@ import triton.language as tl
 
 from sla2_kernels import forward as forward_module
 from sla2_kernels import key_block_states, sla2_forward
-from sla2_kernels.forward import QUANT_INT8, QUANT_INT8_FP8, QUANT_OFF
+from sla2_kernels.modes import QUANT_INT8, QUANT_INT8_FP8, QUANT_NONE, kernel_code
 from sla2_kernels.quantize import key_value_statistics, quantize_operands
 from sla2cli.bench.environment import git_commit
 from sla2cli.ops import num_blocks, route
@@ -83,7 +83,8 @@ def main() -> None:
         "all int8 operands (stats, Q, K)": bench(lambda: quantize_operands(q, k, v, 128, 64, False)),
         "all int8-fp8 operands (stats, Q, K, V)": bench(lambda: quantize_operands(q, k, v, 128, 64, True)),
     }
-    modes = (("bf16", QUANT_OFF), ("int8", QUANT_INT8), ("int8-fp8", QUANT_INT8_FP8))
+    modes = (("bf16", kernel_code(QUANT_NONE)), (QUANT_INT8, kernel_code(QUANT_INT8)),
+             (QUANT_INT8_FP8, kernel_code(QUANT_INT8_FP8)))
     for name, mode in modes:
         timings[f"sparse branch only, kernel call {name}"] = bench(
             lambda mode=mode: sla2_forward(q, k, v, lut, None, None, None, 128, 64, False, LINEAR_EPS, mode)

@@ -8,9 +8,9 @@ Measured on an H100 at (1, 12, 32760, 128), 97%: summing the selected states ins
 cost 1.21 ms against 0.67 ms; computing the linear branch before the loop (parked in the output
 tile) 0.74 ms; the sparse branch alone takes 0.53 ms.
 
-Low-bit modes (QUANT != 0) read Q and K pre-quantised to INT8 (sla2_kernels.quantize): one scale per
+Low-bit modes (sla2_kernels.modes) read Q and K pre-quantised to INT8 (sla2_kernels.quantize): one scale per
 query row and one per key block, so a score row needs one scale, folded into the FMA that subtracts
-the running max. P.V stays in the input's type (QUANT_INT8) or goes through FP8 e4m3 (QUANT_INT8_FP8).
+the running max. P.V stays in the input's type (int8) or goes through FP8 e4m3 (int8-fp8).
 """
 
 from __future__ import annotations
@@ -21,11 +21,17 @@ import torch
 import triton
 import triton.language as tl
 
+from sla2_kernels import modes
 from sla2_kernels.common import LOG2E, dot_precision, feature_softmax, last_dim_contiguous, row_stride_args
 from sla2_kernels.quantize import FP8_E4M3_MAX, quantize_operands
 
-# Sparse-branch precision: the input's; INT8 Q.K with P.V in the input's type; INT8 Q.K with FP8 e4m3 P.V.
-QUANT_OFF, QUANT_INT8, QUANT_INT8_FP8 = 0, 1, 2
+# The kernel's QUANT codes (the table is sla2_kernels.modes), under the names callers import.
+QUANT_OFF = modes.kernel_code(modes.QUANT_NONE)
+QUANT_INT8 = modes.kernel_code(modes.QUANT_INT8)
+QUANT_INT8_FP8 = modes.kernel_code(modes.QUANT_INT8_FP8)
+# The same codes as compile-time constants: the only kind of global a kernel may read.
+_OFF = tl.constexpr(QUANT_OFF)
+_INT8_FP8 = tl.constexpr(QUANT_INT8_FP8)
 
 
 class Launch(NamedTuple):
@@ -71,7 +77,7 @@ def _sla2_forward_kernel(
     row_valid = rows < length
 
     q_offsets = batch * stride_qb + head * stride_qh + rows[:, None] * stride_ql + cols[None, :]
-    if QUANT != 0:
+    if QUANT != _OFF:
         # INT8 Q (pre-quantised, per token) and INT8 keys with one scale per key block: the score
         # tile's scale is then one value per row, applied in the same FMA as the max subtraction.
         # 64-bit row offsets: (B * H * L_pad * D) passes 2^31 at a few long videos per batch.
@@ -95,7 +101,7 @@ def _sla2_forward_kernel(
         key_block = tl.load(lut_base + t)
         keys = key_block * BLOCK_N + key_offsets
         key_valid = keys < length
-        if QUANT != 0:
+        if QUANT != _OFF:
             k8 = tl.load(key_int8_base + keys[None, :] * HEAD_DIM + cols[:, None])
             raw = tl.dot(q, k8, out_dtype=tl.int32).to(tl.float32)
             step_scale = row_scale * tl.load(KeyScale + bh * num_k_blocks + key_block)
@@ -111,7 +117,7 @@ def _sla2_forward_kernel(
         rescale = tl.math.exp2(row_max - new_max)
         row_sum = row_sum * rescale + tl.sum(probs, axis=1)
         acc = acc * rescale[:, None]
-        if QUANT == 2:
+        if QUANT == _INT8_FP8:
             v8t = tl.load(value_fp8_base + cols[:, None] * padded_k + keys[None, :])
             # P times 448: the row max (P = 1) lands on e4m3's largest value, small P stay normal.
             # A fresh product per block, added in float32: Hopper's FP8 MMA is reported to accumulate with
@@ -123,14 +129,14 @@ def _sla2_forward_kernel(
         row_max = new_max
 
     out_sparse = acc / row_sum[:, None]
-    if QUANT == 2:
+    if QUANT == _INT8_FP8:
         value_scale = tl.load(ValueScale + bh * HEAD_DIM + cols) / FP8_E4M3_MAX
         out_sparse = out_sparse * value_scale[None, :]
     if SAVE:
         tl.store(OutSparse + out_offsets, out_sparse.to(OutSparse.dtype.element_ty), mask=row_valid[:, None])
         tl.store(Lse + bh * length + rows, row_max + tl.math.log2(row_sum), mask=row_valid)
     if HAS_LINEAR:
-        if QUANT != 0:
+        if QUANT != _OFF:
             q = tl.load(Q + q_offsets, mask=row_valid[:, None], other=0.0)
         block_offset = bh * num_q_blocks + q_block
         state = tl.load(CompState + block_offset * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :])
@@ -174,8 +180,8 @@ def sla2_forward(
     the pure sparse branch (also what every-block-selected means). comp_states (B, H, T_m, D, D) and
     comp_norms (B, H, T_m, D): each query block's linear state over its unselected key blocks,
     needed when alpha is given. Returns (out, lse_log2, out_sparse); the last two are empty unless
-    `save` (the backward needs them). quant: QUANT_OFF, QUANT_INT8 or QUANT_INT8_FP8 for the
-    sparse branch's forward; lse and out_sparse are then those of the low-bit forward (the custom op
+    `save` (the backward needs them). quant: the kernel code of a mode (sla2_kernels.modes.kernel_code)
+    for the sparse branch's forward; lse and out_sparse are then those of the low-bit forward (the custom op
     saves the unquantised ones for its straight-through backward instead).
     """
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
