@@ -13,11 +13,11 @@ import torch
 import triton
 import triton.language as tl
 
-from sla2_kernels.common import LOG2E, dot_precision, feature_softmax, row_stride_args
+from sla2_kernels.common import LOG2E, Launch, dot_precision, feature_softmax, row_stride_args
 
-# (num_warps, num_stages) per head dim for each backward kernel; benchmarks/gpu_suite.py sweeps them.
-QUERY_LAUNCH: dict[int, tuple[int, int]] = {64: (4, 1), 128: (8, 2)}
-KEY_LAUNCH: dict[int, tuple[int, int]] = {64: (4, 1), 128: (8, 1)}
+# Per head dim for each backward kernel; benchmarks/gpu_suite.py sweeps them.
+QUERY_LAUNCH: dict[int, Launch] = {64: Launch(4, 1), 128: Launch(8, 2)}
+KEY_LAUNCH: dict[int, Launch] = {64: Launch(4, 1), 128: Launch(8, 1)}
 
 
 @triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks", "k_sel"])
@@ -211,7 +211,7 @@ def sla2_backward_query(
         dalpha = torch.empty(batch, heads, num_q_blocks, device=q.device, dtype=torch.float32)
         dstate_q = q.new_empty(batch, heads, num_q_blocks, head_dim, head_dim)
         dnorm_q = q.new_empty(batch, heads, num_q_blocks, head_dim, dtype=torch.float32)
-    num_warps, num_stages = QUERY_LAUNCH[head_dim]
+    launch = QUERY_LAUNCH[head_dim]
     _sla2_backward_query_kernel[(num_q_blocks, batch * heads)](
         q, k, v, grad_out, out_sparse, lse, lut,
         *(x if has_linear else empty for x in (alpha, comp_states, comp_norms)),
@@ -222,7 +222,7 @@ def sla2_backward_query(
         head_dim**-0.5 * LOG2E, head_dim**-0.5, linear_eps,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
         HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return dq, delta, dalpha, dstate_q, dnorm_q
 
@@ -248,7 +248,7 @@ def sla2_backward_key(
     empty = q.new_empty(0, dtype=torch.float32)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     rev_index, rev_offset = reverse_lut(lut, num_k_blocks)
-    num_warps, num_stages = KEY_LAUNCH[head_dim]
+    launch = KEY_LAUNCH[head_dim]
     _sla2_backward_key_kernel[(num_k_blocks, batch * heads)](
         q, k, v, grad_out, lse, delta, alpha if has_linear else empty, rev_index, rev_offset,
         key_dstates if has_linear else empty, key_dnorms if has_linear else empty,
@@ -259,6 +259,6 @@ def sla2_backward_key(
         head_dim**-0.5 * LOG2E, head_dim**-0.5,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
         HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return dk, dv

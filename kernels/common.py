@@ -1,12 +1,26 @@
-"""Small helpers shared by the SLA2 Triton kernels."""
+"""Small helpers shared by the SLA2 Triton kernels, and the launch-settings type."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+
+
+class Launch(NamedTuple):
+    """How a kernel is launched: the tables of launch settings in each kernel module hold these.
+
+    accumulate_linear picks the forward kernel's epilogue (see sla2_kernels.forward); the other
+    kernels have one epilogue and leave it False.
+    """
+
+    num_warps: int
+    num_stages: int
+    accumulate_linear: bool = False
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -15,14 +15,12 @@ the running max. P.V stays in the input's type (int8) or goes through FP8 e4m3 (
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 
 from sla2_kernels import modes
-from sla2_kernels.common import LOG2E, dot_precision, feature_softmax, last_dim_contiguous, row_stride_args
+from sla2_kernels.common import LOG2E, Launch, dot_precision, feature_softmax, last_dim_contiguous, row_stride_args
 from sla2_kernels.quantize import FP8_E4M3_MAX, quantize_operands
 
 # The kernel's QUANT codes (the table is sla2_kernels.modes), under the names callers import.
@@ -32,14 +30,6 @@ QUANT_INT8_FP8 = modes.kernel_code(modes.QUANT_INT8_FP8)
 # The same codes as compile-time constants: the only kind of global a kernel may read.
 _OFF = tl.constexpr(QUANT_OFF)
 _INT8_FP8 = tl.constexpr(QUANT_INT8_FP8)
-
-
-class Launch(NamedTuple):
-    """How the forward kernel is launched; `accumulate_linear` picks the epilogue (see the kernel)."""
-
-    num_warps: int
-    num_stages: int
-    accumulate_linear: bool
 
 
 # Per (head dim, QUANT_*); benchmarks/gpu_suite.py and lowbit_parts.py sweep them. H100, 97%, kernel

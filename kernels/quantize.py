@@ -26,14 +26,18 @@ import torch
 import triton
 import triton.language as tl
 
-from sla2_kernels.common import last_dim_contiguous, row_stride_args
+from sla2_kernels.common import Launch, last_dim_contiguous, row_stride_args
 
 # constexpr so that kernels may read them; host code uses `.value`.
 INT8_MAX = tl.constexpr(127.0)
 FP8_E4M3_MAX = tl.constexpr(448.0)
 TINY = tl.constexpr(1e-30)
-# Statistics pass: rows per program, rows per load, warps (benchmarks/lowbit_parts.py sweeps them).
-STATS_LAUNCH = {"chunk": 1024, "block": 32, "warps": 4}  # H100: 0.053 ms at 32760 x 12 heads
+# Statistics pass: rows per program, rows per load and the launch (benchmarks/lowbit_parts.py sweeps
+# them); then one program per (batch, head) reduces the programs' partials. 3 stages: Triton's default.
+STATS_CHUNK = 1024
+STATS_BLOCK = 32
+STATS_LAUNCH = Launch(num_warps=4, num_stages=3)
+FINISH_STATS_LAUNCH = Launch(num_warps=8, num_stages=3)
 
 
 class LowBitOperands(NamedTuple):
@@ -191,19 +195,19 @@ def key_value_statistics(
     Returns (B, H, D) float32 tensors (key_mean, gain, value_scale or None).
     """
     batch, heads, length, head_dim = k.shape
-    chunk, block, warps = STATS_LAUNCH["chunk"], STATS_LAUNCH["block"], STATS_LAUNCH["warps"]
-    num_chunks = triton.cdiv(length, chunk)
+    num_chunks = triton.cdiv(length, STATS_CHUNK)
     partial = torch.empty(4, batch * heads, num_chunks, head_dim, device=k.device, dtype=torch.float32)
     _key_value_stats_kernel[(num_chunks, batch * heads)](
         k, v, partial[0], partial[1], partial[2], partial[3],
         *row_stride_args(k), *row_stride_args(v), heads, length, num_chunks,
-        CHUNK=chunk, BLOCK=block, HEAD_DIM=head_dim, VALUES=fp8_values, num_warps=warps,
+        CHUNK=STATS_CHUNK, BLOCK=STATS_BLOCK, HEAD_DIM=head_dim, VALUES=fp8_values,
+        num_warps=STATS_LAUNCH.num_warps, num_stages=STATS_LAUNCH.num_stages,
     )
     stats = torch.empty(3, batch, heads, head_dim, device=k.device, dtype=torch.float32)
     _finish_statistics_kernel[(batch * heads,)](
         partial[0], partial[1], partial[2], partial[3], stats[0], stats[1], stats[2],
         length, num_chunks, STEP=min(32, triton.next_power_of_2(num_chunks)), HEAD_DIM=head_dim,
-        VALUES=fp8_values, num_warps=8,
+        VALUES=fp8_values, num_warps=FINISH_STATS_LAUNCH.num_warps, num_stages=FINISH_STATS_LAUNCH.num_stages,
     )
     return stats[0], stats[1], stats[2] if fp8_values else None
 

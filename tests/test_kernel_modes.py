@@ -8,7 +8,8 @@ import sys
 import pytest
 
 import sla2cli.ops.quantization as quantization
-from sla2_kernels import forward, modes
+from sla2_kernels import backward, forward, modes
+from sla2cli.ops.geometry import SUPPORTED_HEAD_DIMS
 
 
 def test_ops_use_the_kernels_mode_names():
@@ -27,6 +28,12 @@ def test_every_mode_has_its_own_code():
 def test_only_concrete_modes_have_a_code(mode):
     with pytest.raises(ValueError, match="concrete modes: none, int8, int8-fp8"):
         modes.kernel_code(mode)
+
+
+def test_launch_settings_cover_every_head_dim_and_mode():
+    expected = {(head_dim, modes.kernel_code(mode)) for head_dim in SUPPORTED_HEAD_DIMS for mode in modes.QUANT_MODES}
+    assert set(forward.FORWARD_LAUNCH) == expected
+    assert set(backward.QUERY_LAUNCH) == set(backward.KEY_LAUNCH) == set(SUPPORTED_HEAD_DIMS)
 
 
 def test_mode_names_load_without_triton():
