@@ -16,6 +16,7 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sla2_kernels.common import Launch
 from sla2cli.bench.environment import git_commit
 from sla2cli.ops import num_blocks, route, sla2_attention
 from sla2cli.ops.complement import complement_states
@@ -115,7 +116,7 @@ def time_parts(rec, q, k, v, alpha, sparsity, rep_ms):
     key = (head_dim, forward_module.QUANT_OFF)
     default = forward_module.FORWARD_LAUNCH[key]
     for launch in ((4, 2, True), (8, 2, False), (8, 3, False)):
-        forward_module.FORWARD_LAUNCH[key] = forward_module.Launch(*launch)
+        forward_module.FORWARD_LAUNCH[key] = Launch(*launch)
         rec.add("sla2-main-kernel", sparsity, "fwd", median_ms(
             lambda: sla2_forward(q, k, v, routing.lut, alpha, comp_states, comp_norms, 128, 64, False,
                                  LINEAR_EPS), rep_ms), share, note=f"warps,stages,accumulate_linear={launch}")
@@ -156,7 +157,7 @@ def time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, s
     head_dim = q.shape[-1]
     defaults = backward_module.QUERY_LAUNCH[head_dim], backward_module.KEY_LAUNCH[head_dim]
     for launch in ((4, 1), (4, 2), (8, 2)):
-        backward_module.QUERY_LAUNCH[head_dim] = backward_module.KEY_LAUNCH[head_dim] = launch
+        backward_module.QUERY_LAUNCH[head_dim] = backward_module.KEY_LAUNCH[head_dim] = Launch(*launch)
         rec.add("sla2-bwd-query-kernel", sparsity, "bwd", median_ms(query_side, rep_ms), share,
                 note=f"warps,stages={launch}")
         rec.add("sla2-bwd-key-kernel", sparsity, "bwd", median_ms(parts["bwd-key-kernel"], rep_ms), share,

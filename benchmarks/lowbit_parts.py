@@ -20,7 +20,9 @@ import triton.language as tl
 
 from sla2_kernels import forward as forward_module
 from sla2_kernels import key_block_states, sla2_forward
-from sla2_kernels.forward import QUANT_INT8, QUANT_INT8_FP8, QUANT_OFF
+from sla2_kernels import quantize as quantize_module
+from sla2_kernels.common import Launch
+from sla2_kernels.modes import QUANT_INT8, QUANT_INT8_FP8, QUANT_NONE, kernel_code
 from sla2_kernels.quantize import key_value_statistics, quantize_operands
 from sla2cli.bench.environment import git_commit
 from sla2cli.models.atomic import atomic_path
@@ -66,24 +68,24 @@ def main() -> None:
         fn()  # compile outside the capture
         return triton.testing.do_bench_cudagraph(fn, rep=150, return_mode="median")
 
-    from sla2_kernels import quantize as quantize_module
-
     timings = {}
-    default_stats = dict(quantize_module.STATS_LAUNCH)
+    default_stats = quantize_module.STATS_CHUNK, quantize_module.STATS_BLOCK, quantize_module.STATS_LAUNCH
     for chunk, block, warps in ((512, 32, 4), (1024, 32, 4), (2048, 32, 4)):
-        quantize_module.STATS_LAUNCH.update(chunk=chunk, block=block, warps=warps)
-        tag = " (default)" if quantize_module.STATS_LAUNCH == default_stats else ""
+        launch = default_stats[2]._replace(num_warps=warps)
+        quantize_module.STATS_CHUNK, quantize_module.STATS_BLOCK, quantize_module.STATS_LAUNCH = chunk, block, launch
+        tag = " (default)" if (chunk, block, launch) == default_stats else ""
         timings[f"key statistics chunk,block,warps={chunk},{block},{warps}{tag}"] = bench(
             lambda: key_value_statistics(k, v, False)
         )
-    quantize_module.STATS_LAUNCH.update(default_stats)
+    quantize_module.STATS_CHUNK, quantize_module.STATS_BLOCK, quantize_module.STATS_LAUNCH = default_stats
     timings |= {
         "key statistics (mean, channel gains)": bench(lambda: key_value_statistics(k, v, False)),
         "key + value statistics": bench(lambda: key_value_statistics(k, v, True)),
         "all int8 operands (stats, Q, K)": bench(lambda: quantize_operands(q, k, v, 128, 64, False)),
         "all int8-fp8 operands (stats, Q, K, V)": bench(lambda: quantize_operands(q, k, v, 128, 64, True)),
     }
-    modes = (("bf16", QUANT_OFF), ("int8", QUANT_INT8), ("int8-fp8", QUANT_INT8_FP8))
+    modes = (("bf16", kernel_code(QUANT_NONE)), (QUANT_INT8, kernel_code(QUANT_INT8)),
+             (QUANT_INT8_FP8, kernel_code(QUANT_INT8_FP8)))
     for name, mode in modes:
         timings[f"sparse branch only, kernel call {name}"] = bench(
             lambda mode=mode: sla2_forward(q, k, v, lut, None, None, None, 128, 64, False, LINEAR_EPS, mode)
@@ -92,7 +94,7 @@ def main() -> None:
         key = (head_dim, mode)
         default_launch = forward_module.FORWARD_LAUNCH[key]
         for launch in ((4, 2, True), (4, 2, False), (4, 3, True), (8, 2, False), (8, 3, False), (8, 3, True)):
-            forward_module.FORWARD_LAUNCH[key] = forward_module.Launch(*launch)
+            forward_module.FORWARD_LAUNCH[key] = Launch(*launch)
             tag = " (default)" if launch == tuple(default_launch) else ""
             timings[f"forward kernel call {name} warps,stages,accumulate={launch}{tag}"] = bench(
                 lambda mode=mode: sla2_forward(

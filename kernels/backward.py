@@ -5,6 +5,11 @@ branch from recomputed probabilities, linear branch through phi(Q)) and writes t
 linear-state gradients dH_i, dz_i; one program per key block walks the query blocks that selected
 it (a reverse look-up table) for dK, dV of the sparse branch, and takes the linear branch's dK, dV
 from dG_j = sum of dH_i over the query blocks that did NOT select it (one GEMM outside).
+
+The forward, per query block i (sla2_kernels.forward), with c = 1 / sqrt(D):
+    P = softmax(c Q K_S^T),  O_s = P V_S,  O_l = N / den,  N = phi(Q) H_i,  den = phi(Q) z_i + eps,
+    O = alpha O_s + (1 - alpha) O_l,  H_i = sum_{j not in S_i} h_j,  h_j = phi(K_j)^T V_j,  z_j = sum_rows phi(K_j).
+Each gradient below is written next to the code that computes it.
 """
 
 from __future__ import annotations
@@ -13,22 +18,27 @@ import torch
 import triton
 import triton.language as tl
 
-from sla2_kernels.common import LOG2E, dot_precision, feature_softmax, row_stride_args
+from sla2_kernels.common import (
+    LOG2E,
+    Launch,
+    d_by_d_strides,
+    dot_precision,
+    feature_softmax,
+    feature_softmax_grad,
+    row_stride_args,
+    tile_pointers,
+)
 
-# (num_warps, num_stages) per head dim for each backward kernel; benchmarks/gpu_suite.py sweeps them.
-QUERY_LAUNCH: dict[int, tuple[int, int]] = {64: (4, 1), 128: (8, 2)}
-KEY_LAUNCH: dict[int, tuple[int, int]] = {64: (4, 1), 128: (8, 1)}
+# Per head dim for each backward kernel; benchmarks/gpu_suite.py sweeps them.
+QUERY_LAUNCH: dict[int, Launch] = {64: Launch(4, 1), 128: Launch(8, 2)}
+KEY_LAUNCH: dict[int, Launch] = {64: Launch(4, 1), 128: Launch(8, 1)}
 
 
 @triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks", "k_sel"])
 def _sla2_backward_query_kernel(
     Q, K, V, DO, OutSparse, Lse, Lut, Alpha, CompState, CompNorm,
     DQ, Delta, DAlpha, DStateQ, DNormQ,
-    stride_qb, stride_qh, stride_ql,
-    stride_kb, stride_kh, stride_kl,
-    stride_vb, stride_vh, stride_vl,
-    stride_ob, stride_oh, stride_ol,
-    stride_dqb, stride_dqh, stride_dql,
+    q_strides, k_strides, v_strides, o_strides, dq_strides,
     heads, length, num_q_blocks, num_k_blocks, k_sel,
     qk_scale_log2, scale, linear_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -41,33 +51,37 @@ def _sla2_backward_query_kernel(
     cols = tl.arange(0, HEAD_DIM)
     key_offsets = tl.arange(0, BLOCK_N)
     row_valid = rows < length
-    q_offsets = batch * stride_qb + head * stride_qh + rows[:, None] * stride_ql + cols[None, :]
-    o_offsets = batch * stride_ob + head * stride_oh + rows[:, None] * stride_ol + cols[None, :]
 
-    q = tl.load(Q + q_offsets, mask=row_valid[:, None], other=0.0)
-    grad_out = tl.load(DO + o_offsets, mask=row_valid[:, None], other=0.0).to(tl.float32)
-    out_sparse = tl.load(OutSparse + o_offsets, mask=row_valid[:, None], other=0.0).to(tl.float32)
+    q = tl.load(tile_pointers(Q, batch, head, rows[:, None], cols[None, :], q_strides),
+                mask=row_valid[:, None], other=0.0)
+    # dO and O_s share strides (the op makes them so).
+    grad_out = tl.load(tile_pointers(DO, batch, head, rows[:, None], cols[None, :], o_strides),
+                       mask=row_valid[:, None], other=0.0).to(tl.float32)
+    out_sparse = tl.load(tile_pointers(OutSparse, batch, head, rows[:, None], cols[None, :], o_strides),
+                         mask=row_valid[:, None], other=0.0).to(tl.float32)
     lse = tl.load(Lse + bh * length + rows, mask=row_valid, other=0.0)
     if HAS_LINEAR:
         mix = tl.load(Alpha + bh * num_q_blocks + q_block)
     else:
         mix = 1.0
-    grad_sparse_in = (grad_out * mix).to(q.dtype)
-    # Delta from the same rounded dO_s that the dP products use: keeps dS = P (dP - Delta) free of
+    # dO_s = alpha dO. Delta = rowsum(dO_s * O_s) = rowsum(P * dP), the softmax gradient's shift,
+    # from the same rounded dO_s that the dP products use: keeps dS = P (dP - Delta) free of
     # rounding bias where P concentrates (a one-token block gives an exactly zero dS).
+    grad_sparse_in = (grad_out * mix).to(q.dtype)
     delta = tl.sum(grad_sparse_in.to(tl.float32) * out_sparse, axis=1)
     tl.store(Delta + bh * length + rows, delta, mask=row_valid)
 
-    k_base = K + batch * stride_kb + head * stride_kh
-    v_base = V + batch * stride_vb + head * stride_vh
-    lut_base = Lut + (bh * num_q_blocks + q_block) * k_sel
+    lut_row = Lut + (bh * num_q_blocks + q_block) * k_sel
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
     for t in range(0, k_sel):
-        key_block = tl.load(lut_base + t)
+        key_block = tl.load(lut_row + t)
         keys = key_block * BLOCK_N + key_offsets
         key_valid = keys < length
-        k = tl.load(k_base + keys[:, None] * stride_kl + cols[None, :], mask=key_valid[:, None], other=0.0)
-        v = tl.load(v_base + keys[:, None] * stride_vl + cols[None, :], mask=key_valid[:, None], other=0.0)
+        k = tl.load(tile_pointers(K, batch, head, keys[:, None], cols[None, :], k_strides),
+                    mask=key_valid[:, None], other=0.0)
+        v = tl.load(tile_pointers(V, batch, head, keys[:, None], cols[None, :], v_strides),
+                    mask=key_valid[:, None], other=0.0)
+        # P recomputed from the saved log2 log-sum-exp; dP = dO_s V^T; dS = P (dP - Delta); dQ += dS K (times c below).
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         probs = tl.math.exp2(scores - lse[:, None])
         probs = tl.where(key_valid[None, :] & row_valid[:, None], probs, 0.0)
@@ -78,37 +92,36 @@ def _sla2_backward_query_kernel(
 
     if HAS_LINEAR:
         block_offset = bh * num_q_blocks + q_block
-        state = tl.load(CompState + block_offset * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM
-                        + cols[None, :]).to(tl.float32)
+        state = tl.load(tile_pointers(CompState, block_offset, 0, cols[:, None], cols[None, :],
+                                      d_by_d_strides(HEAD_DIM))).to(tl.float32)
         norm = tl.load(CompNorm + block_offset * HEAD_DIM + cols)
         phi = feature_softmax(q.to(tl.float32))
         denominator = tl.sum(phi * norm[None, :], axis=1) + linear_eps
         out_linear = tl.dot(phi, state, input_precision=DOT_PRECISION) / denominator[:, None]
+        # dalpha = sum over the block's rows and features of dO * (O_s - O_l).
         tl.store(DAlpha + bh * num_q_blocks + q_block, tl.sum(tl.sum(grad_out * (out_sparse - out_linear), 1), 0))
+        # dO_l = (1 - alpha) dO. O_l = N / den gives dN = dO_l / den and, for the normaliser,
+        # d den = -rowsum(dO_l * N) / den^2 = -rowsum(dO_l * O_l) / den.
         grad_linear = grad_out * (1.0 - mix)
         grad_numerator = grad_linear / denominator[:, None]
         grad_denominator = -tl.sum(grad_linear * out_linear, axis=1) / denominator
+        # N = phi H and den = phi z + eps: d phi = dN H^T + d den z^T; dH = phi^T dN; dz = sum_rows d den phi.
         grad_phi = tl.dot(grad_numerator, tl.trans(state), input_precision=DOT_PRECISION)
         grad_phi += grad_denominator[:, None] * norm[None, :]
-        dq += phi * (grad_phi - tl.sum(grad_phi * phi, axis=1)[:, None])
+        dq += feature_softmax_grad(phi, grad_phi)
         grad_state = tl.dot(tl.trans(phi), grad_numerator, input_precision=DOT_PRECISION)
-        tl.store(DStateQ + block_offset * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :],
+        tl.store(tile_pointers(DStateQ, block_offset, 0, cols[:, None], cols[None, :], d_by_d_strides(HEAD_DIM)),
                  grad_state.to(DStateQ.dtype.element_ty))
         tl.store(DNormQ + block_offset * HEAD_DIM + cols, tl.sum(grad_denominator[:, None] * phi, axis=0))
-    dq_offsets = batch * stride_dqb + head * stride_dqh + rows[:, None] * stride_dql + cols[None, :]
-    tl.store(DQ + dq_offsets, dq.to(DQ.dtype.element_ty), mask=row_valid[:, None])
+    tl.store(tile_pointers(DQ, batch, head, rows[:, None], cols[None, :], dq_strides),
+             dq.to(DQ.dtype.element_ty), mask=row_valid[:, None])
 
 
 @triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks"])
 def _sla2_backward_key_kernel(
     Q, K, V, DO, Lse, Delta, Alpha, RevIndex, RevOffset, DStateK, DNormK,
     DK, DV,
-    stride_qb, stride_qh, stride_ql,
-    stride_kb, stride_kh, stride_kl,
-    stride_vb, stride_vh, stride_vl,
-    stride_ob, stride_oh, stride_ol,
-    stride_dkb, stride_dkh, stride_dkl,
-    stride_dvb, stride_dvh, stride_dvl,
+    q_strides, k_strides, v_strides, o_strides, dk_strides, dv_strides,
     heads, length, num_q_blocks, num_k_blocks, rev_len,
     qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -121,22 +134,22 @@ def _sla2_backward_key_kernel(
     cols = tl.arange(0, HEAD_DIM)
     query_offsets = tl.arange(0, BLOCK_M)
     key_valid = keys < length
-    k = tl.load(K + batch * stride_kb + head * stride_kh + keys[:, None] * stride_kl + cols[None, :],
+    k = tl.load(tile_pointers(K, batch, head, keys[:, None], cols[None, :], k_strides),
                 mask=key_valid[:, None], other=0.0)
-    v = tl.load(V + batch * stride_vb + head * stride_vh + keys[:, None] * stride_vl + cols[None, :],
+    v = tl.load(tile_pointers(V, batch, head, keys[:, None], cols[None, :], v_strides),
                 mask=key_valid[:, None], other=0.0)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    q_base = Q + batch * stride_qb + head * stride_qh
-    o_base = DO + batch * stride_ob + head * stride_oh
     start = tl.load(RevOffset + bh * (num_k_blocks + 1) + k_block)
     stop = tl.load(RevOffset + bh * (num_k_blocks + 1) + k_block + 1)
     for t in range(start, stop):
         q_block = tl.load(RevIndex + bh * rev_len + t)
         rows = q_block * BLOCK_M + query_offsets
         row_valid = rows < length
-        q = tl.load(q_base + rows[:, None] * stride_ql + cols[None, :], mask=row_valid[:, None], other=0.0)
-        grad_out = tl.load(o_base + rows[:, None] * stride_ol + cols[None, :], mask=row_valid[:, None], other=0.0)
+        q = tl.load(tile_pointers(Q, batch, head, rows[:, None], cols[None, :], q_strides),
+                    mask=row_valid[:, None], other=0.0)
+        grad_out = tl.load(tile_pointers(DO, batch, head, rows[:, None], cols[None, :], o_strides),
+                           mask=row_valid[:, None], other=0.0)
         lse = tl.load(Lse + bh * length + rows, mask=row_valid, other=0.0)
         delta = tl.load(Delta + bh * length + rows, mask=row_valid, other=0.0)
         if HAS_LINEAR:
@@ -144,6 +157,8 @@ def _sla2_backward_key_kernel(
             grad_sparse = (grad_out.to(tl.float32) * mix).to(q.dtype)
         else:
             grad_sparse = grad_out
+        # Transposed (keys x query rows): P^T, then dV += P^T dO_s, dP^T = V dO_s^T,
+        # dS^T = P^T (dP^T - Delta), dK += dS^T Q (times c below).
         scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
         probs_t = tl.math.exp2(scores_t - lse[None, :])
         probs_t = tl.where(key_valid[:, None] & row_valid[None, :], probs_t, 0.0)
@@ -153,19 +168,22 @@ def _sla2_backward_key_kernel(
         dk = tl.dot(grad_scores_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     dk = dk * scale
     if HAS_LINEAR:
+        # dG_j, dg_j: the sums of dH_i, dz_i over the query blocks that left this key block to the
+        # linear branch. h_j = phi(K_j)^T V_j and z_j = sum_rows phi(K_j) give dV += phi(K_j) dG_j and
+        # d phi(K_j) = V_j dG_j^T + dg_j (on every row); padded rows have phi = 0.
         block_offset = bh * num_k_blocks + k_block
-        dstate = tl.load(DStateK + block_offset * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM
-                         + cols[None, :]).to(tl.float32)
+        dstate = tl.load(tile_pointers(DStateK, block_offset, 0, cols[:, None], cols[None, :],
+                                       d_by_d_strides(HEAD_DIM))).to(tl.float32)
         dnorm = tl.load(DNormK + block_offset * HEAD_DIM + cols)
         kf = k.to(tl.float32)
         phi = tl.where(key_valid[:, None], feature_softmax(kf), 0.0)
         dv += tl.dot(phi, dstate, input_precision=DOT_PRECISION)
         grad_phi = tl.dot(v.to(tl.float32), tl.trans(dstate), input_precision=DOT_PRECISION) + dnorm[None, :]
-        dk += phi * (grad_phi - tl.sum(grad_phi * phi, axis=1)[:, None])
-    dk_offsets = batch * stride_dkb + head * stride_dkh + keys[:, None] * stride_dkl + cols[None, :]
-    dv_offsets = batch * stride_dvb + head * stride_dvh + keys[:, None] * stride_dvl + cols[None, :]
-    tl.store(DK + dk_offsets, dk.to(DK.dtype.element_ty), mask=key_valid[:, None])
-    tl.store(DV + dv_offsets, dv.to(DV.dtype.element_ty), mask=key_valid[:, None])
+        dk += feature_softmax_grad(phi, grad_phi)
+    tl.store(tile_pointers(DK, batch, head, keys[:, None], cols[None, :], dk_strides),
+             dk.to(DK.dtype.element_ty), mask=key_valid[:, None])
+    tl.store(tile_pointers(DV, batch, head, keys[:, None], cols[None, :], dv_strides),
+             dv.to(DV.dtype.element_ty), mask=key_valid[:, None])
 
 
 def reverse_lut(lut: torch.Tensor, num_k_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,18 +229,18 @@ def sla2_backward_query(
         dalpha = torch.empty(batch, heads, num_q_blocks, device=q.device, dtype=torch.float32)
         dstate_q = q.new_empty(batch, heads, num_q_blocks, head_dim, head_dim)
         dnorm_q = q.new_empty(batch, heads, num_q_blocks, head_dim, dtype=torch.float32)
-    num_warps, num_stages = QUERY_LAUNCH[head_dim]
+    launch = QUERY_LAUNCH[head_dim]
     _sla2_backward_query_kernel[(num_q_blocks, batch * heads)](
         q, k, v, grad_out, out_sparse, lse, lut,
         *(x if has_linear else empty for x in (alpha, comp_states, comp_norms)),
         dq, delta, *(x if has_linear else empty for x in (dalpha, dstate_q, dnorm_q)),
-        *row_stride_args(q), *row_stride_args(k), *row_stride_args(v), *row_stride_args(grad_out),
-        *row_stride_args(dq),
+        row_stride_args(q), row_stride_args(k), row_stride_args(v), row_stride_args(grad_out),
+        row_stride_args(dq),
         heads, length, num_q_blocks, num_k_blocks, lut.shape[-1],
         head_dim**-0.5 * LOG2E, head_dim**-0.5, linear_eps,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
         HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return dq, delta, dalpha, dstate_q, dnorm_q
 
@@ -248,17 +266,17 @@ def sla2_backward_key(
     empty = q.new_empty(0, dtype=torch.float32)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     rev_index, rev_offset = reverse_lut(lut, num_k_blocks)
-    num_warps, num_stages = KEY_LAUNCH[head_dim]
+    launch = KEY_LAUNCH[head_dim]
     _sla2_backward_key_kernel[(num_k_blocks, batch * heads)](
         q, k, v, grad_out, lse, delta, alpha if has_linear else empty, rev_index, rev_offset,
         key_dstates if has_linear else empty, key_dnorms if has_linear else empty,
         dk, dv,
-        *row_stride_args(q), *row_stride_args(k), *row_stride_args(v), *row_stride_args(grad_out),
-        *row_stride_args(dk), *row_stride_args(dv),
+        row_stride_args(q), row_stride_args(k), row_stride_args(v), row_stride_args(grad_out),
+        row_stride_args(dk), row_stride_args(dv),
         heads, length, num_q_blocks, num_k_blocks, rev_index.shape[-1],
         head_dim**-0.5 * LOG2E, head_dim**-0.5,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
         HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return dk, dv

@@ -11,13 +11,20 @@ import torch
 import triton
 import triton.language as tl
 
-from sla2_kernels.common import dot_precision, feature_softmax, last_dim_contiguous, row_stride_args
+from sla2_kernels.common import (
+    d_by_d_strides,
+    dot_precision,
+    feature_softmax,
+    last_dim_contiguous,
+    row_stride_args,
+    tile_pointers,
+)
 
 
 @triton.jit(do_not_specialize=["length", "num_blocks"])
 def _block_mean_kernel(
     X, Out,
-    stride_xb, stride_xh, stride_xl,
+    x_strides,
     heads, length, num_blocks,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
@@ -26,8 +33,8 @@ def _block_mean_kernel(
     batch, head = bh // heads, bh % heads
     rows = block_id * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM)
-    ptrs = X + batch * stride_xb + head * stride_xh + rows[:, None] * stride_xl + cols[None, :]
-    x = tl.load(ptrs, mask=rows[:, None] < length, other=0.0).to(tl.float32)
+    x = tl.load(tile_pointers(X, batch, head, rows[:, None], cols[None, :], x_strides),
+                mask=rows[:, None] < length, other=0.0).to(tl.float32)
     count = tl.minimum(length - block_id * BLOCK, BLOCK).to(tl.float32)
     mean = tl.sum(x, axis=0) / count
     tl.store(Out + (bh * num_blocks + block_id) * HEAD_DIM + cols, mean)
@@ -36,8 +43,7 @@ def _block_mean_kernel(
 @triton.jit(do_not_specialize=["length", "num_blocks"])
 def _key_state_kernel(
     K, V, States, Norms,
-    stride_kb, stride_kh, stride_kl,
-    stride_vb, stride_vh, stride_vl,
+    k_strides, v_strides,
     heads, length, num_blocks,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -47,16 +53,17 @@ def _key_state_kernel(
     rows = block_id * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM)
     valid = rows[:, None] < length
-    k = tl.load(K + batch * stride_kb + head * stride_kh + rows[:, None] * stride_kl + cols[None, :],
+    k = tl.load(tile_pointers(K, batch, head, rows[:, None], cols[None, :], k_strides),
                 mask=valid, other=0.0).to(tl.float32)
-    v = tl.load(V + batch * stride_vb + head * stride_vh + rows[:, None] * stride_vl + cols[None, :],
+    v = tl.load(tile_pointers(V, batch, head, rows[:, None], cols[None, :], v_strides),
                 mask=valid, other=0.0)
+    # h_j = phi(K_j)^T V_j, z_j = sum over the block's rows of phi(K_j); padded rows have phi = 0.
     phi = tl.where(valid, feature_softmax(k), 0.0)
     state = tl.dot(tl.trans(phi.to(v.dtype)), v, input_precision=DOT_PRECISION)
-    out = (bh * num_blocks + block_id) * HEAD_DIM
-    tl.store(States + out * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :],
+    block_offset = bh * num_blocks + block_id
+    tl.store(tile_pointers(States, block_offset, 0, cols[:, None], cols[None, :], d_by_d_strides(HEAD_DIM)),
              state.to(States.dtype.element_ty))
-    tl.store(Norms + out + cols, tl.sum(phi, axis=0))
+    tl.store(Norms + block_offset * HEAD_DIM + cols, tl.sum(phi, axis=0))
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -66,7 +73,7 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     num_blocks = triton.cdiv(length, block)
     out = torch.empty(batch, heads, num_blocks, head_dim, device=x.device, dtype=torch.float32)
     _block_mean_kernel[(num_blocks, batch * heads)](
-        x, out, *row_stride_args(x), heads, length, num_blocks, BLOCK=block, HEAD_DIM=head_dim,
+        x, out, row_stride_args(x), heads, length, num_blocks, BLOCK=block, HEAD_DIM=head_dim,
     )
     return out
 
@@ -82,7 +89,7 @@ def key_block_states(
     states = torch.empty(batch, heads, num_blocks, head_dim, head_dim, device=k.device, dtype=k.dtype)
     norms = torch.empty(batch, heads, num_blocks, head_dim, device=k.device, dtype=torch.float32)
     _key_state_kernel[(num_blocks, batch * heads)](
-        k, v, states, norms, *row_stride_args(k), *row_stride_args(v), heads, length, num_blocks,
+        k, v, states, norms, row_stride_args(k), row_stride_args(v), heads, length, num_blocks,
         BLOCK=block, HEAD_DIM=head_dim, DOT_PRECISION=dot_precision(k.dtype),
     )
     return states, norms

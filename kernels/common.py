@@ -1,12 +1,26 @@
-"""Small helpers shared by the SLA2 Triton kernels."""
+"""What every SLA2 kernel shares: the launch-settings type, tile addressing, phi, precision choices."""
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+
+
+class Launch(NamedTuple):
+    """How a kernel is launched: the tables of launch settings in each kernel module hold these.
+
+    accumulate_linear picks the forward kernel's epilogue (see sla2_kernels.forward); the other
+    kernels have one epilogue and leave it False.
+    """
+
+    num_warps: int
+    num_stages: int
+    accumulate_linear: bool = False
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -25,8 +39,34 @@ def last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def tile_pointers(X, outer, inner, rows, cols, strides):
+    """Pointers to X[outer, inner, rows, cols] of a 4-d tensor whose last dim is contiguous.
+
+    strides: the (outer, inner, row) strides. For a (B, H, L, D) tensor, outer and inner are the
+    batch and the head, rows the sequence positions and cols the features, with the strides that
+    row_stride_args gives. rows and cols come shaped for the tile: rows[:, None], cols[None, :]
+    address an (L, D) tile; keys[None, :], cols[:, None] the transposed (D, L) one. The outer and
+    inner offsets go onto the 64-bit pointer one by one; only the tile's offsets are summed in 32 bits.
+    """
+    return X + outer * strides[0] + inner * strides[1] + (rows * strides[2] + cols)
+
+
+@triton.jit
+def d_by_d_strides(HEAD_DIM: tl.constexpr):
+    """tile_pointers' strides for a contiguous stack of D x D matrices (the linear-branch states and
+    their gradients, one per (batch*head, block)): matrix `index` is tile_pointers(X, index, 0, ...)."""
+    return HEAD_DIM * HEAD_DIM, 0, HEAD_DIM
+
+
+@triton.jit
 def feature_softmax(x):
     """phi(x): softmax over the feature axis (axis 1) of a float32 tile."""
     shifted = x - tl.max(x, axis=1)[:, None]
     e = tl.exp(shifted)
     return e / tl.sum(e, axis=1)[:, None]
+
+
+@triton.jit
+def feature_softmax_grad(phi, grad_phi):
+    """Gradient through phi = softmax over features: dx = phi * (dphi - sum_c dphi_c phi_c), per row."""
+    return phi * (grad_phi - tl.sum(grad_phi * phi, axis=1)[:, None])

@@ -1,45 +1,54 @@
 """SLA2 forward: block-sparse softmax over the selected key blocks, complement linear branch, mix.
 
-One program per (query block, batch*head). It walks the query block's k_sel selected key blocks
-once (online softmax, exp2 with the scale folded in). The linear branch arrives as the query
-block's complement state (sum of phi(K_j)^T V_j over its unselected blocks, one GEMM for all query
-blocks outside this kernel), so the epilogue adds one D x D product, phi(Q) H_i / (phi(Q) z_i + eps), and the alpha mix.
-Measured on an H100 at (1, 12, 32760, 128), 97%: summing the selected states inside the loop instead
-cost 1.21 ms against 0.67 ms; computing the linear branch before the loop (parked in the output
-tile) 0.74 ms; the sparse branch alone takes 0.53 ms.
+For query block i, with S_i its selected key blocks (its row of the look-up table) and alpha_i its mix:
+    O_s = softmax(Q K_S^T / sqrt(D)) V_S                    the sparse branch, over S_i only
+    O_l = phi(Q) H_i / (phi(Q) z_i + eps)                   the linear branch, phi = softmax over features
+    O   = alpha_i O_s + (1 - alpha_i) O_l
+where H_i = sum of phi(K_j)^T V_j and z_i = sum of phi(K_j) over the key blocks j NOT in S_i: the
+query block's complement state, one GEMM for all query blocks outside this kernel
+(sla2cli.ops.complement).
 
-Low-bit modes (QUANT != 0) read Q and K pre-quantised to INT8 (sla2_kernels.quantize): one scale per
-query row and one per key block, so a score row needs one scale, folded into the FMA that subtracts
-the running max. P.V stays in the input's type (QUANT_INT8) or goes through FP8 e4m3 (QUANT_INT8_FP8).
+One program per (query block, batch*head). The loop walks S_i once, one `_block_scores`,
+`_online_softmax_step`, `_accumulate_values` per key block (exp2, with the softmax scale folded
+in); `_linear_epilogue` then adds the linear branch as one D x D product and the alpha mix.
+Summing the selected states inside the loop instead, or computing the linear branch before it,
+measured slower on an H100.
+
+Low-bit modes (sla2_kernels.modes) read Q and K pre-quantised to INT8 (sla2_kernels.quantize):
+one scale per query row and one per key block, so a score row needs one scale, folded into the
+FMA that subtracts the running max. P.V stays in the input's type (int8) or goes through FP8 e4m3
+(int8-fp8).
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from sla2_kernels.common import LOG2E, dot_precision, feature_softmax, last_dim_contiguous, row_stride_args
+from sla2_kernels import modes
+from sla2_kernels.common import (
+    LOG2E,
+    Launch,
+    d_by_d_strides,
+    dot_precision,
+    feature_softmax,
+    last_dim_contiguous,
+    row_stride_args,
+    tile_pointers,
+)
 from sla2_kernels.quantize import FP8_E4M3_MAX, quantize_operands
 
-# Sparse-branch precision: the input's; INT8 Q.K with P.V in the input's type; INT8 Q.K with FP8 e4m3 P.V.
-QUANT_OFF, QUANT_INT8, QUANT_INT8_FP8 = 0, 1, 2
+# The kernel's QUANT codes (the table is sla2_kernels.modes), under the names callers import.
+QUANT_OFF = modes.kernel_code(modes.QUANT_NONE)
+QUANT_INT8 = modes.kernel_code(modes.QUANT_INT8)
+QUANT_INT8_FP8 = modes.kernel_code(modes.QUANT_INT8_FP8)
+# The same codes as compile-time constants: the only kind of global a kernel may read.
+_OFF = tl.constexpr(QUANT_OFF)
+_INT8_FP8 = tl.constexpr(QUANT_INT8_FP8)
 
-
-class Launch(NamedTuple):
-    """How the forward kernel is launched; `accumulate_linear` picks the epilogue (see the kernel)."""
-
-    num_warps: int
-    num_stages: int
-    accumulate_linear: bool
-
-
-# Per (head dim, QUANT_*); benchmarks/gpu_suite.py and lowbit_parts.py sweep them. H100, 97%, kernel
-# call (benchmarks/results/h100_lowbit_parts*.csv): at (1, 12, 32760, 128) bf16 0.68 ms at (8, 3),
-# int8 0.70 ms at (4, 2, accumulating) against 0.77 at (8, 3), int8-fp8 0.96 ms at (8, 3) against 1.88
-# at (4, 2); at (1, 24, 32760, 64) bf16 0.69 ms at (4, 2), int8 0.80 ms at (8, 3), int8-fp8 1.05 ms at (4, 2).
+# Per (head dim, QUANT code), from the H100 sweeps of benchmarks/gpu_suite.py and lowbit_parts.py
+# (benchmarks/results/h100_lowbit_parts*.csv). int8-fp8 at D = 128 needs 8 warps.
 FORWARD_LAUNCH: dict[tuple[int, int], Launch] = {
     (64, QUANT_OFF): Launch(4, 2, False), (128, QUANT_OFF): Launch(8, 3, False),
     (64, QUANT_INT8): Launch(8, 3, True), (128, QUANT_INT8): Launch(4, 2, True),
@@ -47,15 +56,95 @@ FORWARD_LAUNCH: dict[tuple[int, int], Launch] = {
 }
 
 
+@triton.jit
+def _block_scores(
+    q, row_scale, key_block, keys, key_valid, cols, batch, head, K, k_strides, key_int8_head, key_scale_head,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
+):
+    """S = Q K^T for one key block, unscaled, and the per-row factor that scales it to log2 units.
+
+    Low-bit: an INT8 x INT8 product (exact in int32); its scale is the query row's times the key
+    block's, so one factor per row still covers the tile.
+    """
+    if QUANT != _OFF:
+        k8 = tl.load(key_int8_head + keys[None, :] * HEAD_DIM + cols[:, None])
+        raw = tl.dot(q, k8, out_dtype=tl.int32).to(tl.float32)
+        step_scale = row_scale * tl.load(key_scale_head + key_block)
+    else:
+        k = tl.load(tile_pointers(K, batch, head, keys[None, :], cols[:, None], k_strides),
+                    mask=key_valid[None, :], other=0.0)
+        raw = tl.dot(q, k, input_precision=DOT_PRECISION)
+        step_scale = row_scale
+    return raw, step_scale
+
+
+@triton.jit
+def _online_softmax_step(raw, step_scale, key_valid, row_max, row_sum, acc):
+    """Online softmax over one more key block: m' = max(m, max_j s_j), P = 2^(s - m'), l' = l 2^(m - m') + sum_j P.
+
+    s = raw * step_scale. Returns (P, m', l', acc 2^(m - m')): the accumulator rescaled to the new max.
+    Scales are positive, so the row max of the unscaled scores gives the scaled one, and the scale
+    and the subtraction are one FMA per score.
+    """
+    raw = tl.where(key_valid[None, :], raw, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(raw, axis=1) * step_scale)
+    probs = tl.math.exp2(raw * step_scale[:, None] - new_max[:, None])
+    rescale = tl.math.exp2(row_max - new_max)
+    row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+    acc = acc * rescale[:, None]
+    return probs, new_max, row_sum, acc
+
+
+@triton.jit
+def _accumulate_values(
+    acc, probs, keys, key_valid, cols, batch, head, V, v_strides, value_fp8_head, padded_k,
+    DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
+):
+    """acc += P V for one key block."""
+    if QUANT == _INT8_FP8:
+        v8t = tl.load(value_fp8_head + cols[:, None] * padded_k + keys[None, :])
+        # P times 448: the row max (P = 1) lands on e4m3's largest value, small P stay normal.
+        # A fresh product per block, added in float32: Hopper's FP8 MMA is reported to accumulate with
+        # fewer bits than float32.
+        acc += tl.dot((probs * FP8_E4M3_MAX).to(tl.float8e4nv), tl.trans(v8t))
+    else:
+        v = tl.load(tile_pointers(V, batch, head, keys[:, None], cols[None, :], v_strides),
+                    mask=key_valid[:, None], other=0.0)
+        acc = tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _linear_epilogue(
+    out_sparse, q, Alpha, CompState, CompNorm, bh, q_block, num_q_blocks, cols, linear_eps,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, ACCUMULATE_LINEAR: tl.constexpr,
+):
+    """O = alpha O_s + (1 - alpha) phi(Q) H / (phi(Q) z + eps), with the query block's H, z, alpha."""
+    block_offset = bh * num_q_blocks + q_block
+    state = tl.load(tile_pointers(CompState, block_offset, 0, cols[:, None], cols[None, :], d_by_d_strides(HEAD_DIM)))
+    norm = tl.load(CompNorm + block_offset * HEAD_DIM + cols)
+    phi = feature_softmax(q.to(tl.float32))
+    mix = tl.load(Alpha + block_offset)
+    denominator = tl.sum(phi * norm[None, :], axis=1) + linear_eps
+    if ACCUMULATE_LINEAR:
+        # The same sum with phi @ state accumulated onto the sparse tile scaled by mix / w, then
+        # times w = (1 - mix) / denominator: one D-wide tile fewer live, which is what 4 warps need.
+        linear_weight = tl.maximum((1.0 - mix) / denominator, 1e-30)
+        out = tl.dot(phi.to(state.dtype), state, out_sparse * (mix / linear_weight)[:, None],
+                     input_precision=DOT_PRECISION)
+        out = out * linear_weight[:, None]
+    else:
+        numerator = tl.dot(phi.to(state.dtype), state, input_precision=DOT_PRECISION)
+        out = mix * out_sparse + (1.0 - mix) * (numerator / denominator[:, None])
+    return out
+
+
 @triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks", "k_sel", "padded_q", "padded_k"])
 def _sla2_forward_kernel(
     Q, K, V, Lut, Alpha, CompState, CompNorm,
     QueryInt8, QueryScale, KeyInt8, KeyScale, ValueFp8T, ValueScale,
     Out, Lse, OutSparse,
-    stride_qb, stride_qh, stride_ql,
-    stride_kb, stride_kh, stride_kl,
-    stride_vb, stride_vh, stride_vl,
-    stride_ob, stride_oh, stride_ol,
+    q_strides, k_strides, v_strides, out_strides,
     heads, length, num_q_blocks, num_k_blocks, k_sel, padded_q, padded_k,
     qk_scale_log2, linear_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -70,88 +159,53 @@ def _sla2_forward_kernel(
     key_offsets = tl.arange(0, BLOCK_N)
     row_valid = rows < length
 
-    q_offsets = batch * stride_qb + head * stride_qh + rows[:, None] * stride_ql + cols[None, :]
-    if QUANT != 0:
-        # INT8 Q (pre-quantised, per token) and INT8 keys with one scale per key block: the score
-        # tile's scale is then one value per row, applied in the same FMA as the max subtraction.
-        # 64-bit row offsets: (B * H * L_pad * D) passes 2^31 at a few long videos per batch.
+    if QUANT != _OFF:
+        # INT8 Q, pre-quantised per token. 64-bit offsets into the low-bit operands:
+        # (B * H * L_pad * D) passes 2^31 at a few long videos per batch.
         q = tl.load(QueryInt8 + (bh.to(tl.int64) * padded_q + rows[:, None]) * HEAD_DIM + cols[None, :])
         row_scale = tl.load(QueryScale + bh * padded_q + rows) * qk_scale_log2
     else:
-        q = tl.load(Q + q_offsets, mask=row_valid[:, None], other=0.0)
+        q = tl.load(tile_pointers(Q, batch, head, rows[:, None], cols[None, :], q_strides),
+                    mask=row_valid[:, None], other=0.0)
         row_scale = tl.full([BLOCK_M], 1.0, tl.float32) * qk_scale_log2
-    k_base = K + batch * stride_kb + head * stride_kh
-    v_base = V + batch * stride_vb + head * stride_vh
-    lut_base = Lut + (bh * num_q_blocks + q_block) * k_sel
-    key_int8_base = KeyInt8 + bh.to(tl.int64) * padded_k * HEAD_DIM
-    value_fp8_base = ValueFp8T + bh.to(tl.int64) * HEAD_DIM * padded_k
+    lut_row = Lut + (bh * num_q_blocks + q_block) * k_sel
+    key_int8_head = KeyInt8 + bh.to(tl.int64) * padded_k * HEAD_DIM
+    key_scale_head = KeyScale + bh * num_k_blocks
+    value_fp8_head = ValueFp8T + bh.to(tl.int64) * HEAD_DIM * padded_k
 
-    out_offsets = batch * stride_ob + head * stride_oh + rows[:, None] * stride_ol + cols[None, :]
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-
     for t in range(0, k_sel):
-        key_block = tl.load(lut_base + t)
+        key_block = tl.load(lut_row + t)
         keys = key_block * BLOCK_N + key_offsets
         key_valid = keys < length
-        if QUANT != 0:
-            k8 = tl.load(key_int8_base + keys[None, :] * HEAD_DIM + cols[:, None])
-            raw = tl.dot(q, k8, out_dtype=tl.int32).to(tl.float32)
-            step_scale = row_scale * tl.load(KeyScale + bh * num_k_blocks + key_block)
-        else:
-            k = tl.load(k_base + keys[None, :] * stride_kl + cols[:, None], mask=key_valid[None, :], other=0.0)
-            raw = tl.dot(q, k, input_precision=DOT_PRECISION)
-            step_scale = row_scale
-        # Scales are positive, so the row max of the unscaled scores gives the scaled one; the
-        # subtraction and the scale are then one FMA per score.
-        raw = tl.where(key_valid[None, :], raw, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(raw, axis=1) * step_scale)
-        probs = tl.math.exp2(raw * step_scale[:, None] - new_max[:, None])
-        rescale = tl.math.exp2(row_max - new_max)
-        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
-        acc = acc * rescale[:, None]
-        if QUANT == 2:
-            v8t = tl.load(value_fp8_base + cols[:, None] * padded_k + keys[None, :])
-            # P times 448: the row max (P = 1) lands on e4m3's largest value, small P stay normal.
-            # A fresh product per block, added in float32: Hopper's FP8 MMA is reported to accumulate with
-            # fewer bits than float32.
-            acc += tl.dot((probs * FP8_E4M3_MAX).to(tl.float8e4nv), tl.trans(v8t))
-        else:
-            v = tl.load(v_base + keys[:, None] * stride_vl + cols[None, :], mask=key_valid[:, None], other=0.0)
-            acc = tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        raw, step_scale = _block_scores(q, row_scale, key_block, keys, key_valid, cols, batch, head, K, k_strides,
+                                        key_int8_head, key_scale_head, HEAD_DIM, DOT_PRECISION, QUANT)
+        probs, new_max, row_sum, acc = _online_softmax_step(raw, step_scale, key_valid, row_max, row_sum, acc)
+        acc = _accumulate_values(acc, probs, keys, key_valid, cols, batch, head, V, v_strides, value_fp8_head,
+                                 padded_k, DOT_PRECISION, QUANT)
         row_max = new_max
 
     out_sparse = acc / row_sum[:, None]
-    if QUANT == 2:
+    if QUANT == _INT8_FP8:
         value_scale = tl.load(ValueScale + bh * HEAD_DIM + cols) / FP8_E4M3_MAX
         out_sparse = out_sparse * value_scale[None, :]
+    out_tile = tile_pointers(Out, batch, head, rows[:, None], cols[None, :], out_strides)
     if SAVE:
-        tl.store(OutSparse + out_offsets, out_sparse.to(OutSparse.dtype.element_ty), mask=row_valid[:, None])
+        # For the backward: O_s (OutSparse has Out's strides) and the row log-sum-exp in log2 units.
+        tl.store(tile_pointers(OutSparse, batch, head, rows[:, None], cols[None, :], out_strides),
+                 out_sparse.to(OutSparse.dtype.element_ty), mask=row_valid[:, None])
         tl.store(Lse + bh * length + rows, row_max + tl.math.log2(row_sum), mask=row_valid)
     if HAS_LINEAR:
-        if QUANT != 0:
-            q = tl.load(Q + q_offsets, mask=row_valid[:, None], other=0.0)
-        block_offset = bh * num_q_blocks + q_block
-        state = tl.load(CompState + block_offset * HEAD_DIM * HEAD_DIM + cols[:, None] * HEAD_DIM + cols[None, :])
-        norm = tl.load(CompNorm + block_offset * HEAD_DIM + cols)
-        phi = feature_softmax(q.to(tl.float32))
-        mix = tl.load(Alpha + bh * num_q_blocks + q_block)
-        denominator = tl.sum(phi * norm[None, :], axis=1) + linear_eps
-        if ACCUMULATE_LINEAR:
-            # out = mix * out_sparse + (1 - mix) * (phi @ state) / denominator, with the product
-            # accumulated onto the rescaled sparse tile: one D-wide tile fewer live, which is what
-            # 4 warps need (H100, int8, (1, 12, 32760, 128): 0.70 ms against 0.85 ms for the call).
-            linear_weight = tl.maximum((1.0 - mix) / denominator, 1e-30)
-            out = tl.dot(phi.to(state.dtype), state, out_sparse * (mix / linear_weight)[:, None],
-                         input_precision=DOT_PRECISION)
-            out = out * linear_weight[:, None]
-        else:
-            numerator = tl.dot(phi.to(state.dtype), state, input_precision=DOT_PRECISION)
-            out = mix * out_sparse + (1.0 - mix) * (numerator / denominator[:, None])
+        if QUANT != _OFF:
+            q = tl.load(tile_pointers(Q, batch, head, rows[:, None], cols[None, :], q_strides),
+                        mask=row_valid[:, None], other=0.0)
+        out = _linear_epilogue(out_sparse, q, Alpha, CompState, CompNorm, bh, q_block, num_q_blocks, cols,
+                               linear_eps, HEAD_DIM, DOT_PRECISION, ACCUMULATE_LINEAR)
     else:
         out = out_sparse
-    tl.store(Out + out_offsets, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
+    tl.store(out_tile, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
 
 
 def sla2_forward(
@@ -174,9 +228,9 @@ def sla2_forward(
     the pure sparse branch (also what every-block-selected means). comp_states (B, H, T_m, D, D) and
     comp_norms (B, H, T_m, D): each query block's linear state over its unselected key blocks,
     needed when alpha is given. Returns (out, lse_log2, out_sparse); the last two are empty unless
-    `save` (the backward needs them). quant: QUANT_OFF, QUANT_INT8 or QUANT_INT8_FP8 for the
-    sparse branch's forward; lse and out_sparse are then those of the low-bit forward (the custom op
-    saves the unquantised ones for its straight-through backward instead).
+    `save` (the backward needs them). quant: the kernel code of a mode (sla2_kernels.modes.kernel_code)
+    for the sparse branch's forward; lse and out_sparse are then those of the low-bit forward (the
+    custom op saves the unquantised ones for its straight-through backward instead).
     """
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     batch, heads, length, head_dim = q.shape
@@ -198,7 +252,7 @@ def sla2_forward(
         comp_states if has_linear else empty, comp_norms if has_linear else empty,
         *low_bit,
         out, lse, out_sparse,
-        *row_stride_args(q), *row_stride_args(k), *row_stride_args(v), *row_stride_args(out),
+        row_stride_args(q), row_stride_args(k), row_stride_args(v), row_stride_args(out),
         heads, length, num_q_blocks, num_k_blocks, k_sel, padded_q, padded_k,
         head_dim**-0.5 * LOG2E, linear_eps,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,

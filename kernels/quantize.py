@@ -3,9 +3,8 @@ FP8 values (per channel).
 
 Three passes before the attention kernel, so that its loop does the least arithmetic per score:
 one reduction over K (and V) for the statistics, then one pass each that writes Q and K in INT8
-(and V in FP8). Measured on an H100 at (1, 12, 32760, 128), 97%, the attention loop alone: per-block
-key scales run it in 0.40 ms against 0.54 ms with per-token key scales (0.54 ms in bf16), and
-quantising Q inside the attention kernel instead of here cost 0.58 ms against 0.40 ms
+(and V in FP8). On an H100 the attention loop ran faster with one scale per key block than with
+one per key token, and slower when it quantised Q itself instead of reading it from here
 (benchmarks/results/h100_lowbit_variants*.csv).
 
 Keys are smoothed (K minus its mean over the sequence, exact for softmax) and equalised per channel:
@@ -26,14 +25,18 @@ import torch
 import triton
 import triton.language as tl
 
-from sla2_kernels.common import last_dim_contiguous, row_stride_args
+from sla2_kernels.common import Launch, last_dim_contiguous, row_stride_args, tile_pointers
 
 # constexpr so that kernels may read them; host code uses `.value`.
 INT8_MAX = tl.constexpr(127.0)
 FP8_E4M3_MAX = tl.constexpr(448.0)
 TINY = tl.constexpr(1e-30)
-# Statistics pass: rows per program, rows per load, warps (benchmarks/lowbit_parts.py sweeps them).
-STATS_LAUNCH = {"chunk": 1024, "block": 32, "warps": 4}  # H100: 0.053 ms at 32760 x 12 heads
+# Statistics pass: rows per program, rows per load and the launch (benchmarks/lowbit_parts.py sweeps
+# them); then one program per (batch, head) reduces the programs' partials. 3 stages: Triton's default.
+STATS_CHUNK = 1024
+STATS_BLOCK = 32
+STATS_LAUNCH = Launch(num_warps=4, num_stages=3)
+FINISH_STATS_LAUNCH = Launch(num_warps=8, num_stages=3)
 
 
 class LowBitOperands(NamedTuple):
@@ -56,8 +59,7 @@ def int8_round(x):
 @triton.jit(do_not_specialize=["length", "num_chunks"])
 def _key_value_stats_kernel(
     K, V, KeySum, KeyMax, KeyMin, ValueMax,
-    stride_kb, stride_kh, stride_kl,
-    stride_vb, stride_vh, stride_vl,
+    k_strides, v_strides,
     heads, length, num_chunks,
     CHUNK: tl.constexpr, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, VALUES: tl.constexpr,
 ):
@@ -74,13 +76,13 @@ def _key_value_stats_kernel(
     for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, BLOCK):
         rows = start + tl.arange(0, BLOCK)
         valid = rows[:, None] < length
-        k = tl.load(K + batch * stride_kb + head * stride_kh + rows[:, None] * stride_kl + cols[None, :],
+        k = tl.load(tile_pointers(K, batch, head, rows[:, None], cols[None, :], k_strides),
                     mask=valid, other=0.0).to(tl.float32)
         total += k
         largest = tl.maximum(largest, tl.where(valid, k, float("-inf")))
         smallest = tl.minimum(smallest, tl.where(valid, k, float("inf")))
         if VALUES:
-            v = tl.load(V + batch * stride_vb + head * stride_vh + rows[:, None] * stride_vl + cols[None, :],
+            v = tl.load(tile_pointers(V, batch, head, rows[:, None], cols[None, :], v_strides),
                         mask=valid, other=0.0).to(tl.float32)
             value_largest = tl.maximum(value_largest, tl.abs(v))
     total = tl.sum(total, axis=0)
@@ -129,7 +131,7 @@ def _finish_statistics_kernel(
 @triton.jit(do_not_specialize=["length", "padded_length"])
 def _quantize_queries_kernel(
     Q, Gain, QueryInt8, QueryScale,
-    stride_qb, stride_qh, stride_ql,
+    q_strides,
     heads, length, padded_length,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
@@ -138,7 +140,7 @@ def _quantize_queries_kernel(
     batch, head = bh // heads, bh % heads
     rows = block_id * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM)
-    q = tl.load(Q + batch * stride_qb + head * stride_qh + rows[:, None] * stride_ql + cols[None, :],
+    q = tl.load(tile_pointers(Q, batch, head, rows[:, None], cols[None, :], q_strides),
                 mask=rows[:, None] < length, other=0.0).to(tl.float32)
     q = q * tl.load(Gain + bh * HEAD_DIM + cols)[None, :]
     scale = tl.maximum(tl.max(tl.abs(q), axis=1), TINY) / INT8_MAX
@@ -150,8 +152,7 @@ def _quantize_queries_kernel(
 @triton.jit(do_not_specialize=["length", "padded_length"])
 def _quantize_keys_values_kernel(
     K, V, KeyMean, Gain, ValueScale, KeyInt8, KeyScale, ValueFp8T,
-    stride_kb, stride_kh, stride_kl,
-    stride_vb, stride_vh, stride_vl,
+    k_strides, v_strides,
     heads, length, padded_length,
     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, FP8_VALUES: tl.constexpr,
 ):
@@ -161,7 +162,7 @@ def _quantize_keys_values_kernel(
     rows = block_id * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM)
     valid = rows < length
-    k = tl.load(K + batch * stride_kb + head * stride_kh + rows[:, None] * stride_kl + cols[None, :],
+    k = tl.load(tile_pointers(K, batch, head, rows[:, None], cols[None, :], k_strides),
                 mask=valid[:, None], other=0.0).to(tl.float32)
     mean = tl.load(KeyMean + bh * HEAD_DIM + cols)
     inverse_gain = 1.0 / tl.load(Gain + bh * HEAD_DIM + cols)
@@ -171,7 +172,7 @@ def _quantize_keys_values_kernel(
              int8_round(smoothed * (1.0 / scale)))
     tl.store(KeyScale + bh * tl.num_programs(0) + block_id, scale)
     if FP8_VALUES:
-        v = tl.load(V + batch * stride_vb + head * stride_vh + rows[:, None] * stride_vl + cols[None, :],
+        v = tl.load(tile_pointers(V, batch, head, rows[:, None], cols[None, :], v_strides),
                     mask=valid[:, None], other=0.0).to(tl.float32)
         inverse = 1.0 / tl.load(ValueScale + bh * HEAD_DIM + cols)
         v8 = (v * inverse[None, :]).to(tl.float8e4nv)
@@ -191,19 +192,19 @@ def key_value_statistics(
     Returns (B, H, D) float32 tensors (key_mean, gain, value_scale or None).
     """
     batch, heads, length, head_dim = k.shape
-    chunk, block, warps = STATS_LAUNCH["chunk"], STATS_LAUNCH["block"], STATS_LAUNCH["warps"]
-    num_chunks = triton.cdiv(length, chunk)
+    num_chunks = triton.cdiv(length, STATS_CHUNK)
     partial = torch.empty(4, batch * heads, num_chunks, head_dim, device=k.device, dtype=torch.float32)
     _key_value_stats_kernel[(num_chunks, batch * heads)](
         k, v, partial[0], partial[1], partial[2], partial[3],
-        *row_stride_args(k), *row_stride_args(v), heads, length, num_chunks,
-        CHUNK=chunk, BLOCK=block, HEAD_DIM=head_dim, VALUES=fp8_values, num_warps=warps,
+        row_stride_args(k), row_stride_args(v), heads, length, num_chunks,
+        CHUNK=STATS_CHUNK, BLOCK=STATS_BLOCK, HEAD_DIM=head_dim, VALUES=fp8_values,
+        num_warps=STATS_LAUNCH.num_warps, num_stages=STATS_LAUNCH.num_stages,
     )
     stats = torch.empty(3, batch, heads, head_dim, device=k.device, dtype=torch.float32)
     _finish_statistics_kernel[(batch * heads,)](
         partial[0], partial[1], partial[2], partial[3], stats[0], stats[1], stats[2],
         length, num_chunks, STEP=min(32, triton.next_power_of_2(num_chunks)), HEAD_DIM=head_dim,
-        VALUES=fp8_values, num_warps=8,
+        VALUES=fp8_values, num_warps=FINISH_STATS_LAUNCH.num_warps, num_stages=FINISH_STATS_LAUNCH.num_stages,
     )
     return stats[0], stats[1], stats[2] if fp8_values else None
 
@@ -227,13 +228,13 @@ def quantize_operands(
         value_fp8_t = torch.empty(batch, heads, head_dim, padded_k, device=device, dtype=torch.float8_e4m3fn)
     empty = k.new_empty(0, dtype=torch.float32)
     _quantize_queries_kernel[(num_q_blocks, batch * heads)](
-        q, gain, query_int8, query_scale, *row_stride_args(q), heads, length, padded_q,
+        q, gain, query_int8, query_scale, row_stride_args(q), heads, length, padded_q,
         BLOCK=block_q, HEAD_DIM=head_dim,
     )
     _quantize_keys_values_kernel[(num_k_blocks, batch * heads)](
         k, v, key_mean, gain, value_scale if fp8_values else empty, key_int8, key_scale,
         value_fp8_t if fp8_values else empty,
-        *row_stride_args(k), *row_stride_args(v), heads, length, padded_k,
+        row_stride_args(k), row_stride_args(v), heads, length, padded_k,
         BLOCK=block_k, HEAD_DIM=head_dim, FP8_VALUES=fp8_values,
     )
     return LowBitOperands(query_int8, query_scale, key_int8, key_scale, value_fp8_t, value_scale)

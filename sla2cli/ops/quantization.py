@@ -25,16 +25,15 @@ import math
 
 import torch
 
+from sla2_kernels.modes import QUANT_INT8, QUANT_INT8_FP8, QUANT_MODES, QUANT_NONE
 from sla2cli.ops.blockwise import blockwise_sla2, to_blocks
 from sla2cli.ops.complement import complement_map
 from sla2cli.ops.geometry import num_blocks
 from sla2cli.ops.reference import attention_from_block_weights, expand_block_values
 
-QUANT_NONE = "none"
-QUANT_INT8_FP8 = "int8-fp8"
-QUANT_INT8 = "int8"
+# The concrete modes (QUANT_NONE, QUANT_INT8, QUANT_INT8_FP8) and their kernel codes live in
+# sla2_kernels.modes; `auto` is a request, resolved per device below.
 QUANT_AUTO = "auto"
-QUANT_MODES = (QUANT_NONE, QUANT_INT8, QUANT_INT8_FP8)
 REQUESTABLE_QUANT_MODES = (*QUANT_MODES, QUANT_AUTO)
 # Names that checkpoints written by earlier versions may hold: `int8-fp16` (INT8 Q.K^T, fp16 P.V)
 # became `int8` (P.V in the input's precision) once per-block key scales made fp16 P.V the slow part.

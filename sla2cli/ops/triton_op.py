@@ -3,14 +3,21 @@
 Registered through torch.library so that torch.compile(fullgraph=True) traces a model through it
 without graph breaks; k_sel is read from the look-up table's shape, never from data, so nothing
 in the forward waits on the GPU.
+
+The kernel modules are imported inside the ops, on first use: Triton is optional (not installed
+off Linux), and the CPU interpreter (TRITON_INTERPRET) must be chosen before a kernel module loads.
+`quant` is a mode's kernel code (sla2_kernels.modes.kernel_code).
 """
 
 from __future__ import annotations
 
 import torch
 
+from sla2_kernels.modes import QUANT_NONE, kernel_code
 from sla2cli.ops.complement import complement_state_grads, complement_states
 from sla2cli.ops.geometry import LINEAR_EPS, num_blocks
+
+NO_QUANT = kernel_code(QUANT_NONE)
 
 
 def _linear_alpha(alpha: torch.Tensor | None, lut: torch.Tensor, length: int, block_k: int):
@@ -35,9 +42,9 @@ def sla2_forward_op(
     block_q: int,
     block_k: int,
     save: bool,
-    quant: int = 0,
+    quant: int = NO_QUANT,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, lse, out_sparse); the last two are empty unless `save`. quant: sla2_kernels' QUANT_*."""
+    """Returns (out, lse, out_sparse); the last two are empty unless `save`. quant: a mode's kernel code."""
     from sla2_kernels import sla2_forward
 
     lut = lut.contiguous()  # compiled graphs may hand over other layouts; kernels index densely
@@ -46,7 +53,7 @@ def sla2_forward_op(
     comp_states = comp_norms = None
     if alpha is not None:
         comp_states, comp_norms = _complement_states(k, v, lut, block_k)
-    if quant and save:
+    if quant != NO_QUANT and save:
         # Straight-through: the backward is the unquantised op's, so it gets the unquantised softmax
         # statistics. Feeding it the low-bit ones instead measured 5% gradient error (CPU, L=300).
         _, lse, out_sparse = sla2_forward(
@@ -62,7 +69,7 @@ def sla2_forward_op(
 
 
 @sla2_forward_op.register_fake
-def _sla2_forward_fake(q, k, v, lut, alpha, block_q, block_k, save, quant=0):
+def _sla2_forward_fake(q, k, v, lut, alpha, block_q, block_k, save, quant=NO_QUANT):
     batch, heads, length, _ = q.shape
     if save:
         return torch.empty_like(q), q.new_empty(batch, heads, length, dtype=torch.float32), torch.empty_like(q)
@@ -160,12 +167,13 @@ def triton_sla2(
     alpha: torch.Tensor | None,
     block_q: int,
     block_k: int,
-    quant: int = 0,
+    quant: int = NO_QUANT,
 ) -> torch.Tensor:
     """Autograd-aware Triton SLA2; saves backward state only when a gradient is wanted.
 
-    With a low-bit `quant` the backward is the unquantised one (straight-through); a forward that
-    must save for it also runs the unquantised kernel for the softmax statistics.
+    quant: the mode's kernel code. With a low-bit `quant` the backward is the unquantised one
+    (straight-through); a forward that must save for it also runs the unquantised kernel for the
+    softmax statistics.
     """
     batch, heads, length, _ = q.shape
     if alpha is not None:
