@@ -113,7 +113,7 @@ def time_parts(rec, q, k, v, alpha, sparsity, rep_ms):
     for name, fn in parts.items():
         rec.add(f"sla2-{name}", sparsity, "fwd", median_ms(fn, rep_ms), share)
     head_dim = q.shape[-1]
-    key = (head_dim, forward_module.QUANT_OFF)
+    key = (head_dim, forward_module.CODE_OFF)
     default = forward_module.FORWARD_LAUNCH[key]
     for launch in ((4, 2, True), (8, 2, False), (8, 3, False)):
         forward_module.FORWARD_LAUNCH[key] = Launch(*launch)

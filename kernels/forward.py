@@ -40,19 +40,19 @@ from sla2_kernels.common import (
 from sla2_kernels.quantize import FP8_E4M3_MAX, quantize_operands
 
 # The kernel's QUANT codes (the table is sla2_kernels.modes), under the names callers import.
-QUANT_OFF = modes.kernel_code(modes.QUANT_NONE)
-QUANT_INT8 = modes.kernel_code(modes.QUANT_INT8)
-QUANT_INT8_FP8 = modes.kernel_code(modes.QUANT_INT8_FP8)
+CODE_OFF = modes.kernel_code(modes.QUANT_NONE)
+CODE_INT8 = modes.kernel_code(modes.QUANT_INT8)
+CODE_INT8_FP8 = modes.kernel_code(modes.QUANT_INT8_FP8)
 # The same codes as compile-time constants: the only kind of global a kernel may read.
-_OFF = tl.constexpr(QUANT_OFF)
-_INT8_FP8 = tl.constexpr(QUANT_INT8_FP8)
+_OFF = tl.constexpr(CODE_OFF)
+_INT8_FP8 = tl.constexpr(CODE_INT8_FP8)
 
 # Per (head dim, QUANT code), from the H100 sweeps of benchmarks/gpu_suite.py and lowbit_parts.py
 # (benchmarks/results/h100_lowbit_parts*.csv). int8-fp8 at D = 128 needs 8 warps.
 FORWARD_LAUNCH: dict[tuple[int, int], Launch] = {
-    (64, QUANT_OFF): Launch(4, 2, False), (128, QUANT_OFF): Launch(8, 3, False),
-    (64, QUANT_INT8): Launch(8, 3, True), (128, QUANT_INT8): Launch(4, 2, True),
-    (64, QUANT_INT8_FP8): Launch(4, 2, True), (128, QUANT_INT8_FP8): Launch(8, 3, False),
+    (64, CODE_OFF): Launch(4, 2, False), (128, CODE_OFF): Launch(8, 3, False),
+    (64, CODE_INT8): Launch(8, 3, True), (128, CODE_INT8): Launch(4, 2, True),
+    (64, CODE_INT8_FP8): Launch(4, 2, True), (128, CODE_INT8_FP8): Launch(8, 3, False),
 }
 
 
@@ -220,7 +220,7 @@ def sla2_forward(
     block_k: int,
     save: bool,
     linear_eps: float,
-    quant: int = QUANT_OFF,
+    quant: int = CODE_OFF,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SLA2 forward for a block look-up table.
 
@@ -244,8 +244,8 @@ def sla2_forward(
     launch = FORWARD_LAUNCH[head_dim, quant]
     low_bit = [empty] * 6
     padded_q, padded_k = num_q_blocks * block_q, num_k_blocks * block_k
-    if quant != QUANT_OFF:
-        operands = quantize_operands(q, k, v, block_q, block_k, fp8_values=quant == QUANT_INT8_FP8)
+    if quant != CODE_OFF:
+        operands = quantize_operands(q, k, v, block_q, block_k, fp8_values=quant == CODE_INT8_FP8)
         low_bit = [empty if x is None else x for x in operands]
     _sla2_forward_kernel[(num_q_blocks, batch * heads)](
         q, k, v, lut, alpha if has_linear else empty,

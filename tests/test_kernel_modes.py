@@ -21,7 +21,7 @@ def test_ops_use_the_kernels_mode_names():
 def test_every_mode_has_its_own_code():
     codes = [modes.kernel_code(mode) for mode in modes.QUANT_MODES]
     assert len(set(codes)) == len(modes.QUANT_MODES)
-    assert (forward.QUANT_OFF, forward.QUANT_INT8, forward.QUANT_INT8_FP8) == tuple(codes)
+    assert (forward.CODE_OFF, forward.CODE_INT8, forward.CODE_INT8_FP8) == tuple(codes)
 
 
 @pytest.mark.parametrize("mode", [quantization.QUANT_AUTO, "fp4", None])

@@ -6,9 +6,10 @@ import os
 
 import torch
 
+from sla2_kernels.modes import kernel_code
 from sla2cli.ops.blockwise import blockwise_sla2
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
-from sla2cli.ops.quantization import QUANT_INT8, QUANT_INT8_FP8, QUANT_NONE, emulated_lowbit, resolve_quant_mode
+from sla2cli.ops.quantization import QUANT_NONE, emulated_lowbit, resolve_quant_mode
 from sla2cli.ops.routing import route
 from sla2cli.ops.validation import check_attention_inputs
 
@@ -45,13 +46,9 @@ def sla2_attention_routed(
     """
     mode = resolve_quant_mode(quant, q.device)
     if triton_enabled(q):
-        from sla2_kernels.forward import QUANT_INT8 as KERNEL_INT8
-        from sla2_kernels.forward import QUANT_INT8_FP8 as KERNEL_FP8
-        from sla2_kernels.forward import QUANT_OFF
         from sla2cli.ops.triton_op import triton_sla2
 
-        kernel_mode = {QUANT_NONE: QUANT_OFF, QUANT_INT8: KERNEL_INT8, QUANT_INT8_FP8: KERNEL_FP8}[mode]
-        return triton_sla2(q, k, v, lut, alpha, block_q, block_k, kernel_mode)
+        return triton_sla2(q, k, v, lut, alpha, block_q, block_k, kernel_code(mode))
     out = blockwise_sla2(q, k, v, lut, alpha, block_q, block_k)
     if mode == QUANT_NONE:
         return out
