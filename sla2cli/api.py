@@ -24,6 +24,7 @@ from sla2cli.models.model_spec import parse_model_spec
 from sla2cli.models.recipes import Recipe, get_recipe, recipe_for_architecture, recipe_for_hub_id
 from sla2cli.models.sources import EMBEDDED_RECIPE, base_source, build_components, locate
 from sla2cli.ops.quantization import QUANT_NONE, check_quant
+from sla2cli.variants import check_saveable
 
 COMPONENT_NAMES = ("transformer", "transformer_2")
 
@@ -164,6 +165,8 @@ def save(
     them, saves with include_base_weights=True (diffusers layout, sharded safetensors).
     """
     components = _components_of(model_or_pipeline)
+    for model in components.values():
+        check_saveable(model)
     out = Path(path)
     if include_base_weights is None:
         include_base_weights = any(
