@@ -27,6 +27,8 @@ from sla2cli.cli.sample_options import (
 from sla2cli.errors import UserError
 from sla2cli.ops.quantization import QUANT_AUTO, REQUESTABLE_QUANT_MODES
 from sla2cli.report.output import (
+    model_csv_row,
+    render_quality,
     render_table,
     report_document,
     write_csv,
@@ -195,12 +197,15 @@ def report(
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     title = f"SLA2 report: {target.name} ({len(result.rows)} heads, {result.seconds:.1f} s)"
     render_table(console, result.layer_rows, result.model_row, title=title)
+    render_quality(console, result.quality)
     if csv is not None:
-        write_csv(result.rows, csv)
+        write_csv(result.rows, csv, model_csv_row(result.model_row, result.quality))
         console.print(f"wrote {csv}", highlight=False)
     if json is not None:
         write_json(
-            report_document(result.settings, result.model_row, result.layer_rows, result.rows, result.warnings),
+            report_document(
+                result.settings, result.model_row, result.layer_rows, result.rows, result.warnings, result.quality
+            ),
             json,
         )
         console.print(f"wrote {json}", highlight=False)

@@ -34,6 +34,7 @@ from sla2cli.report.inputs import (
     random_samples,
 )
 from sla2cli.report.metrics import DEFAULT_CHUNK_ELEMENTS
+from sla2cli.report.model_quality import dense_outputs, embedded_validation_losses, mean_output_error, quality_row
 from sla2cli.report.summary import MetricAccumulator, Row, summarize_layers, summarize_model
 
 DEFAULT_TIMESTEPS = (0.9, 0.5, 0.1)
@@ -75,12 +76,14 @@ class ReportSettings:
 
 @dataclass
 class ReportResult:
-    """Rows per (layer, head), summaries per layer and for the model, and what the user should know."""
+    """Rows per (layer, head), summaries per layer and for the model, the model's output against dense
+    (`model_quality`), and what the user should know."""
 
     rows: list[Row]
     layer_rows: list[Row]
     model_row: Row
     warnings: list[str]
+    quality: Row = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -190,14 +193,12 @@ def run_report(
         on_start(len(forwards) * len(layers))
     accumulator = MetricAccumulator()
     chunk = settings.max_chunk_elements or CHUNK_ELEMENTS.get(device.type, DEFAULT_CHUNK_ELEMENTS)
-    with (
-        torch.no_grad(),
-        overridden_sparsity(layers, settings.sparsity),
-        capture_metrics(layers, accumulator, max_chunk_elements=chunk, on_layer=on_layer, lowbit_quant=lowbit),
-    ):
-        for model in target.components.values():
-            for item in forwards:
-                model(**item.kwargs, return_dict=False)
+    models = list(target.components.values())
+    with torch.no_grad(), overridden_sparsity(layers, settings.sparsity):
+        with capture_metrics(layers, accumulator, max_chunk_elements=chunk, on_layer=on_layer, lowbit_quant=lowbit):
+            outputs = [model(**item.kwargs, return_dict=False)[0] for model in models for item in forwards]
+        output_error = mean_output_error(outputs, dense_outputs(models, layers, forwards))
+        losses = embedded_validation_losses(target.main, layers, samples, device, dtype) if target.embedded else None
     missing = [name for name in layers if name not in accumulator.layers]
     if len(missing) == len(layers):
         raise UserError(f"no SLA2 layer of {target.name} was called; its attention processors are not SLA2")
@@ -209,6 +210,7 @@ def run_report(
         layer_rows=summarize_layers(rows),
         model_row=summarize_model(rows),
         warnings=warnings,
+        quality=quality_row(output_error, losses),
         settings={**_settings_document(target, settings, samples, device, dtype), "quant_compared": lowbit},
         seconds=time.perf_counter() - started,
     )
