@@ -37,10 +37,14 @@ def wide_console(monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
-    """The per-(layer, head) rows; the model row that ends the file is checked and left out."""
+def _read_csv(path: Path, model_row: bool = True) -> list[dict[str, str]]:
+    """The per-(layer, head) rows; the model row that ends the file (unless --no-model-quality) is checked
+    and left out."""
     with path.open(newline="", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
+    if not model_row:
+        assert all(row["layer"] != "model" for row in rows) and "output_rel_l2_error" not in rows[0]
+        return rows
     assert rows[-1]["layer"] == "model" and rows[-1]["head"] == ""
     assert float(rows[-1]["output_rel_l2_error"]) > 0.0
     assert all(row["layer"] != "model" and row["output_rel_l2_error"] == "" for row in rows[:-1])
@@ -228,13 +232,14 @@ def test_model_quality_matches_the_unconverted_model(embedded_model):
 
 def test_alias_and_sparsity_override(embedded_model, tmp_path, capsys):
     out_csv = tmp_path / "r.csv"
-    code, _, err = run_cli(
+    code, stdout, err = run_cli(
         ["sparsity-report", "--sparsity", "0.5", "--resolution", SMALL_CLIP, "--timesteps", "0.5",
-         "--csv", str(out_csv), "--quant", "none", "--quiet"],
+         "--csv", str(out_csv), "--quant", "none", "--no-model-quality", "--quiet"],
         capsys,
     )
     assert code == 0, err
-    rows = _read_csv(out_csv)
+    assert "model output" not in stdout
+    rows = _read_csv(out_csv, model_row=False)
     assert "lowbit_rel_l2_vs_sla2" not in rows[0]
     assert {int(row["k_sel"]) for row in rows} == {k_selected(num_blocks(SMALL_TOKENS, 64), 0.5)}
     assert all(float(row["sparsity"]) == pytest.approx(0.5) for row in rows)

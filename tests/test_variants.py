@@ -214,3 +214,27 @@ def test_unknown_method_is_a_user_error(small_model):
         apply_variant(model, "topk")
     with pytest.raises(UserError, match="convert it first"):
         apply_variant(torch.nn.Linear(2, 2), "sla2")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", METHODS)
+def test_variant_on_gpu_matches_its_pytorch_path(method, monkeypatch):
+    """On CUDA the variants run the Triton kernels; forward and gradients against the PyTorch path (bf16)."""
+    layer = trained_looking_layer(method).cuda()
+    generator = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, HEADS, 4100, HEAD_DIM, generator=generator).cuda().bfloat16() for _ in range(3))
+    grad_out = torch.randn(1, HEADS, 4100, HEAD_DIM, generator=generator).cuda().bfloat16()
+    trainable = [p for name, p in layer.named_parameters() if name in trainable_sla2_parameters(layer)]
+    for p in trainable:
+        p.requires_grad_(True)
+
+    def run() -> tuple[torch.Tensor, ...]:
+        inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = layer(*inputs)
+        return (out, *torch.autograd.grad(out, (*inputs, *trainable), grad_out))
+
+    kernels = run()
+    monkeypatch.setenv("SLA2_BACKEND", "torch")
+    pytorch = run()
+    for got, want in zip(kernels, pytorch, strict=True):
+        assert ((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-6)).item() < 2e-2

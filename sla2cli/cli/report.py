@@ -163,6 +163,14 @@ def report(
             "runs it, and on CPU, emulated), or none to leave the column out.",
         ),
     ] = QUANT_AUTO,
+    model_quality: Annotated[
+        bool,
+        typer.Option("--model-quality/--no-model-quality",
+                     help="Run the inputs again with dense attention for the model-level line: the transformer "
+                     "output's relative L2 error against dense and, for the embedded model, the validation loss "
+                     "against dense (CSV: last row, layer = model; JSON: model_quality). --no-model-quality skips "
+                     "that second pass."),
+    ] = True,
     device: DeviceOption = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the noise (and of random inputs).")] = 0,
     offline: Annotated[bool, typer.Option(help="Use only the Hugging Face cache; never the network.")] = False,
@@ -173,7 +181,7 @@ def report(
 
     settings = ReportSettings(
         sparsity=sparsity, timesteps=parse_timesteps(timesteps), inputs=inputs, resolution=resolution,
-        clips=clips, seed=seed, quant=quant.lower(),
+        clips=clips, seed=seed, quant=quant.lower(), model_quality=model_quality,
     )
     check_settings(settings)
     _check_output_path("--csv", csv, (".csv",))
@@ -199,7 +207,7 @@ def report(
     render_table(console, result.layer_rows, result.model_row, title=title)
     render_quality(console, result.quality)
     if csv is not None:
-        write_csv(result.rows, csv, model_csv_row(result.model_row, result.quality))
+        write_csv(result.rows, csv, model_csv_row(result.model_row, result.quality) if result.quality else None)
         console.print(f"wrote {csv}", highlight=False)
     if json is not None:
         write_json(

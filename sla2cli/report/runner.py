@@ -72,6 +72,7 @@ class ReportSettings:
     seed: int = 0
     max_chunk_elements: int | None = None
     quant: str = QUANT_AUTO  # low-bit mode compared with the unquantised op per layer; none: not compared
+    model_quality: bool = True  # run the inputs again with dense attention for the model-level figures
 
 
 @dataclass
@@ -197,8 +198,12 @@ def run_report(
     with torch.no_grad(), overridden_sparsity(layers, settings.sparsity):
         with capture_metrics(layers, accumulator, max_chunk_elements=chunk, on_layer=on_layer, lowbit_quant=lowbit):
             outputs = [model(**item.kwargs, return_dict=False)[0] for model in models for item in forwards]
-        output_error = mean_output_error(outputs, dense_outputs(models, layers, forwards))
-        losses = embedded_validation_losses(target.main, layers, samples, device, dtype) if target.embedded else None
+        quality: Row = {}
+        if settings.model_quality:
+            output_error = mean_output_error(outputs, dense_outputs(models, layers, forwards))
+            embedded = target.embedded
+            losses = embedded_validation_losses(target.main, layers, samples, device, dtype) if embedded else None
+            quality = quality_row(output_error, losses)
     missing = [name for name in layers if name not in accumulator.layers]
     if len(missing) == len(layers):
         raise UserError(f"no SLA2 layer of {target.name} was called; its attention processors are not SLA2")
@@ -210,7 +215,7 @@ def run_report(
         layer_rows=summarize_layers(rows),
         model_row=summarize_model(rows),
         warnings=warnings,
-        quality=quality_row(output_error, losses),
+        quality=quality,
         settings={**_settings_document(target, settings, samples, device, dtype), "quant_compared": lowbit},
         seconds=time.perf_counter() - started,
     )

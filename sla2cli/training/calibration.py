@@ -213,12 +213,13 @@ def calibrate_layer(
         if on_step is not None:
             for _ in range(settings.steps_per_layer()):
                 on_step()
-        return LayerResult(name, error_before, error_before, math.nan, math.nan, math.nan, UNCHANGED, False)
+        return LayerResult(name, error_before, math.nan, math.nan, math.nan, math.nan, UNCHANGED, False)
     previous = _snapshot(layer)
     candidates: dict[str, tuple[float, dict[str, torch.Tensor]]] = {}
-    error_alpha = _fit_alpha_for_current_router(layer, calls, settings, on_step)
-    candidates[ALPHA_ONLY] = (error_alpha, _snapshot(layer))
-    error_router = mass_before = mass_after = math.nan
+    error_alpha = error_router = mass_before = mass_after = math.nan
+    if settings.alpha_steps:
+        error_alpha = _fit_alpha_for_current_router(layer, calls, settings, on_step)
+        candidates[ALPHA_ONLY] = (error_alpha, _snapshot(layer))
     if settings.train_router:
         layer.load_state_dict(previous)
         targets = [router_target(c.q, c.k, layer, settings.max_chunk_elements) for c in calls]
@@ -231,7 +232,9 @@ def calibrate_layer(
         del targets
         error_router = _fit_alpha_for_current_router(layer, calls, settings, on_step)
         candidates[ROUTER_AND_ALPHA] = (error_router, _snapshot(layer))
-    choice, (best_error, best_state) = min(candidates.items(), key=lambda item: item[1][0])
+    choice, (best_error, best_state) = min(candidates.items(), key=lambda item: item[1][0], default=(UNCHANGED, (
+        error_before, previous
+    )))
     if best_error > error_before:
         choice, best_state = UNCHANGED, previous
     layer.load_state_dict(best_state)
