@@ -202,3 +202,17 @@ def test_output_rules(checkpoint, tmp_path, capsys):
 def test_folder_that_is_not_a_checkpoint(tmp_path, capsys):
     code, _, err = run_cli(["calibrate", str(tmp_path), "--out", str(tmp_path / "out")], capsys)
     assert_user_error(code, err, mentions="not an SLA2 checkpoint")
+
+
+def test_embedded_model_calibrates_on_its_own_clips_not_the_validation_clips(checkpoint):
+    from sla2cli.report.runner import ReportSettings, clean_samples
+
+    target = load_report_target(str(checkpoint), sparsity=None, device=torch.device("cpu"), dtype=torch.float32)
+    adapter = family_inputs(target.main, target.recipe)
+    settings = ReportSettings(resolution=SMALL_CLIP, clips=2)
+    calibration, _ = clean_samples(target, adapter, settings, calibration=True)
+    validation, _ = clean_samples(target, adapter, settings)
+    assert [sample.label for sample in calibration] == ["calibration clip 0", "calibration clip 1"]
+    for fitted in calibration:
+        assert all(not torch.equal(fitted.latents, measured.latents) for measured in validation)
+    assert get_recipe("embedded").calibration.clips >= 1

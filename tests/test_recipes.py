@@ -150,10 +150,10 @@ def test_calibration_block_is_parsed_and_checked():
     for recipe in all_recipes().values():
         assert isinstance(recipe.calibration, CalibrationDefaults)
         assert recipe.calibration.timesteps and recipe.calibration.alpha_steps > 0
-    good = {"timesteps": [0.9, 0.1], "router_steps": 10, "router_learning_rate": 0.01, "alpha_steps": 5,
+    good = {"clips": 2, "timesteps": [0.9, 0.1], "router_steps": 10, "router_learning_rate": 0.01, "alpha_steps": 5,
             "alpha_learning_rate": 0.05, "tau": 0.1}
     assert _parse_calibration(good, "x.json").timesteps == (0.9, 0.1)
-    for bad in ({**good, "iterations": 3}, {**good, "timesteps": [1.5]}, {**good, "tau": 0},
+    for bad in ({**good, "iterations": 3}, {**good, "timesteps": [1.5]}, {**good, "tau": 0}, {**good, "clips": 0},
                 {key: value for key, value in good.items() if key != "alpha_steps"}):
         with pytest.raises(ValueError, match="x.json"):
             _parse_calibration(bad, "x.json")

@@ -1,7 +1,7 @@
 """`sla2 calibrate`: stage 1 of training. Fit each converted layer's router and alpha against full attention.
 
 The base weights stay frozen; the layers' q, k, v are captured on sample inputs (the embedded model's
-validation clips, an --inputs file, or random latents), every layer is fitted on its own
+calibration clips, never its validation clips, an --inputs file, or random latents), every layer is fitted on its own
 (`sla2cli.training.calibration`), and the table shows the hard-routing error (what inference runs)
 before, with alpha refitted alone, and with the trained router. Defaults come from the model's recipe.
 """
@@ -22,7 +22,6 @@ from rich.table import Table
 
 from sla2cli.cli.report import model_dtype, resolve_device
 from sla2cli.cli.sample_options import (
-    ClipsOption,
     DeviceOption,
     InputsOption,
     QuietOption,
@@ -36,7 +35,6 @@ from sla2cli.models.recipes import get_recipe
 from sla2cli.models.sources import EMBEDDED_RECIPE
 from sla2cli.report.inputs import family_inputs, forward_inputs
 from sla2cli.report.runner import (
-    DEFAULT_CLIPS,
     ReportSettings,
     ReportTarget,
     check_settings,
@@ -57,7 +55,8 @@ from sla2cli.training.calibration import (
 
 EMBEDDED_DEFAULTS = get_recipe(EMBEDDED_RECIPE).calibration
 HELP = (
-    "Stage 1 of training: with the model frozen, capture q, k, v at every converted layer on sample inputs, "
+    "Stage 1 of training: with the model frozen, capture q, k, v at every converted layer on sample inputs "
+    "(the embedded model: its calibration clips, not the validation clips sla2 report uses), "
     "then fit each layer's router (W_q, W_k) to keep the key blocks that hold the true softmax mass, and its "
     "alpha predictor to the hard-routing error itself. A layer keeps the best of: its parameters before, alpha "
     "refitted alone, trained router with refitted alpha. Prints the hard-routing error per layer for each and "
@@ -119,7 +118,7 @@ def _calibrate(
     if not layers:
         raise UserError(f"{target.name} has no SLA2 layers; convert it first with sla2 convert")
     adapter = family_inputs(target.main, target.recipe)
-    samples, warnings = clean_samples(target, adapter, inputs)
+    samples, warnings = clean_samples(target, adapter, inputs, calibration=True)
     for warning in warnings:
         console.print(f"[yellow]warning:[/] {warning}", highlight=False)
     forwards = forward_inputs(
@@ -235,7 +234,12 @@ def calibrate(
                      "Default: the recipe's (embedded: "
                      f"{','.join(f'{t:g}' for t in EMBEDDED_DEFAULTS.timesteps)}).", show_default=False),
     ] = None,
-    clips: ClipsOption = None,
+    clips: Annotated[
+        int | None,
+        typer.Option(help="Number of clips to capture (the embedded model's calibration clips, input clips or "
+                     f"random draws). Default: the recipe's (embedded: {EMBEDDED_DEFAULTS.clips}); every clip of "
+                     "--inputs.", show_default=False),
+    ] = None,
     inputs: InputsOption = None,
     resolution: ResolutionOption = None,
     device: DeviceOption = "auto",
@@ -259,7 +263,7 @@ def calibrate(
     destination = output_folder(checkpoint_dir, out, overwrite)
     target_device = resolve_device(device)
     if clips is None and inputs is None:
-        inputs_settings = replace(inputs_settings, clips=DEFAULT_CLIPS.get(target_device.type, DEFAULT_CLIPS["cuda"]))
+        inputs_settings = replace(inputs_settings, clips=recipe.calibration.clips)
     console = Console()
     started = time.perf_counter()
     with console.status("loading the model", spinner="dots"):

@@ -70,9 +70,10 @@ class VideoGeometry:
 
 @dataclass(frozen=True)
 class CalibrationDefaults:
-    """Defaults of `sla2 calibrate` for a model family (the recipe's `calibration` block): the noise levels
-    the q, k, v are captured at, and how each layer's router and alpha predictor are fitted."""
+    """Defaults of `sla2 calibrate` for a model family (the recipe's `calibration` block): how many clips and
+    which noise levels the q, k, v are captured at, and how each layer's router and alpha are fitted."""
 
+    clips: int
     timesteps: tuple[float, ...]
     router_steps: int
     router_learning_rate: float
@@ -82,7 +83,7 @@ class CalibrationDefaults:
 
 
 CALIBRATION_KEYS = (
-    "timesteps", "router_steps", "router_learning_rate", "alpha_steps", "alpha_learning_rate", "tau",
+    "clips", "timesteps", "router_steps", "router_learning_rate", "alpha_steps", "alpha_learning_rate", "tau",
 )
 
 
@@ -94,6 +95,7 @@ def _parse_calibration(block: dict[str, Any], origin: str) -> CalibrationDefault
     if not timesteps or not all(0.0 <= t <= 1.0 for t in timesteps):
         raise ValueError(f"recipe {origin}: calibration.timesteps must be values in [0, 1]")
     defaults = CalibrationDefaults(
+        clips=int(block["clips"]),
         timesteps=timesteps,
         router_steps=int(block["router_steps"]),
         router_learning_rate=float(block["router_learning_rate"]),
@@ -101,10 +103,10 @@ def _parse_calibration(block: dict[str, Any], origin: str) -> CalibrationDefault
         alpha_learning_rate=float(block["alpha_learning_rate"]),
         tau=float(block["tau"]),
     )
-    if min(defaults.router_steps, defaults.alpha_steps) < 0 or min(
+    if defaults.clips < 1 or min(defaults.router_steps, defaults.alpha_steps) < 0 or min(
         defaults.router_learning_rate, defaults.alpha_learning_rate, defaults.tau
     ) <= 0:
-        raise ValueError(f"recipe {origin}: calibration steps must be >= 0 and rates and tau positive")
+        raise ValueError(f"recipe {origin}: calibration needs clips >= 1, steps >= 0, positive rates and tau")
     return defaults
 
 

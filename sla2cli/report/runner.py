@@ -124,15 +124,16 @@ def lowbit_mode(settings: ReportSettings, device: torch.device) -> tuple[str, li
 
 
 def clean_samples(
-    target: ReportTarget, adapter: FamilyInputs, settings: ReportSettings
+    target: ReportTarget, adapter: FamilyInputs, settings: ReportSettings, *, calibration: bool = False
 ) -> tuple[list[CleanSample], list[str]]:
-    """The clips to run (validation clips, a user file, or random) and any warning about them."""
+    """The clips to run (validation clips, a user file, or random) and any warning about them; with
+    `calibration`, the embedded model's calibration clips instead of its validation clips."""
     if settings.inputs is not None:
         ignored = ["--resolution is ignored: the clip size comes from --inputs"] if settings.resolution else []
         return file_samples(settings.inputs, adapter, settings.clips), ignored
     grid = latent_grid_for(parse_resolution(settings.resolution, target.recipe), target.recipe, adapter)
     if target.embedded:
-        return embedded_samples(adapter, grid, settings.clips), []
+        return embedded_samples(adapter, grid, settings.clips, calibration=calibration), []
     return random_samples(adapter, grid, settings.clips, settings.seed), [RANDOM_INPUTS_WARNING]
 
 
