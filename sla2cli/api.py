@@ -27,6 +27,7 @@ from sla2cli.models.recipes import Recipe, get_recipe, recipe_for_architecture, 
 from sla2cli.models.sources import EMBEDDED_RECIPE, base_source, build_components, locate
 from sla2cli.ops.quantization import QUANT_NONE, check_quant
 from sla2cli.training.finetune import evaluate, finetune
+from sla2cli.variants import check_saveable
 
 __all__ = ["convert", "evaluate", "finetune", "load", "save"]
 
@@ -169,6 +170,8 @@ def save(
     them, saves with include_base_weights=True (diffusers layout, sharded safetensors).
     """
     components = _components_of(model_or_pipeline)
+    for model in components.values():
+        check_saveable(model)
     out = Path(path)
     if include_base_weights is None:
         include_base_weights = any(

@@ -157,3 +157,18 @@ def test_full_size_random_model_and_inputs_for_wan_480p():
     cog = example_inputs("cogvideox-5b", "480p", frames=49)
     assert cog["hidden_states"].shape == (1, 13, 16, 60, 90)
     assert cog["image_rotary_emb"][0].shape == (17550, 64)
+
+
+def test_calibration_block_is_parsed_and_checked():
+    from sla2cli.models.recipes import CalibrationDefaults, _parse_calibration
+
+    for recipe in all_recipes().values():
+        assert isinstance(recipe.calibration, CalibrationDefaults)
+        assert recipe.calibration.timesteps and recipe.calibration.alpha_steps > 0
+    good = {"clips": 2, "timesteps": [0.9, 0.1], "router_steps": 10, "router_learning_rate": 0.01, "alpha_steps": 5,
+            "alpha_learning_rate": 0.05, "tau": 0.1}
+    assert _parse_calibration(good, "x.json").timesteps == (0.9, 0.1)
+    for bad in ({**good, "iterations": 3}, {**good, "timesteps": [1.5]}, {**good, "tau": 0}, {**good, "clips": 0},
+                {key: value for key, value in good.items() if key != "alpha_steps"}):
+        with pytest.raises(ValueError, match="x.json"):
+            _parse_calibration(bad, "x.json")

@@ -39,9 +39,23 @@ def wide_console(monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
 
 
-def _read_csv(path: Path) -> list[dict[str, str]]:
+def _read_csv(path: Path, model_row: bool = True) -> list[dict[str, str]]:
+    """The per-(layer, head) rows; the model row that ends the file (unless --no-model-quality) is checked
+    and left out."""
     with path.open(newline="", encoding="utf-8") as stream:
-        return list(csv.DictReader(stream))
+        rows = list(csv.DictReader(stream))
+    if not model_row:
+        assert all(row["layer"] != "model" for row in rows) and "output_rel_l2_error" not in rows[0]
+        return rows
+    assert rows[-1]["layer"] == "model" and rows[-1]["head"] == ""
+    assert float(rows[-1]["output_rel_l2_error"]) > 0.0
+    assert all(row["layer"] != "model" and row["output_rel_l2_error"] == "" for row in rows[:-1])
+    return rows[:-1]
+
+
+def _model_csv_row(path: Path) -> dict[str, str]:
+    with path.open(newline="", encoding="utf-8") as stream:
+        return list(csv.DictReader(stream))[-1]
 
 
 # --- hooks -------------------------------------------------------------------------------------------
@@ -180,17 +194,54 @@ def test_report_writes_csv_json_and_heatmap(embedded_model, tmp_path, capsys):
     assert document["settings"]["quant"] == "auto" and document["settings"]["quant_compared"] == "int8"
     assert all(0.0 < float(row["lowbit_rel_l2_vs_sla2"]) < 1.0 for row in rows)
     assert "lowbit_rel_l2_vs_sla2" in document["model"] and "lowbit_rel_l2_vs_sla2" in document["layers"][0]
+    quality = document["model_quality"]
+    assert set(quality) == {"output_rel_l2_error", "val_loss", "dense_val_loss", "val_loss_ratio"}
+    assert quality["val_loss_ratio"] == pytest.approx(quality["val_loss"] / quality["dense_val_loss"])
+    model_row = _model_csv_row(out_csv)
+    assert float(model_row["val_loss"]) == pytest.approx(quality["val_loss"])
+    assert float(model_row["rel_l2_error"]) == pytest.approx(document["model"]["rel_l2_error"])
+    assert "model output vs dense attention" in " ".join(stdout.split())
+
+
+def test_model_quality_matches_the_unconverted_model(embedded_model):
+    """The model-level figures against the model as it was before conversion, computed here directly."""
+    from sla2cli.models.embedded import load_embedded_model
+    from sla2cli.models.embedded.train import validation_loss
+    from sla2cli.report.inputs import embedded_samples, family_inputs, forward_inputs
+    from sla2cli.report.loading import load_report_target
+    from sla2cli.report.runner import ReportSettings, run_report
+
+    cpu = torch.device("cpu")
+    target = load_report_target(None, sparsity=None, device=cpu, dtype=torch.float32)
+    settings = ReportSettings(timesteps=(0.9, 0.1), resolution=SMALL_CLIP, clips=2, quant="none")
+    quality = run_report(target, settings, device=cpu, dtype=torch.float32).quality
+    original = load_embedded_model()
+    adapter = family_inputs(target.main, target.recipe)
+    samples = embedded_samples(adapter, (2, 32, 32), 2)
+    errors = []
+    with torch.no_grad():
+        for item in forward_inputs(adapter, samples, (0.9, 0.1), seed=0, device=cpu, dtype=torch.float32):
+            sla2 = target.main(**item.kwargs, return_dict=False)[0]
+            dense = original(**item.kwargs, return_dict=False)[0]
+            errors.append(((sla2 - dense).norm() / dense.norm()).item())
+    assert quality["output_rel_l2_error"] == pytest.approx(sum(errors) / len(errors), rel=1e-4)
+    clean = torch.cat([sample.latents for sample in samples])
+    text = torch.cat([sample.text for sample in samples])
+    assert quality["dense_val_loss"] == pytest.approx(validation_loss(original, clean, text, False), rel=1e-4)
+    assert quality["val_loss"] == pytest.approx(validation_loss(target.main, clean, text, False), rel=1e-5)
+    assert quality["val_loss"] > quality["dense_val_loss"]  # 97% at 512 tokens keeps one key block of eight
 
 
 def test_alias_and_sparsity_override(embedded_model, tmp_path, capsys):
     out_csv = tmp_path / "r.csv"
     code, stdout, err = run_cli(
         ["sparsity-report", "--sparsity", "0.5", "--resolution", SMALL_CLIP, "--timesteps", "0.5",
-         "--csv", str(out_csv), "--quant", "none", "--quiet"],
+         "--csv", str(out_csv), "--quant", "none", "--no-model-quality", "--quiet"],
         capsys,
     )
     assert code == 0, err
-    rows = _read_csv(out_csv)
+    assert "model output" not in stdout
+    rows = _read_csv(out_csv, model_row=False)
     assert "lowbit_rel_l2_vs_sla2" not in rows[0]
     assert {int(row["k_sel"]) for row in rows} == {k_selected(num_blocks(SMALL_TOKENS, 64), 0.5)}
     assert all(float(row["sparsity"]) == pytest.approx(0.5) for row in rows)
@@ -359,6 +410,8 @@ def test_checkpoint_with_random_inputs_warns(converted, recipe, components, tmp_
     )
     assert code == 0, err
     assert "random inputs understate" in " ".join(stdout.split())
+    assert "validation loss" not in stdout  # the embedded model's own figure only
+    assert "val_loss" not in _model_csv_row(out_csv)
     rows = _read_csv(out_csv)
     config = scaled_down_config(recipe)
     assert len(rows) == components * config["num_layers"] * config["num_attention_heads"]

@@ -28,6 +28,8 @@ from sla2cli.errors import UserError
 from sla2cli.models.atomic import check_output_file
 from sla2cli.ops.quantization import QUANT_AUTO, REQUESTABLE_QUANT_MODES
 from sla2cli.report.output import (
+    model_csv_row,
+    render_quality,
     render_table,
     report_document,
     write_csv,
@@ -155,6 +157,14 @@ def report(
             "runs it, and on CPU, emulated), or none to leave the column out.",
         ),
     ] = QUANT_AUTO,
+    model_quality: Annotated[
+        bool,
+        typer.Option("--model-quality/--no-model-quality",
+                     help="Run the inputs again with dense attention for the model-level line: the transformer "
+                     "output's relative L2 error against dense and, for the embedded model, the validation loss "
+                     "against dense (CSV: last row, layer = model; JSON: model_quality). --no-model-quality skips "
+                     "that second pass."),
+    ] = True,
     device: DeviceOption = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the noise (and of random inputs).")] = 0,
     offline: Annotated[bool, typer.Option(help="Use only the Hugging Face cache; never the network.")] = False,
@@ -165,7 +175,7 @@ def report(
 
     settings = ReportSettings(
         sparsity=sparsity, timesteps=parse_timesteps(timesteps), inputs=inputs, resolution=resolution,
-        clips=clips, seed=seed, quant=quant.lower(),
+        clips=clips, seed=seed, quant=quant.lower(), model_quality=model_quality,
     )
     check_settings(settings)
     check_output_file("--csv", csv, (".csv",))
@@ -191,13 +201,15 @@ def report(
     render_table(console, result.layer_rows, result.model_row, title=title)
     for note in result.notes:
         console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    render_quality(console, result.quality)
     if csv is not None:
-        write_csv(result.rows, csv)
+        write_csv(result.rows, csv, model_csv_row(result.model_row, result.quality) if result.quality else None)
         console.print(f"wrote {csv}", highlight=False)
     if json is not None:
         write_json(
             report_document(
-                result.settings, result.model_row, result.layer_rows, result.rows, result.warnings, result.notes
+                result.settings, result.model_row, result.layer_rows, result.rows, result.warnings, result.notes,
+                result.quality,
             ),
             json,
         )

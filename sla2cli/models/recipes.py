@@ -69,6 +69,48 @@ class VideoGeometry:
 
 
 @dataclass(frozen=True)
+class CalibrationDefaults:
+    """Defaults of `sla2 calibrate` for a model family (the recipe's `calibration` block): how many clips and
+    which noise levels the q, k, v are captured at, and how each layer's router and alpha are fitted."""
+
+    clips: int
+    timesteps: tuple[float, ...]
+    router_steps: int
+    router_learning_rate: float
+    alpha_steps: int
+    alpha_learning_rate: float
+    tau: float
+
+
+CALIBRATION_KEYS = (
+    "clips", "timesteps", "router_steps", "router_learning_rate", "alpha_steps", "alpha_learning_rate", "tau",
+)
+
+
+def _parse_calibration(block: dict[str, Any], origin: str) -> CalibrationDefaults:
+    """The `calibration` block, checked: exactly the known keys, sensible values."""
+    if set(block) != set(CALIBRATION_KEYS):
+        raise ValueError(f"recipe {origin}: calibration needs exactly the keys {', '.join(CALIBRATION_KEYS)}")
+    timesteps = tuple(float(t) for t in block["timesteps"])
+    if not timesteps or not all(0.0 <= t <= 1.0 for t in timesteps):
+        raise ValueError(f"recipe {origin}: calibration.timesteps must be values in [0, 1]")
+    defaults = CalibrationDefaults(
+        clips=int(block["clips"]),
+        timesteps=timesteps,
+        router_steps=int(block["router_steps"]),
+        router_learning_rate=float(block["router_learning_rate"]),
+        alpha_steps=int(block["alpha_steps"]),
+        alpha_learning_rate=float(block["alpha_learning_rate"]),
+        tau=float(block["tau"]),
+    )
+    if defaults.clips < 1 or min(defaults.router_steps, defaults.alpha_steps) < 0 or min(
+        defaults.router_learning_rate, defaults.alpha_learning_rate, defaults.tau
+    ) <= 0:
+        raise ValueError(f"recipe {origin}: calibration needs clips >= 1, steps >= 0, positive rates and tau")
+    return defaults
+
+
+@dataclass(frozen=True)
 class AttentionLayout:
     """Where the self-attention modules are: a dotted name with `*` standing for the layer index."""
 
@@ -103,7 +145,7 @@ class Recipe:
     video: VideoGeometry
     resolutions: dict[str, Resolution]
     default_resolution: str
-    calibration: dict[str, Any] = field(default_factory=dict)
+    calibration: CalibrationDefaults
     finetune: dict[str, Any] = field(default_factory=dict)
     architecture: dict[str, Any] | None = None
     notes: str = ""
@@ -177,7 +219,7 @@ def _parse_recipe(data: dict[str, Any], origin: str) -> Recipe:
         ),
         resolutions=resolutions,
         default_resolution=data["default_resolution"],
-        calibration=dict(data["calibration"]),
+        calibration=_parse_calibration(data["calibration"], origin),
         finetune=dict(data["finetune"]),
         architecture=data["architecture"],
         notes=data.get("notes", ""),

@@ -336,12 +336,17 @@ def file_samples(path: Path, adapter: FamilyInputs, count: int | None) -> list[C
     ]
 
 
-def embedded_samples(adapter: FamilyInputs, grid: tuple[int, int, int], count: int) -> list[CleanSample]:
-    """The embedded model's held-out validation clips at the latent size `grid`."""
-    from sla2cli.models.embedded import validation_clips
+def embedded_samples(
+    adapter: FamilyInputs, grid: tuple[int, int, int], count: int, *, calibration: bool = False
+) -> list[CleanSample]:
+    """The embedded model's held-out validation clips at the latent size `grid` (calibration: its
+    calibration clips instead, so that what calibrate fits on is not what report measures)."""
+    from sla2cli.models.embedded import calibration_clips, validation_clips
 
-    clips = validation_clips(count, grid, adapter.text_dim, adapter.text_tokens)
-    return [CleanSample(f"clip {index}", clip.latents[None], clip.text_embedding[None], {})
+    make = calibration_clips if calibration else validation_clips
+    label = "calibration clip" if calibration else "clip"
+    clips = make(count, grid, adapter.text_dim, adapter.text_tokens)
+    return [CleanSample(f"{label} {index}", clip.latents[None], clip.text_embedding[None], {})
             for index, clip in enumerate(clips)]
 
 

@@ -28,12 +28,12 @@ DEFAULT_CHUNK_ELEMENTS = 1 << 23  # (query, key) pairs per step of the dense sca
 class DenseAttention:
     """Full softmax attention, reduced while it is computed.
 
-    output: (B, H, L, D) softmax(Q K^T / sqrt(D)) V.
+    output: (B, H, L, D) softmax(Q K^T / sqrt(D)) V (None when computed without V).
     block_mass: (B, H, T_m, T_n) share of the softmax mass that key block j receives, averaged over the
     real rows of query block i (each row's masses sum to 1, so each row of block_mass does too).
     """
 
-    output: torch.Tensor
+    output: torch.Tensor | None
     block_mass: torch.Tensor
 
 
@@ -59,7 +59,7 @@ def _fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
 def dense_attention_with_block_mass(
     q: torch.Tensor,
     k: torch.Tensor,
-    v: torch.Tensor,
+    v: torch.Tensor | None,
     *,
     block_q: int,
     block_k: int,
@@ -71,7 +71,8 @@ def dense_attention_with_block_mass(
     row's mass per key block, and the fused attention kernels compute it without ever storing the
     probabilities. The indicator is fed `head_dim` columns at a time so that the kernels accept it.
     Query chunks hold at most about `max_chunk_elements` (query, key) pairs (never fewer than one
-    query block of one head), so memory stays bounded even where no fused kernel applies.
+    query block of one head), so memory stays bounded even where no fused kernel applies. With v None
+    only the block masses are computed (`output` is None): what an oracle router needs.
     """
     batch, heads, length, head_dim = q.shape
     dtype = _compute_dtype(q)
@@ -79,7 +80,7 @@ def dense_attention_with_block_mass(
     flat = batch * heads
     qf = q.to(dtype).reshape(flat, length, head_dim)
     kf = k.to(dtype).reshape(flat, length, head_dim)
-    vf = v.to(dtype).reshape(flat, length, head_dim)
+    vf = None if v is None else v.to(dtype).reshape(flat, length, head_dim)
     indicator = key_block_indicator(length, block_k, head_dim, dtype, q.device)
     indicator_parts = [
         indicator[:, start : start + head_dim].contiguous() for start in range(0, indicator.shape[1], head_dim)
@@ -92,17 +93,19 @@ def dense_attention_with_block_mass(
     if blocks_per_step == num_q_blocks:
         heads_per_step = max(1, min(flat, max_chunk_elements // (pairs_per_block * num_q_blocks)))
 
-    output = torch.empty(flat, length, head_dim, dtype=dtype, device=q.device)
+    output = None if vf is None else torch.empty(flat, length, head_dim, dtype=dtype, device=q.device)
     block_mass = torch.empty(flat, num_q_blocks, num_k_blocks, dtype=dtype, device=q.device)
     for head_start in range(0, flat, heads_per_step):
         head_stop = min(flat, head_start + heads_per_step)
-        keys, values = kf[head_start:head_stop], vf[head_start:head_stop]
+        keys = kf[head_start:head_stop]
         columns = [part.expand(head_stop - head_start, length, head_dim) for part in indicator_parts]
         for block_start in range(0, num_q_blocks, blocks_per_step):
             block_stop = min(num_q_blocks, block_start + blocks_per_step)
             row_start, row_stop = block_start * block_q, min(length, block_stop * block_q)
             queries = qf[head_start:head_stop, row_start:row_stop]
-            output[head_start:head_stop, row_start:row_stop] = _fused_attention(queries, keys, values)
+            if output is not None:
+                values = vf[head_start:head_stop]
+                output[head_start:head_stop, row_start:row_stop] = _fused_attention(queries, keys, values)
             per_key_block = torch.cat([_fused_attention(queries, keys, part) for part in columns], dim=-1)
             per_key_block = per_key_block[..., :num_k_blocks]
             missing_rows = (block_stop - block_start) * block_q - (row_stop - row_start)
@@ -112,9 +115,18 @@ def dense_attention_with_block_mass(
                 summed / row_counts[block_start:block_stop, None]
             )
     return DenseAttention(
-        output=output.reshape(batch, heads, length, head_dim),
+        output=None if output is None else output.reshape(batch, heads, length, head_dim),
         block_mass=block_mass.reshape(batch, heads, num_q_blocks, num_k_blocks),
     )
+
+
+def true_block_mass(
+    q: torch.Tensor, k: torch.Tensor, *, block_q: int, block_k: int, max_chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """(B, H, T_m, T_n) share of each query block's softmax mass held by each key block, in bounded memory."""
+    return dense_attention_with_block_mass(
+        q, k, None, block_q=block_q, block_k=block_k, max_chunk_elements=max_chunk_elements
+    ).block_mass
 
 
 def selection_mask(lut: torch.Tensor, num_key_blocks: int) -> torch.Tensor:

@@ -88,12 +88,33 @@ def render_table(console: Console, layer_rows: list[Row], model_row: Row, *, tit
         console.print(f"[red]worst layers by relative error:[/] {names}", highlight=False)
 
 
-def write_csv(rows: list[Row], path: Path) -> None:
-    """One row per (layer, head), snake_case columns, NaN as an empty cell."""
+def model_csv_row(model_row: Row, quality: Row) -> Row:
+    """The CSV's last row: layer `model`, the model means of the metrics and the model-level figures."""
+    means = {key: value for key, value in model_row.items() if key not in ("layers", "heads")}
+    return {"layer": "model", **means, **quality}
+
+
+def write_csv(rows: list[Row], path: Path, model_row: Row | None = None) -> None:
+    """One row per (layer, head), snake_case columns, NaN as an empty cell; then `model_row`, if given
+    (its extra columns, e.g. output_rel_l2_error, come after the per-head ones and are empty above it)."""
     import pandas as pd
 
+    frame = pd.DataFrame(rows)
+    if model_row is not None:  # as objects, so that the head rows' integer columns stay integers
+        frame = pd.concat([frame.astype(object), pd.DataFrame([model_row]).astype(object)], ignore_index=True)
     with atomic_path(path) as temporary:
-        pd.DataFrame(rows).to_csv(temporary, index=False)
+        frame.to_csv(temporary, index=False)
+
+
+def render_quality(console: Console, quality: Row) -> None:
+    """One line with the model-level figures: output error against dense, validation losses if measured."""
+    if not quality:
+        return
+    text = f"model output vs dense attention: rel L2 {quality['output_rel_l2_error']:.4f}"
+    if "val_loss" in quality:
+        text += (f"; validation loss {quality['val_loss']:.4f} vs dense {quality['dense_val_loss']:.4f} "
+                 f"({quality['val_loss_ratio']:.2f}x)")
+    console.print(text, highlight=False)
 
 
 def _json_safe(value: Any) -> Any:
@@ -225,13 +246,15 @@ def write_side_by_side_gif(
 
 
 def report_document(settings: dict[str, Any], model_row: Row, layer_rows: list[Row], rows: list[Row],
-                    warnings: Sequence[str], notes: Sequence[str] = ()) -> dict[str, Any]:
-    """The JSON report: settings, warnings, notes, model summary, per-layer summary, one row per (layer, head)."""
+                    warnings: Sequence[str], notes: Sequence[str] = (), quality: Row | None = None) -> dict[str, Any]:
+    """The JSON report: settings, warnings, notes, model summary, model-level quality against dense, per-layer
+    summary, one row per (layer, head)."""
     return {
         "settings": settings,
         "warnings": list(warnings),
         "notes": list(notes),
         "model": model_row,
+        "model_quality": dict(quality or {}),
         "layers": layer_rows,
         "rows": rows,
     }

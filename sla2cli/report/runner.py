@@ -34,6 +34,7 @@ from sla2cli.report.inputs import (
     random_samples,
 )
 from sla2cli.report.metrics import DEFAULT_CHUNK_ELEMENTS
+from sla2cli.report.model_quality import dense_outputs, embedded_validation_losses, mean_output_error, quality_row
 from sla2cli.report.summary import MetricAccumulator, Row, rounding_note, summarize_layers, summarize_model
 
 DEFAULT_TIMESTEPS = (0.9, 0.5, 0.1)
@@ -71,16 +72,19 @@ class ReportSettings:
     seed: int = 0
     max_chunk_elements: int | None = None
     quant: str = QUANT_AUTO  # low-bit mode compared with the unquantised op per layer; none: not compared
+    model_quality: bool = True  # run the inputs again with dense attention for the model-level figures
 
 
 @dataclass
 class ReportResult:
-    """Rows per (layer, head), summaries per layer and for the model, and what the user should know."""
+    """Rows per (layer, head), summaries per layer and for the model, the model's output against dense
+    (`model_quality`), and what the user should know."""
 
     rows: list[Row]
     layer_rows: list[Row]
     model_row: Row
     warnings: list[str]
+    quality: Row = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)  # facts to read the numbers by (sparsity rounding)
@@ -121,15 +125,16 @@ def lowbit_mode(settings: ReportSettings, device: torch.device) -> tuple[str, li
 
 
 def clean_samples(
-    target: ReportTarget, adapter: FamilyInputs, settings: ReportSettings
+    target: ReportTarget, adapter: FamilyInputs, settings: ReportSettings, *, calibration: bool = False
 ) -> tuple[list[CleanSample], list[str]]:
-    """The clips to run (validation clips, a user file, or random) and any warning about them."""
+    """The clips to run (validation clips, a user file, or random) and any warning about them; with
+    `calibration`, the embedded model's calibration clips instead of its validation clips."""
     if settings.inputs is not None:
         ignored = ["--resolution is ignored: the clip size comes from --inputs"] if settings.resolution else []
         return file_samples(settings.inputs, adapter, settings.clips), ignored
     grid = latent_grid_for(parse_resolution(settings.resolution, target.recipe), target.recipe, adapter)
     if target.embedded:
-        return embedded_samples(adapter, grid, settings.clips), []
+        return embedded_samples(adapter, grid, settings.clips, calibration=calibration), []
     return random_samples(adapter, grid, settings.clips, settings.seed), [RANDOM_INPUTS_WARNING]
 
 
@@ -191,14 +196,16 @@ def run_report(
         on_start(len(forwards) * len(layers))
     accumulator = MetricAccumulator()
     chunk = settings.max_chunk_elements or CHUNK_ELEMENTS.get(device.type, DEFAULT_CHUNK_ELEMENTS)
-    with (
-        torch.no_grad(),
-        overridden_sparsity(layers, settings.sparsity),
-        capture_metrics(layers, accumulator, max_chunk_elements=chunk, on_layer=on_layer, lowbit_quant=lowbit),
-    ):
-        for model in target.components.values():
-            for item in forwards:
-                model(**item.kwargs, return_dict=False)
+    models = list(target.components.values())
+    with torch.no_grad(), overridden_sparsity(layers, settings.sparsity):
+        with capture_metrics(layers, accumulator, max_chunk_elements=chunk, on_layer=on_layer, lowbit_quant=lowbit):
+            outputs = [model(**item.kwargs, return_dict=False)[0] for model in models for item in forwards]
+        quality: Row = {}
+        if settings.model_quality:
+            output_error = mean_output_error(outputs, dense_outputs(models, layers, forwards))
+            embedded = target.embedded
+            losses = embedded_validation_losses(target.main, layers, samples, device, dtype) if embedded else None
+            quality = quality_row(output_error, losses)
     missing = [name for name in layers if name not in accumulator.layers]
     if len(missing) == len(layers):
         raise UserError(f"no SLA2 layer of {target.name} was called; its attention processors are not SLA2")
@@ -211,6 +218,7 @@ def run_report(
         layer_rows=summarize_layers(rows),
         model_row=summarize_model(rows),
         warnings=warnings,
+        quality=quality,
         settings={**_settings_document(target, settings, samples, device, dtype), "quant_compared": lowbit},
         seconds=time.perf_counter() - started,
         notes=[note] if note else [],

@@ -13,7 +13,7 @@ from sla2cli.models.embedded.attention_stats import (
 )
 from sla2cli.models.embedded.config import DEFAULT_CLIP, MODEL_KWARGS, default_config
 from sla2cli.models.embedded.loading import build_embedded_model, embedded_example_inputs, load_embedded_model
-from sla2cli.models.embedded.synthetic import SyntheticClip, make_clip, validation_clips
+from sla2cli.models.embedded.synthetic import SyntheticClip, calibration_clips, make_clip, validation_clips
 
 __all__ = [
     "DEFAULT_CLIP",
@@ -23,6 +23,7 @@ __all__ = [
     "SyntheticClip",
     "attention_block_mass_stats",
     "build_embedded_model",
+    "calibration_clips",
     "capturing_query_key",
     "default_config",
     "embedded_example_inputs",

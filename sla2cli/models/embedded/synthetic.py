@@ -24,6 +24,7 @@ TEXT_DIM = 32
 TEXT_TOKENS = 8
 MAX_SHAPES = 5
 VALIDATION_SEED_BASE = 1_000_000_000
+CALIBRATION_SEED_BASE = 2_000_000_000  # training draws seeds below VALIDATION_SEED_BASE; validation above it
 EMBEDDING_TABLE_SEED = 20_250_611
 
 # Colours are points in the 4-channel latent space, roughly within [-1, 1] like a normalised VAE latent.
@@ -329,3 +330,15 @@ def validation_clips(
     """The n held-out clips (fixed seeds, never drawn in training) at size (frames, height, width)."""
     frames, height, width = size
     return [make_clip(VALIDATION_SEED_BASE + index, frames, height, width, text_dim, tokens) for index in range(n)]
+
+
+def calibration_clips(
+    n: int,
+    size: tuple[int, int, int] = (8, 64, 64),
+    text_dim: int = TEXT_DIM,
+    tokens: int = TEXT_TOKENS,
+) -> list[SyntheticClip]:
+    """n clips for `sla2 calibrate`: the training distribution, seeds of their own (never drawn in training,
+    never validation clips), so that the report's validation figures stay out of sample."""
+    frames, height, width = size
+    return [make_clip(CALIBRATION_SEED_BASE + index, frames, height, width, text_dim, tokens) for index in range(n)]

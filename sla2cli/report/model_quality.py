@@ -1,0 +1,71 @@
+"""Model-level quality of a converted model: its whole output against the same model with dense attention.
+
+Per-layer errors say where SLA2 departs from full attention; these say what reaches the output. The
+dense model is the same weights with every converted layer computing full softmax attention (the
+model as it was before conversion), so the only difference measured is the attention.
+
+- `output_rel_l2_error` (any model): ||out - out_dense|| / ||out_dense|| of the transformer's output
+  per sample input (clip and timestep), averaged over them;
+- `val_loss`, `dense_val_loss`, `val_loss_ratio` (the embedded model): the velocity loss of its
+  trainer's validation (`validation_loss`: fixed noise, fixed times) on the report's clean clips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from sla2cli.models.embedded.train import validation_loss
+from sla2cli.module import SLA2Attention
+from sla2cli.report.capture import dense_attention
+from sla2cli.report.inputs import CleanSample, ForwardInput
+from sla2cli.report.summary import Row
+
+MODEL_QUALITY_NAMES = ("output_rel_l2_error", "val_loss", "dense_val_loss", "val_loss_ratio")
+"""Keys of the model-quality figures, in the order the CSV and JSON show them."""
+
+
+def output_relative_error(output: torch.Tensor, dense: torch.Tensor) -> float:
+    """||output - dense|| / ||dense|| over the whole tensor, in float32."""
+    dense = dense.float()
+    return ((output.float() - dense).norm() / dense.norm().clamp_min(torch.finfo(torch.float32).tiny)).item()
+
+
+@torch.no_grad()
+def dense_outputs(
+    models: Iterable[nn.Module], layers: dict[str, SLA2Attention], forwards: list[ForwardInput]
+) -> list[torch.Tensor]:
+    """Every model's output on every input with dense attention in the converted layers, in run order."""
+    with dense_attention(layers):
+        return [model(**item.kwargs, return_dict=False)[0] for model in models for item in forwards]
+
+
+def mean_output_error(outputs: list[torch.Tensor], dense: list[torch.Tensor]) -> float:
+    """Mean relative error of the SLA2 outputs against the dense ones, pairwise in run order."""
+    errors = [output_relative_error(out, ref) for out, ref in zip(outputs, dense, strict=True)]
+    return sum(errors) / len(errors)
+
+
+def embedded_validation_losses(
+    model: nn.Module, layers: dict[str, SLA2Attention], samples: list[CleanSample], device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[float, float]:
+    """(SLA2 validation loss, dense validation loss) of the embedded model on the clips of `samples`."""
+    clean = torch.cat([sample.latents for sample in samples]).to(device=device, dtype=dtype)
+    text = torch.cat([sample.text for sample in samples]).to(device=device, dtype=dtype)
+    use_autocast = device.type == "cuda"
+    sla2 = validation_loss(model, clean, text, use_autocast)
+    with dense_attention(layers):
+        dense = validation_loss(model, clean, text, use_autocast)
+    return sla2, dense
+
+
+def quality_row(output_error: float, losses: tuple[float, float] | None) -> Row:
+    """The figures as one row (validation losses only when measured)."""
+    row: Row = {"output_rel_l2_error": output_error}
+    if losses is not None:
+        sla2, dense = losses
+        row.update(val_loss=sla2, dense_val_loss=dense, val_loss_ratio=sla2 / dense if dense > 0 else float("nan"))
+    return row
