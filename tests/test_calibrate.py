@@ -202,10 +202,10 @@ def test_output_rules(checkpoint, tmp_path, capsys):
 def test_overwrite_in_place_keeps_a_users_file(checkpoint, tmp_path, monkeypatch, capsys):
     (checkpoint / "notes.txt").write_text("mine")
     listing = folder_listing(tmp_path)
-    code, _, err = run_cli(["calibrate", str(checkpoint), "--overwrite", "--steps", "1", *FAST], capsys)
+    code, _, err = run_cli(["calibrate", str(checkpoint), "--overwrite", *FAST], capsys)
     assert_user_error(code, err, mentions=r"notes\.txt, which sla2 did not write")
     monkeypatch.chdir(checkpoint)
-    code, _, err = run_cli(["calibrate", ".", "--overwrite", "--steps", "1", *FAST], capsys)
+    code, _, err = run_cli(["calibrate", ".", "--overwrite", *FAST], capsys)
     assert_user_error(code, err, mentions="the current folder")
     assert folder_listing(tmp_path) == listing and (checkpoint / "notes.txt").read_text() == "mine"
 

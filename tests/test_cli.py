@@ -10,7 +10,7 @@ from fixtures_hub import run_cli
 import sla2cli
 from sla2cli.cli import _register_commands, app
 
-COMMANDS = ("demo", "convert", "calibrate", "bench", "report", "sparsity-report")
+COMMANDS = ("demo", "convert", "calibrate", "finetune", "bench", "report", "sparsity-report")
 
 
 def test_version_prints_the_package_version(capsys):

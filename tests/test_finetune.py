@@ -104,8 +104,8 @@ def test_output_is_a_checkpoint_every_command_loads(converted, finetuned, capsys
     code, out, err = run_cli(["report", str(finetuned), "--resolution", "2x32x32", "--timesteps", "0.5"], capsys)
     assert code == 0, err
     calibrated = finetuned.parent / "f-cal"
-    code, _, err = run_cli(["calibrate", str(finetuned), "--out", str(calibrated), "--steps", "2", "--resolution",
-                            "2x32x32", "--timesteps", "0.5", "--query-blocks", "1", "--quiet"], capsys)
+    code, _, err = run_cli(["calibrate", str(finetuned), "--out", str(calibrated), "--router-steps", "2",
+                            "--alpha-steps", "2", "--resolution", "2x32x32", "--timesteps", "0.5", "--quiet"], capsys)
     assert code == 0, err
     assert read_config(calibrated).measurements["finetune_steps"] == 3
     recalibrated = sla2cli.load(calibrated).state_dict()
