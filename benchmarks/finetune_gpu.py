@@ -27,8 +27,8 @@ from rich.console import Console
 import sla2cli
 from sla2cli.bench.environment import git_commit, triton_version
 from sla2cli.cli import main as sla2_main
-from sla2cli.models.random_models import build_random_model
 from sla2cli.report.output import atomic_path
+from sla2cli.sources.random_models import build_random_model
 from sla2cli.training.job import FinetuneRequest, run_finetune_job
 from sla2cli.training.latent_format import latent_folder_writer
 from sla2cli.training.settings import parse_clip

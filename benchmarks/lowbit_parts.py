@@ -25,7 +25,7 @@ from sla2_kernels.common import Launch
 from sla2_kernels.modes import QUANT_INT8, QUANT_INT8_FP8, QUANT_NONE, kernel_code
 from sla2_kernels.quantize import key_value_statistics, quantize_operands
 from sla2cli.bench.environment import git_commit
-from sla2cli.models.atomic import atomic_path
+from sla2cli.files import atomic_path
 from sla2cli.ops import num_blocks, route
 from sla2cli.ops.complement import complement_states
 from sla2cli.ops.geometry import LINEAR_EPS

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from sla2cli.bench.environment import git_commit
-from sla2cli.models.atomic import atomic_path
+from sla2cli.files import atomic_path
 
 QK_BF16, QK_INT8_TOKEN, QK_INT8_BLOCK, QK_FP8_BLOCK, QK_INT8_BLOCK_QHERE, QK_INT8_TOKEN_FMA = 0, 1, 2, 3, 4, 5
 PV_INPUT, PV_FP8, PV_FP16 = 0, 1, 2

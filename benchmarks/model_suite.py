@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sla2cli
 from sla2cli.bench.environment import git_commit
-from sla2cli.models.random_models import build_random_model, example_inputs
+from sla2cli.sources.random_models import build_random_model, example_inputs
 
 
 def median_ms(fn, rep_ms: int = 2000) -> float:

@@ -18,7 +18,7 @@ import torch
 import sla2cli
 from sla2cli.bench.environment import git_commit
 from sla2cli.cli import main as sla2_main
-from sla2cli.models.random_models import build_random_model
+from sla2cli.sources.random_models import build_random_model
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Train the embedded default model: `python scripts/train_embedded.py --out sla2cli/assets/ --device cuda`.
 
-A thin command line over `sla2cli.models.embedded.train`; see that module for the recipe.
+A thin command line over `sla2cli.embedded.train`; see that module for the recipe.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ try:
 except ImportError:  # run from a source checkout without installing the package
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sla2cli.embedded.train import TrainSettings, train_embedded_model  # noqa: E402
 from sla2cli.errors import UserError  # noqa: E402
-from sla2cli.models.embedded.train import TrainSettings, train_embedded_model  # noqa: E402
 
 
 def parse_arguments(argv: list[str] | None) -> tuple[TrainSettings, bool]:

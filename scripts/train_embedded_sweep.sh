@@ -21,7 +21,7 @@ done
 wait
 gpu=0
 for gain in "$@"; do
-  CUDA_VISIBLE_DEVICES=$gpu python3 -m sla2cli.models.embedded.measure --clips 4 --device cuda \
+  CUDA_VISIBLE_DEVICES=$gpu python3 -m sla2cli.embedded.measure --clips 4 --device cuda \
     --assets "$out/gain-$gain" > "$out/gain-$gain/measure.json" 2> "$out/gain-$gain/measure.err" &
   gpu=$((gpu + 1))
 done

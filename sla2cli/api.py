@@ -18,16 +18,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from sla2cli.checkpoint.storage import open_checkpoint, write_checkpoint
 from sla2cli.errors import UserError
-from sla2cli.models.base_model import BaseModelRef, base_ref_from_name_or_path
-from sla2cli.models.checkpoint import open_checkpoint, write_checkpoint
-from sla2cli.models.conversion import conversion_info, convert_component, convert_with_recipe
-from sla2cli.models.model_spec import parse_model_spec
-from sla2cli.models.recipes import Recipe, get_recipe, recipe_for_architecture, recipe_for_hub_id
-from sla2cli.models.sources import EMBEDDED_RECIPE, base_source, build_components, locate
+from sla2cli.integration.conversion import conversion_info, convert_component, convert_with_recipe
+from sla2cli.integration.recipes import Recipe, get_recipe, recipe_for_architecture, recipe_for_hub_id
 from sla2cli.ops.quantization import QUANT_NONE, check_quant
+from sla2cli.sources.base import BaseModelRef, base_ref_from_name_or_path
+from sla2cli.sources.locate import EMBEDDED_RECIPE, base_source, build_components, locate
+from sla2cli.sources.spec import parse_model_spec
 from sla2cli.training.finetune import evaluate, finetune
-from sla2cli.variants import check_saveable
+from sla2cli.training.variants import check_saveable
 
 __all__ = ["convert", "evaluate", "finetune", "load", "save"]
 

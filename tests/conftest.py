@@ -25,8 +25,8 @@ def embedded_model(tmp_path_factory, monkeypatch):
     """The shipped embedded model if it is built, else the same architecture with random weights."""
     from safetensors.torch import save_file
 
-    from sla2cli.models.embedded import build_embedded_model, default_config
-    from sla2cli.models.embedded.config import ASSETS_DIR, CONFIG_FILENAME, WEIGHTS_FILENAME, save_config
+    from sla2cli.embedded import build_embedded_model, default_config
+    from sla2cli.embedded.config import ASSETS_DIR, CONFIG_FILENAME, WEIGHTS_FILENAME, save_config
 
     if (ASSETS_DIR / CONFIG_FILENAME).is_file() and (ASSETS_DIR / WEIGHTS_FILENAME).is_file():
         return
@@ -35,4 +35,4 @@ def embedded_model(tmp_path_factory, monkeypatch):
     weights = {key: value.contiguous() for key, value in build_embedded_model().state_dict().items()}
     save_file(weights, str(folder / WEIGHTS_FILENAME))
     save_config(default_config(), folder / CONFIG_FILENAME)
-    monkeypatch.setattr("sla2cli.models.embedded.loading.ASSETS_DIR", folder)
+    monkeypatch.setattr("sla2cli.embedded.loading.ASSETS_DIR", folder)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from sla2cli.cli import main
-from sla2cli.models.random_models import build_random_model, example_inputs, scaled_down_config
-from sla2cli.models.recipes import Recipe
+from sla2cli.integration.recipes import Recipe
+from sla2cli.sources.random_models import build_random_model, example_inputs, scaled_down_config
 
 
 def use_hub_cache(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:

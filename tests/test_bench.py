@@ -696,7 +696,7 @@ def test_model_mode_times_dense_and_sla2_with_the_same_weights():
 
 def test_model_mode_builds_a_recipe_model_scaled_down():
     from sla2cli.bench.model_mode import run_model_bench
-    from sla2cli.models.conversion import sla2_processors
+    from sla2cli.integration.conversion import sla2_processors
 
     plan = _model_plan("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", scaled_down=True, train_step=False,
                        resolution="128x128", frames=5)

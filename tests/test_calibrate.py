@@ -12,8 +12,8 @@ from fixtures_hub import assert_user_error, folder_listing, run_cli
 from safetensors.torch import load_file
 
 from sla2cli import api
-from sla2cli.models.conversion import sla2_layers
-from sla2cli.models.recipes import get_recipe
+from sla2cli.integration.conversion import sla2_layers
+from sla2cli.integration.recipes import get_recipe
 from sla2cli.report.inputs import embedded_samples, family_inputs, forward_inputs
 from sla2cli.report.loading import load_report_target
 from sla2cli.training.calibration import (

@@ -12,21 +12,21 @@ from safetensors.torch import load_file
 
 import sla2cli
 from sla2cli import __version__
-from sla2cli.errors import UserError
-from sla2cli.models import checkpoint as checkpoint_module
-from sla2cli.models.atomic import check_output_folder, foreign_entries, replacement_refusal
-from sla2cli.models.base_model import BaseModelRef, base_ref_from_name_or_path
-from sla2cli.models.checkpoint import check_not_over_base
-from sla2cli.models.checkpoint_format import (
+from sla2cli.checkpoint import storage as checkpoint_module
+from sla2cli.checkpoint.format import (
     SCHEMA_VERSION,
     TRAINING_METRICS_FILE,
     TRAINING_STATE_DIR,
     parse_config,
     read_config,
 )
-from sla2cli.models.conversion import conversion_info, sla2_layers
-from sla2cli.models.random_models import build_random_model
-from sla2cli.models.safetensors_check import read_header
+from sla2cli.checkpoint.storage import check_not_over_base
+from sla2cli.errors import UserError
+from sla2cli.files import check_output_folder, foreign_entries, replacement_refusal
+from sla2cli.integration.conversion import conversion_info, sla2_layers
+from sla2cli.sources.base import BaseModelRef, base_ref_from_name_or_path
+from sla2cli.sources.random_models import build_random_model
+from sla2cli.sources.safetensors_check import read_header
 
 WAN = "wan2.1-t2v-1.3b"
 
@@ -305,7 +305,7 @@ def test_safetensors_header_check(converted, tmp_path):
 def test_quantisation_mode_round_trips_through_a_checkpoint(tmp_path, quant):
     from fixtures_hub import small_inputs
 
-    from sla2cli.models.recipes import get_recipe
+    from sla2cli.integration.recipes import get_recipe
 
     model = build_random_model(WAN, full_size=False)
     sla2cli.convert(model, sparsity=0.5, quant=quant)

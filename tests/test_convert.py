@@ -17,20 +17,20 @@ from fixtures_hub import assert_user_error, folder_listing, run_cli, scaled_down
 from safetensors.torch import load_file, save_file
 
 import sla2cli
+from sla2cli.embedded.config import ASSETS_DIR, CONFIG_FILENAME, WEIGHTS_FILENAME
 from sla2cli.errors import UserError
-from sla2cli.models.base_model import BaseModelRef
-from sla2cli.models.conversion import (
+from sla2cli.integration.conversion import (
     attention_layers,
     conversion_info,
     convert_component,
     sla2_layers,
     sla2_processors,
 )
-from sla2cli.models.embedded.config import ASSETS_DIR, CONFIG_FILENAME, WEIGHTS_FILENAME
-from sla2cli.models.processors import CogVideoXSLA2Processor, WanSLA2Processor
-from sla2cli.models.random_models import build_random_model, example_inputs
-from sla2cli.models.recipes import all_recipes
+from sla2cli.integration.processors import CogVideoXSLA2Processor, WanSLA2Processor
+from sla2cli.integration.recipes import all_recipes
 from sla2cli.ops import k_selected, num_blocks
+from sla2cli.sources.base import BaseModelRef
+from sla2cli.sources.random_models import build_random_model, example_inputs
 
 WAN = all_recipes()["wan2.1-t2v-1.3b"]
 EMBEDDED_SHIPPED = (ASSETS_DIR / CONFIG_FILENAME).is_file() and (ASSETS_DIR / WEIGHTS_FILENAME).is_file()
@@ -57,7 +57,7 @@ def _forward(model, inputs) -> torch.Tensor:
 
 @pytest.mark.skipif(not EMBEDDED_SHIPPED, reason="the embedded model's trained weights are not built yet")
 def test_convert_without_arguments_converts_the_embedded_model(tmp_path, monkeypatch, capsys):
-    from sla2cli.models.embedded import embedded_example_inputs, load_embedded_model
+    from sla2cli.embedded import embedded_example_inputs, load_embedded_model
 
     monkeypatch.chdir(tmp_path)
     start = time.monotonic()

@@ -9,8 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sla2cli.errors import UserError
-from sla2cli.models.embedded import (
+from sla2cli.embedded import (
     DEFAULT_CLIP,
     MODEL_KWARGS,
     attention_block_mass_stats,
@@ -22,8 +21,8 @@ from sla2cli.models.embedded import (
     top_block_mass_share,
     validation_clips,
 )
-from sla2cli.models.embedded.config import ASSETS_DIR, CONFIG_FILENAME, WEIGHTS_FILENAME, read_config
-from sla2cli.models.embedded.synthetic import (
+from sla2cli.embedded.config import ASSETS_DIR, CONFIG_FILENAME, WEIGHTS_FILENAME, read_config
+from sla2cli.embedded.synthetic import (
     LATENT_CHANNELS,
     TEXT_DIM,
     TEXT_TOKENS,
@@ -31,12 +30,13 @@ from sla2cli.models.embedded.synthetic import (
     render_background,
     sample_scene,
 )
-from sla2cli.models.embedded.train import (
+from sla2cli.embedded.train import (
     TrainSettings,
     learning_rate_factor,
     scale_attention_logits,
     train_embedded_model,
 )
+from sla2cli.errors import UserError
 
 MAX_WEIGHTS_BYTES = 20 * 1000 * 1000
 

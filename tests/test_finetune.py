@@ -25,11 +25,11 @@ from fixtures_hub import (
 from safetensors.torch import load_file
 
 import sla2cli
+from sla2cli.checkpoint.format import TRAINING_METRICS_FILE, TRAINING_STATE_DIR, read_config
 from sla2cli.cli import main
-from sla2cli.models.checkpoint_format import TRAINING_METRICS_FILE, TRAINING_STATE_DIR, read_config
-from sla2cli.models.conversion import sla2_layers
-from sla2cli.models.embedded import load_embedded_model
-from sla2cli.models.recipes import get_recipe
+from sla2cli.embedded import load_embedded_model
+from sla2cli.integration.conversion import sla2_layers
+from sla2cli.integration.recipes import get_recipe
 from sla2cli.module import SLA2Attention
 from sla2cli.training import loop as loop_module
 from sla2cli.training.latent_format import latent_folder_writer

@@ -16,10 +16,10 @@ from diffusers import AutoencoderKLWan
 from diffusers.video_processor import VideoProcessor
 
 import sla2cli
+from sla2cli.embedded import build_embedded_model
+from sla2cli.embedded.synthetic import VALIDATION_SEED_BASE
 from sla2cli.errors import UserError
-from sla2cli.models.embedded import build_embedded_model
-from sla2cli.models.embedded.synthetic import VALIDATION_SEED_BASE
-from sla2cli.models.recipes import all_recipes, get_recipe
+from sla2cli.integration.recipes import all_recipes, get_recipe
 from sla2cli.training.data import LatentData, ProceduralClips, check_fits, training_batch
 from sla2cli.training.latent_format import MANIFEST, latent_folder_writer, open_latent_folder
 from sla2cli.training.optim import finetune_parameter_groups, select_trainable

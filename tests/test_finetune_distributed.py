@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from test_finetune import FAST, WEIGHTS, _cli
 
 import sla2cli
-from sla2cli.models.checkpoint_format import TRAINING_METRICS_FILE, read_config
+from sla2cli.checkpoint.format import TRAINING_METRICS_FILE, read_config
 from sla2cli.training.metrics import read_metrics_csv, train_losses
 
 

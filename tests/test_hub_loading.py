@@ -18,8 +18,8 @@ from fixtures_hub import (
 )
 
 import sla2cli
-from sla2cli.models.conversion import set_sparsity
-from sla2cli.models.recipes import all_recipes
+from sla2cli.integration.conversion import set_sparsity
+from sla2cli.integration.recipes import all_recipes
 
 HUB_RECIPES = [recipe for recipe in all_recipes().values() if recipe.source == "hub"]
 
@@ -141,7 +141,7 @@ def test_a_missing_local_looking_folder_is_no_such_folder(text, tmp_path, monkey
     def no_hub(*args, **kwargs):
         raise AssertionError("the Hub was asked")
 
-    monkeypatch.setattr("sla2cli.models.hub.snapshot_download", no_hub)
+    monkeypatch.setattr("sla2cli.sources.hub.snapshot_download", no_hub)
     for command in (["convert", text, "--out", str(tmp_path / "out")], ["report", text]):
         code, _, err = run_cli(command, capsys)
         assert_user_error(code, err, mentions=f"no such folder {re.escape(text)}")
@@ -161,7 +161,7 @@ def test_a_missing_folder_spelled_like_a_hub_id_names_both(offline, tmp_path, mo
     def unreachable(*args, **kwargs):  # what huggingface_hub raises when the Hub cannot be reached
         raise LocalEntryNotFoundError("connection error")
 
-    monkeypatch.setattr("sla2cli.models.hub.snapshot_download", unreachable)
+    monkeypatch.setattr("sla2cli.sources.hub.snapshot_download", unreachable)
     code, _, err = run_cli(["convert", "mymodels/wan", "--out", str(tmp_path / "out")], capsys)
     hub_reason = "is not in the Hugging Face cache" if offline else "could not reach the Hub for mymodels/wan"
     assert_user_error(code, err, mentions=f"^error: no such folder mymodels/wan, and as a Hub id: .*{hub_reason}")

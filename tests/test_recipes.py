@@ -7,16 +7,16 @@ import torch
 from fixtures_hub import run_cli
 
 from sla2cli.errors import UserError
-from sla2cli.models.components import build_skeleton
-from sla2cli.models.conversion import self_attention_modules
-from sla2cli.models.flops import (
+from sla2cli.flops import (
     LayerAttention,
     dense_attention_flops,
     estimate_model_flops,
     sla2_attention_flops,
 )
-from sla2cli.models.random_models import build_random_model, example_inputs
-from sla2cli.models.recipes import all_recipes, get_recipe, recipe_for_architecture, recipe_for_hub_id
+from sla2cli.integration.conversion import self_attention_modules
+from sla2cli.integration.recipes import all_recipes, get_recipe, recipe_for_architecture, recipe_for_hub_id
+from sla2cli.sources.components import build_skeleton
+from sla2cli.sources.random_models import build_random_model, example_inputs
 
 REQUIRED = {
     "wan2.1-t2v-1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
@@ -160,7 +160,7 @@ def test_full_size_random_model_and_inputs_for_wan_480p():
 
 
 def test_calibration_block_is_parsed_and_checked():
-    from sla2cli.models.recipes import CalibrationDefaults, _parse_calibration
+    from sla2cli.integration.recipes import CalibrationDefaults, _parse_calibration
 
     for recipe in all_recipes().values():
         assert isinstance(recipe.calibration, CalibrationDefaults)

@@ -14,15 +14,15 @@ from fixtures_hub import assert_user_error, run_cli
 from safetensors.torch import save_file
 from torch import nn
 
-from sla2cli.models.embedded.config import MODEL_KWARGS
-from sla2cli.models.random_models import build_random_model, scaled_down_config
-from sla2cli.models.recipes import get_recipe
+from sla2cli.embedded.config import MODEL_KWARGS
+from sla2cli.integration.recipes import get_recipe
 from sla2cli.module import SLA2Attention
 from sla2cli.ops import k_selected
 from sla2cli.ops.geometry import ROUNDING_NOTE, num_blocks
 from sla2cli.report.capture import capture_metrics, dense_attention, find_sla2_layers, overridden_sparsity
 from sla2cli.report.output import MIN_HALF_WIDTH
 from sla2cli.report.summary import MetricAccumulator, rounded_levels, rounding_note
+from sla2cli.sources.random_models import build_random_model, scaled_down_config
 
 REQUIRED_COLUMNS = {
     "layer", "head", "sparsity", "k_sel", "captured_mass", "router_recall", "alpha_mean",
@@ -205,8 +205,8 @@ def test_report_writes_csv_json_and_heatmap(embedded_model, tmp_path, capsys):
 
 def test_model_quality_matches_the_unconverted_model(embedded_model):
     """The model-level figures against the model as it was before conversion, computed here directly."""
-    from sla2cli.models.embedded import load_embedded_model
-    from sla2cli.models.embedded.train import validation_loss
+    from sla2cli.embedded import load_embedded_model
+    from sla2cli.embedded.train import validation_loss
     from sla2cli.report.inputs import embedded_samples, family_inputs, forward_inputs
     from sla2cli.report.loading import load_report_target
     from sla2cli.report.runner import ReportSettings, run_report

@@ -9,10 +9,10 @@ from fixtures_hub import run_cli
 
 from sla2cli import api
 from sla2cli.errors import UserError
-from sla2cli.models.conversion import sla2_layers
+from sla2cli.integration.conversion import sla2_layers
 from sla2cli.module import MASS_CLAMP, SLA2Attention
 from sla2cli.ops.reference import attention_from_block_weights, block_token_counts, hard_block_mask, router_scores
-from sla2cli.variants import (
+from sla2cli.training.variants import (
     METHODS,
     SAVEABLE_METHODS,
     SLAProjLayer,

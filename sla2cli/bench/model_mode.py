@@ -68,7 +68,7 @@ def choose_dense_backend(
     bench: BenchModel, device: torch.device
 ) -> tuple[str, Callable[[], AbstractContextManager]]:
     """FA2 on a GPU when every dense SDPA call of the model can use it, else torch's own choice."""
-    from sla2cli.models.conversion import dense_processors
+    from sla2cli.integration.conversion import dense_processors
 
     if device.type == "cuda":
         try:
@@ -150,7 +150,7 @@ def run_model_bench(
     on_step: Callable[[str], None] = lambda description: None,
 ) -> list[Measurement]:
     """Rows for dense and SLA2 at each mode; SLA2 rows carry the output's error vs the dense model."""
-    from sla2cli.models.conversion import dense_processors
+    from sla2cli.integration.conversion import dense_processors
 
     on_step("building the model")
     try:
@@ -220,7 +220,7 @@ def _row(
 
 def _resolved_quant(bench: BenchModel, device: torch.device) -> str:
     """The sparse-branch mode the converted model runs here (a checkpoint may ask for a low-bit one)."""
-    from sla2cli.models.conversion import model_quant
+    from sla2cli.integration.conversion import model_quant
     from sla2cli.ops.quantization import resolve_quant_mode
 
     return resolve_quant_mode(model_quant(bench.model), device)

@@ -12,7 +12,7 @@ from rich.table import Table
 
 from sla2cli.bench.environment import Environment
 from sla2cli.bench.records import OK, Measurement, column_order
-from sla2cli.models.atomic import atomic_path
+from sla2cli.files import atomic_path
 from sla2cli.ops.geometry import ROUNDING_NOTE, describe_rounding, sparsity_is_rounded
 
 CPU_WARNING = (

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from sla2cli.bench.providers import ROUTING, get_provider, provider_names
 from sla2cli.bench.records import OK, Measurement
-from sla2cli.models.atomic import atomic_path
+from sla2cli.files import atomic_path
 from sla2cli.ops.geometry import sparsity_is_rounded
 
 if TYPE_CHECKING:  # matplotlib loads only when a plot is asked for

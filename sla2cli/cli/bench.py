@@ -32,7 +32,7 @@ from sla2cli.bench.providers import provider_names, select_providers
 from sla2cli.bench.records import FAILED, Measurement
 from sla2cli.bench.timing import TimingPlan
 from sla2cli.errors import UserError
-from sla2cli.models.atomic import check_output_file
+from sla2cli.files import check_output_file
 
 GPU_WARMUP, CPU_WARMUP = 3, 1
 GPU_TIME_BUDGET_S = 10.0

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sla2cli.checkpoint.format import CheckpointConfig, read_config
 from sla2cli.cli.report import model_dtype, resolve_device
 from sla2cli.cli.sample_options import (
     DeviceOption,
@@ -28,11 +29,8 @@ from sla2cli.cli.sample_options import (
     ResolutionOption,
 )
 from sla2cli.errors import UserError
-from sla2cli.models.atomic import check_output_folder
-from sla2cli.models.checkpoint_format import CheckpointConfig, read_config
-from sla2cli.models.folders import SLA2_CONFIG
-from sla2cli.models.recipes import get_recipe
-from sla2cli.models.sources import EMBEDDED_RECIPE
+from sla2cli.files import check_output_folder
+from sla2cli.integration.recipes import get_recipe
 from sla2cli.report.inputs import family_inputs, forward_inputs
 from sla2cli.report.runner import (
     ReportSettings,
@@ -42,6 +40,8 @@ from sla2cli.report.runner import (
     converted_layers,
     parse_timesteps,
 )
+from sla2cli.sources.folders import SLA2_CONFIG
+from sla2cli.sources.locate import EMBEDDED_RECIPE
 from sla2cli.training.calibration import (
     ALPHA_ONLY,
     ROUTER_AND_ALPHA,

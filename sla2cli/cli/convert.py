@@ -17,16 +17,16 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from sla2cli.checkpoint.format import read_config
+from sla2cli.checkpoint.storage import flop_estimate, open_checkpoint, write_checkpoint
 from sla2cli.errors import UserError
-from sla2cli.models.atomic import check_output_folder
-from sla2cli.models.checkpoint import flop_estimate, open_checkpoint, write_checkpoint
-from sla2cli.models.checkpoint_format import read_config
-from sla2cli.models.conversion import conversion_info, convert_with_recipe, sla2_layers
-from sla2cli.models.model_spec import ModelSpec, parse_model_spec
-from sla2cli.models.recipes import Recipe, all_recipes, get_recipe
-from sla2cli.models.sources import ModelLocation, base_source, build_components, locate
+from sla2cli.files import check_output_folder
+from sla2cli.integration.conversion import conversion_info, convert_with_recipe, sla2_layers
+from sla2cli.integration.recipes import Recipe, all_recipes, get_recipe
 from sla2cli.ops.geometry import describe_rounding, num_blocks, sparsity_is_rounded
 from sla2cli.ops.quantization import QUANT_NONE, REQUESTABLE_QUANT_MODES, check_quant
+from sla2cli.sources.locate import ModelLocation, base_source, build_components, locate
+from sla2cli.sources.spec import ModelSpec, parse_model_spec
 
 QUANT_HELP = (
     "Low-bit forward of the sparse (exact) branch: int8 (INT8 Q K^T, P V in the model's own precision; "

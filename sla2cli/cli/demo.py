@@ -28,7 +28,7 @@ from rich.progress import Progress
 from rich.table import Table
 
 from sla2cli.errors import UserError
-from sla2cli.models.atomic import atomic_path
+from sla2cli.files import atomic_path
 from sla2cli.ops import Routing, num_blocks, route, sla2_attention, sla2_attention_routed
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, SUPPORTED_HEAD_DIMS
 from sla2cli.ops.reference import block_token_counts

@@ -25,7 +25,7 @@ from sla2cli.cli.sample_options import (
     TimestepsOption,
 )
 from sla2cli.errors import UserError
-from sla2cli.models.atomic import check_output_file
+from sla2cli.files import check_output_file
 from sla2cli.ops.quantization import QUANT_AUTO, REQUESTABLE_QUANT_MODES
 from sla2cli.report.output import (
     model_csv_row,

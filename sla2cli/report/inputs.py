@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from sla2cli.errors import UserError
-from sla2cli.models.recipes import Recipe, Resolution
+from sla2cli.integration.recipes import Recipe, Resolution
 
 LATENTS_KEY = "latents"
 TEXT_KEY = "encoder_hidden_states"
@@ -341,7 +341,7 @@ def embedded_samples(
 ) -> list[CleanSample]:
     """The embedded model's held-out validation clips at the latent size `grid` (calibration: its
     calibration clips instead, so that what calibrate fits on is not what report measures)."""
-    from sla2cli.models.embedded import calibration_clips, validation_clips
+    from sla2cli.embedded import calibration_clips, validation_clips
 
     make = calibration_clips if calibration else validation_clips
     label = "calibration clip" if calibration else "clip"

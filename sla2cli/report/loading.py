@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from sla2cli.errors import UserError
-from sla2cli.models.conversion import conversion_info
-from sla2cli.models.folders import SLA2_CONFIG
-from sla2cli.models.model_spec import parse_model_spec
-from sla2cli.models.recipes import get_recipe
-from sla2cli.models.sources import EMBEDDED_RECIPE, locate
+from sla2cli.integration.conversion import conversion_info
+from sla2cli.integration.recipes import get_recipe
 from sla2cli.report.runner import ReportTarget
+from sla2cli.sources.folders import SLA2_CONFIG
+from sla2cli.sources.locate import EMBEDDED_RECIPE, locate
+from sla2cli.sources.spec import parse_model_spec
 
 
 def load_report_target(

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from sla2cli.models.embedded.train import validation_loss
+from sla2cli.embedded.train import validation_loss
 from sla2cli.module import SLA2Attention
 from sla2cli.report.capture import dense_attention
 from sla2cli.report.inputs import CleanSample, ForwardInput

@@ -16,7 +16,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from sla2cli.models.atomic import atomic_path
+from sla2cli.files import atomic_path
 from sla2cli.report.summary import Row, layer_name, rounded_levels, worst_layers
 
 if TYPE_CHECKING:  # PIL loads only when a GIF is asked for

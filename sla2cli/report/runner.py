@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from sla2cli.errors import UserError
-from sla2cli.models.conversion import sla2_layers
-from sla2cli.models.recipes import Recipe
+from sla2cli.integration.conversion import sla2_layers
+from sla2cli.integration.recipes import Recipe
 from sla2cli.module import SLA2Attention
 from sla2cli.ops.quantization import QUANT_AUTO, QUANT_NONE, REQUESTABLE_QUANT_MODES, resolve_quant_mode
 from sla2cli.report.capture import capture_metrics, overridden_sparsity

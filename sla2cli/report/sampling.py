@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sla2cli.models.conversion import sla2_layers
+from sla2cli.integration.conversion import sla2_layers
 from sla2cli.module import SLA2Attention
 from sla2cli.report.capture import dense_attention, overridden_sparsity
 from sla2cli.report.inputs import (

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from sla2cli.errors import UserError
-from sla2cli.models.recipes import Recipe
+from sla2cli.integration.recipes import Recipe
 from sla2cli.module import SLA2Attention
 from sla2cli.ops.geometry import k_selected, num_blocks
 from sla2cli.report.capture import AttentionForward, wrapped_forwards

@@ -17,8 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sla2cli.errors import UserError
-from sla2cli.models.embedded.synthetic import (
+from sla2cli.embedded.synthetic import (
     LATENT_CHANNELS,
     TEXT_DIM,
     TEXT_TOKENS,
@@ -26,6 +25,7 @@ from sla2cli.models.embedded.synthetic import (
     make_clip,
     validation_clips,
 )
+from sla2cli.errors import UserError
 from sla2cli.training.latent_format import (
     IMAGE_EMBEDS,
     LATENTS,

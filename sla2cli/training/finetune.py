@@ -15,11 +15,11 @@ import torch
 from rich.console import Console
 from torch import nn
 
+from sla2cli.embedded import DEFAULT_CLIP
 from sla2cli.errors import UserError
-from sla2cli.models.conversion import conversion_info
-from sla2cli.models.embedded import DEFAULT_CLIP
-from sla2cli.models.recipes import Recipe, get_recipe, recipe_for_architecture
-from sla2cli.models.sources import EMBEDDED_RECIPE
+from sla2cli.integration.conversion import conversion_info
+from sla2cli.integration.recipes import Recipe, get_recipe, recipe_for_architecture
+from sla2cli.sources.locate import EMBEDDED_RECIPE
 from sla2cli.training.data import ProceduralClips, TrainingData, check_fits, data_from_folder
 from sla2cli.training.distributed import Processes
 from sla2cli.training.loop import LoopResult, Trainer, run_loop, validate

@@ -16,11 +16,11 @@ from rich.console import Console
 from torch import nn
 
 from sla2cli import api
+from sla2cli.checkpoint.format import CONFIG_FILE, TRAINING_METRICS_FILE, CheckpointConfig, read_config
+from sla2cli.checkpoint.storage import write_checkpoint
 from sla2cli.errors import UserError
-from sla2cli.models.atomic import check_output_folder
-from sla2cli.models.checkpoint import write_checkpoint
-from sla2cli.models.checkpoint_format import CONFIG_FILE, TRAINING_METRICS_FILE, CheckpointConfig, read_config
-from sla2cli.models.recipes import get_recipe
+from sla2cli.files import check_output_folder
+from sla2cli.integration.recipes import get_recipe
 from sla2cli.ops.quantization import resolve_quant_mode
 from sla2cli.training import distributed, state
 from sla2cli.training.data import TrainingData, check_fits

@@ -31,8 +31,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from sla2cli.errors import UserError
-from sla2cli.models.atomic import atomic_folder
-from sla2cli.models.safetensors_check import METADATA_KEY, read_header
+from sla2cli.files import atomic_folder
+from sla2cli.sources.safetensors_check import METADATA_KEY, read_header
 
 FORMAT = "sla2-latents"
 VERSION = 1

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from sla2cli.errors import UserError
-from sla2cli.models.conversion import INFO_ATTRIBUTE, dense_processors, sla2_layers, sla2_processors
+from sla2cli.integration.conversion import INFO_ATTRIBUTE, dense_processors, sla2_layers, sla2_processors
 from sla2cli.ops.quantization import QUANT_NONE, check_quant
 from sla2cli.training.data import ValidationSet
 from sla2cli.training.objectives import VALIDATION_CHUNK, validation_loss

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sla2cli.models.embedded.loading import noisy_latents
-from sla2cli.models.embedded.synthetic import VALIDATION_SEED_BASE
+from sla2cli.embedded.loading import noisy_latents
+from sla2cli.embedded.synthetic import VALIDATION_SEED_BASE
 
 OBJECTIVES = ("flow", "distill")
 VALIDATION_TIMES = (0.1, 0.3, 0.5, 0.7, 0.9)

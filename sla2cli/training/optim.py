@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from sla2cli.errors import UserError
-from sla2cli.models.conversion import sla2_processors
+from sla2cli.integration.conversion import sla2_processors
 
 TRAIN_ALL = "all"
 ROUTER_PARAMETERS = ("proj_q", "proj_k")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from sla2cli.errors import UserError
-from sla2cli.models.recipes import Recipe
+from sla2cli.integration.recipes import Recipe
 from sla2cli.ops.quantization import REQUESTABLE_QUANT_MODES
 from sla2cli.training.objectives import OBJECTIVES
 from sla2cli.training.schedule import SCHEDULES

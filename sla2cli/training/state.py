@@ -21,9 +21,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from sla2cli.checkpoint.format import TRAINING_STATE_DIR
 from sla2cli.errors import UserError
-from sla2cli.models.checkpoint_format import TRAINING_STATE_DIR
-from sla2cli.models.safetensors_check import read_header
+from sla2cli.sources.safetensors_check import read_header
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.safetensors"

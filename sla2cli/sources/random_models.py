@@ -13,8 +13,8 @@ from typing import Any
 import diffusers
 import torch
 
-from sla2cli.models.components import model_class
-from sla2cli.models.recipes import Recipe, Resolution, get_recipe
+from sla2cli.integration.recipes import Recipe, Resolution, get_recipe
+from sla2cli.sources.components import model_class
 
 # Per diffusers class: the sizes a scaled-down copy uses. Head dim 64 is one the SLA2 kernels support.
 SCALED_DOWN: dict[str, dict[str, Any]] = {

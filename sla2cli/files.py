@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from sla2cli.checkpoint.format import CHECKPOINT_FILES, CONFIG_FILE, TRAINING_ENTRIES
 from sla2cli.errors import UserError
-from sla2cli.models.checkpoint_format import CHECKPOINT_FILES, CONFIG_FILE, TRAINING_ENTRIES
 
 # What diffusers' save_pretrained writes into a component subfolder of a checkpoint with base weights.
 COMPONENT_FILE_PATTERNS = ("config.json", "*.safetensors", "*.safetensors.index.json")

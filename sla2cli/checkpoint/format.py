@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from sla2cli.errors import UserError
-from sla2cli.models.base_model import BaseModelRef
 from sla2cli.ops.quantization import LEGACY_QUANT_NAMES, REQUESTABLE_QUANT_MODES
+from sla2cli.sources.base import BaseModelRef
 
 SCHEMA_VERSION = 1
 CONFIG_FILE = "sla2_config.json"

@@ -17,8 +17,8 @@ from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from sla2cli.errors import UserError
-from sla2cli.models.recipes import supported_model_classes
-from sla2cli.models.safetensors_check import check_weight_folder
+from sla2cli.integration.recipes import supported_model_classes
+from sla2cli.sources.safetensors_check import check_weight_folder
 
 
 def model_class(class_name: str) -> type[diffusers.ModelMixin]:

@@ -1,6 +1,6 @@
 """Measure how structured the embedded model's attention is on its validation clips.
 
-`python -m sla2cli.models.embedded.measure --clips 4 --device cuda` prints, as json, the share of
+`python -m sla2cli.embedded.measure --clips 4 --device cuda` prints, as json, the share of
 softmax mass that the top 10% of key blocks hold per query block, for every layer and head, and its mean.
 """
 
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
+from sla2cli.embedded.attention_stats import attention_block_mass_stats
+from sla2cli.embedded.config import DEFAULT_CLIP
+from sla2cli.embedded.loading import load_embedded_model
+from sla2cli.embedded.synthetic import validation_clips
+from sla2cli.embedded.train import resolve_device
 from sla2cli.errors import UserError
-from sla2cli.models.embedded.attention_stats import attention_block_mass_stats
-from sla2cli.models.embedded.config import DEFAULT_CLIP
-from sla2cli.models.embedded.loading import load_embedded_model
-from sla2cli.models.embedded.synthetic import validation_clips
-from sla2cli.models.embedded.train import resolve_device
 
 
 def measure(

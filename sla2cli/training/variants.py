@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from sla2cli.errors import UserError
-from sla2cli.models.conversion import sla2_processors
+from sla2cli.integration.conversion import sla2_processors
 from sla2cli.module import SLA2Attention
 from sla2cli.ops import Routing, route, sla2_attention_routed
 from sla2cli.ops.routing import select_blocks

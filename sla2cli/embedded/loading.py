@@ -9,8 +9,7 @@ import torch
 from diffusers import WanTransformer3DModel
 from safetensors.torch import load_file
 
-from sla2cli.errors import UserError
-from sla2cli.models.embedded.config import (
+from sla2cli.embedded.config import (
     ASSETS_DIR,
     CONFIG_FILENAME,
     DEFAULT_CLIP,
@@ -19,7 +18,8 @@ from sla2cli.models.embedded.config import (
     model_kwargs_from_config,
     read_config,
 )
-from sla2cli.models.embedded.synthetic import TEXT_DIM, TEXT_TOKENS, make_batch
+from sla2cli.embedded.synthetic import TEXT_DIM, TEXT_TOKENS, make_batch
+from sla2cli.errors import UserError
 
 
 def build_embedded_model(config: dict[str, Any] | None = None) -> WanTransformer3DModel:

@@ -22,10 +22,8 @@ from safetensors.torch import load_file, save, save_file
 from torch import nn
 
 from sla2cli import __version__
-from sla2cli.errors import UserError
-from sla2cli.models.atomic import atomic_folder
-from sla2cli.models.base_model import BaseModelRef
-from sla2cli.models.checkpoint_format import (
+from sla2cli.checkpoint.card import render_model_card
+from sla2cli.checkpoint.format import (
     ATTENTION_FILE,
     CARD_FILE,
     CONFIG_FILE,
@@ -34,8 +32,10 @@ from sla2cli.models.checkpoint_format import (
     ComponentRecord,
     read_config,
 )
-from sla2cli.models.components import model_class_name
-from sla2cli.models.conversion import (
+from sla2cli.errors import UserError
+from sla2cli.files import atomic_folder
+from sla2cli.flops import FlopEstimate, estimate_model_flops
+from sla2cli.integration.conversion import (
     attention_layers,
     conversion_info,
     convert_component,
@@ -43,14 +43,14 @@ from sla2cli.models.conversion import (
     model_settings,
     sla2_layers,
 )
-from sla2cli.models.flops import FlopEstimate, estimate_model_flops
-from sla2cli.models.folders import read_component
-from sla2cli.models.hub import weight_patterns
-from sla2cli.models.model_card import render_model_card
-from sla2cli.models.model_spec import ModelSpec
-from sla2cli.models.recipes import Recipe, get_recipe
-from sla2cli.models.safetensors_check import read_header
-from sla2cli.models.sources import ModelLocation, ModelSource, base_source, build_components, locate
+from sla2cli.integration.recipes import Recipe, get_recipe
+from sla2cli.sources.base import BaseModelRef
+from sla2cli.sources.components import model_class_name
+from sla2cli.sources.folders import read_component
+from sla2cli.sources.hub import weight_patterns
+from sla2cli.sources.locate import ModelLocation, ModelSource, base_source, build_components, locate
+from sla2cli.sources.safetensors_check import read_header
+from sla2cli.sources.spec import ModelSpec
 
 MAX_SHARD_SIZE = "5GB"
 

@@ -17,13 +17,13 @@ from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 from torch import nn
 
 from sla2cli.errors import UserError
-from sla2cli.models.base_model import BaseModelRef
-from sla2cli.models.flops import LayerAttention
-from sla2cli.models.processors import PROCESSORS, SLA2Processor
-from sla2cli.models.recipes import Recipe
+from sla2cli.flops import LayerAttention
+from sla2cli.integration.processors import PROCESSORS, SLA2Processor
+from sla2cli.integration.recipes import Recipe
 from sla2cli.module import SLA2Attention
 from sla2cli.ops.geometry import SUPPORTED_HEAD_DIMS
 from sla2cli.ops.quantization import QUANT_NONE, check_quant
+from sla2cli.sources.base import BaseModelRef
 
 INFO_ATTRIBUTE = "sla2_conversion"
 DENSE_PROCESSORS: dict[str, type] = {"wan": WanAttnProcessor, "cogvideox": CogVideoXAttnProcessor2_0}

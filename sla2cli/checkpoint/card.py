@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from sla2cli.models.checkpoint_format import CheckpointConfig
-from sla2cli.models.flops import FlopEstimate
-from sla2cli.models.recipes import Recipe
+from sla2cli.checkpoint.format import CheckpointConfig
+from sla2cli.flops import FlopEstimate
+from sla2cli.integration.recipes import Recipe
 
 
 def _front_matter(config: CheckpointConfig) -> list[str]:

@@ -27,8 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import save_file
 
-from sla2cli.errors import UserError
-from sla2cli.models.embedded.config import (
+from sla2cli.embedded.config import (
     CONFIG_FILENAME,
     DEFAULT_CLIP,
     WEIGHTS_FILENAME,
@@ -36,8 +35,8 @@ from sla2cli.models.embedded.config import (
     publish_temporary,
     save_config,
 )
-from sla2cli.models.embedded.loading import build_embedded_model
-from sla2cli.models.embedded.synthetic import (
+from sla2cli.embedded.loading import build_embedded_model
+from sla2cli.embedded.synthetic import (
     TEXT_DIM,
     TEXT_TOKENS,
     VALIDATION_SEED_BASE,
@@ -45,6 +44,7 @@ from sla2cli.models.embedded.synthetic import (
     stack_clips,
     validation_clips,
 )
+from sla2cli.errors import UserError
 from sla2cli.training.objectives import flow_matching_loss, validation_loss
 from sla2cli.training.optim import parameter_groups
 from sla2cli.training.schedule import learning_rate_factor

@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from sla2cli.models.embedded.synthetic import LATENT_CHANNELS, TEXT_DIM, TEXT_TOKENS
+from sla2cli.embedded.synthetic import LATENT_CHANNELS, TEXT_DIM, TEXT_TOKENS
 
-ASSETS_DIR = Path(__file__).resolve().parents[2] / "assets"
+ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 WEIGHTS_FILENAME = "embedded_wan.safetensors"
 CONFIG_FILENAME = "embedded_wan.json"
 

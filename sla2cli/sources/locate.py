@@ -13,15 +13,15 @@ from pathlib import Path
 import diffusers
 import torch
 
+from sla2cli.checkpoint.format import CHECKPOINT_FILES
 from sla2cli.errors import UserError
-from sla2cli.models.base_model import BaseModelRef
-from sla2cli.models.checkpoint_format import CHECKPOINT_FILES
-from sla2cli.models.components import build_skeleton, load_weights
-from sla2cli.models.folders import Component, FolderContents, inspect_folder
-from sla2cli.models.hub import HubRepoUnavailable, commit_of, config_patterns, fetch_snapshot, weight_patterns
-from sla2cli.models.model_spec import ModelSpec
-from sla2cli.models.recipes import Recipe, get_recipe, recipe_for_architecture, recipe_for_hub_id
-from sla2cli.models.safetensors_check import check_weight_folder
+from sla2cli.integration.recipes import Recipe, get_recipe, recipe_for_architecture, recipe_for_hub_id
+from sla2cli.sources.base import BaseModelRef
+from sla2cli.sources.components import build_skeleton, load_weights
+from sla2cli.sources.folders import Component, FolderContents, inspect_folder
+from sla2cli.sources.hub import HubRepoUnavailable, commit_of, config_patterns, fetch_snapshot, weight_patterns
+from sla2cli.sources.safetensors_check import check_weight_folder
+from sla2cli.sources.spec import ModelSpec
 
 EMBEDDED_RECIPE = "embedded"
 
@@ -127,7 +127,7 @@ def build_components(
     only the module tree is needed. The embedded model is small and always loads its weights: the
     shipped ones, or the component folders when a checkpoint includes its own (fine-tuned) weights."""
     if source.recipe.source == EMBEDDED_RECIPE and not source.components:
-        from sla2cli.models.embedded import load_embedded_model
+        from sla2cli.embedded import load_embedded_model
 
         return {name: load_embedded_model(dtype=dtype, device=device) for name in source.recipe.components}
     if not weights:

@@ -167,7 +167,7 @@ class Recipe:
         """Constructor arguments of the full-size model: the recipe's architecture, or for the embedded
         model the ones its package defines (kept there, next to its weights, in one place)."""
         if self.source == "embedded":
-            from sla2cli.models.embedded import MODEL_KWARGS
+            from sla2cli.embedded import MODEL_KWARGS
 
             return dict(MODEL_KWARGS)
         return dict(self.architecture) if self.architecture is not None else None

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from sla2cli.models.rope import rotate_pairs_cogvideox, rotate_pairs_wan
+from sla2cli.integration.rope import rotate_pairs_cogvideox, rotate_pairs_wan
 from sla2cli.module import SLA2Attention
 
 

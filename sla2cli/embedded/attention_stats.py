@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sla2cli.models.embedded.loading import noisy_latents
-from sla2cli.models.embedded.synthetic import SyntheticClip
-from sla2cli.models.processors import wan_self_attention_qkv
+from sla2cli.embedded.loading import noisy_latents
+from sla2cli.embedded.synthetic import SyntheticClip
+from sla2cli.integration.processors import wan_self_attention_qkv
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, k_selected, num_blocks
 
 QueryKeySink = Callable[[int, torch.Tensor, torch.Tensor], None]

@@ -4,16 +4,16 @@ It ships with the package so that every command has a model to work on with no d
 attention has the real spatio-temporal structure that SLA2 exploits.
 """
 
-from sla2cli.models.embedded.attention_stats import (
+from sla2cli.embedded.attention_stats import (
     AttentionMassStats,
     QueryKeyCaptureProcessor,
     attention_block_mass_stats,
     capturing_query_key,
     top_block_mass_share,
 )
-from sla2cli.models.embedded.config import DEFAULT_CLIP, MODEL_KWARGS, default_config
-from sla2cli.models.embedded.loading import build_embedded_model, embedded_example_inputs, load_embedded_model
-from sla2cli.models.embedded.synthetic import SyntheticClip, calibration_clips, make_clip, validation_clips
+from sla2cli.embedded.config import DEFAULT_CLIP, MODEL_KWARGS, default_config
+from sla2cli.embedded.loading import build_embedded_model, embedded_example_inputs, load_embedded_model
+from sla2cli.embedded.synthetic import SyntheticClip, calibration_clips, make_clip, validation_clips
 
 __all__ = [
     "DEFAULT_CLIP",

@@ -1,1 +1,0 @@
-"""Model integration: the models SLA2 attention is put into, including the small embedded default model."""
