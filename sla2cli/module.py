@@ -10,33 +10,19 @@ import torch
 from torch import nn
 
 from sla2cli.ops import Routing, route, sla2_attention_routed
-from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, SUPPORTED_HEAD_DIMS
+from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from sla2cli.ops.quantization import QUANT_NONE, check_quant, resolve_quant_mode
 from sla2cli.ops.reference import block_token_counts
 from sla2cli.ops.soft import DEFAULT_TAU, SoftRouting, soft_routing, soft_sla2_routed
-from sla2cli.ops.validation import check_attention_inputs
+from sla2cli.ops.validation import (
+    check_attention_inputs,
+    check_block_size,
+    check_head_dim,
+    check_positive_int,
+    check_sparsity,
+)
 
 MASS_CLAMP = 1e-4  # keeps logit(mass) finite; alpha can still reach any value through w_h and b_h
-
-
-def _check_sparsity(sparsity: float) -> float:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    return float(sparsity)
-
-
-def _check_positive_int(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _check_block(name: str, value: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 16 or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= 16, got {value!r}")
-    return value
 
 
 ALPHA_BIAS_AT_CREATION = 4.0
@@ -97,12 +83,10 @@ class SLA2Attention(nn.Module):
         quant: str = QUANT_NONE,
     ) -> None:
         super().__init__()
-        self.num_heads = _check_positive_int("num_heads", num_heads)
-        if isinstance(head_dim, bool) or head_dim not in SUPPORTED_HEAD_DIMS:
-            raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS}, got {head_dim!r}")
-        self.head_dim = head_dim
-        self.block_q = _check_block("block_q", block_q)
-        self.block_k = _check_block("block_k", block_k)
+        self.num_heads = check_positive_int(num_heads, "num_heads")
+        self.head_dim = check_head_dim(head_dim, "head_dim")
+        self.block_q = check_block_size(block_q, "block_q")
+        self.block_k = check_block_size(block_k, "block_k")
         self.sparsity = sparsity
         self.quant = quant
         self.proj_q = nn.Parameter(torch.eye(head_dim, dtype=torch.float32))
@@ -118,7 +102,7 @@ class SLA2Attention(nn.Module):
 
     @sparsity.setter
     def sparsity(self, value: float) -> None:
-        self._sparsity = _check_sparsity(value)
+        self._sparsity = check_sparsity(value)
 
     @property
     def quant(self) -> str:

@@ -293,7 +293,7 @@ def test_unsupported_head_dim(tmp_path, capsys):
                                   text_dim=16, freq_dim=16, ffn_dim=64, num_layers=1)
     model.save_pretrained(tmp_path / "wan32", safe_serialization=True)
     _assert_fails_cleanly(["convert", str(tmp_path / "wan32"), "--out", str(tmp_path / "o")], capsys, tmp_path,
-                          "head dim 32")
+                          r"head dim of blocks.0.attn1 must be 64 or 128.*got 32")
 
 
 def test_existing_out_without_overwrite(wan_folder, tmp_path, capsys):

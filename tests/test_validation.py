@@ -6,6 +6,13 @@ import pytest
 import torch
 
 from sla2cli.ops import sla2_attention, sla2_attention_bshd
+from sla2cli.ops.validation import (
+    check_block_size,
+    check_head_dim,
+    check_positive_int,
+    check_sparsity,
+    check_timestep,
+)
 
 B, H, L, D = 1, 2, 200, 64
 
@@ -115,3 +122,33 @@ def test_bshd_layout_checks_rank():
 def test_valid_inputs_pass():
     out = call(alpha=torch.rand(B, H, 2), proj_q=torch.eye(D), proj_k=torch.eye(D))
     assert out.shape == (B, H, L, D)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5, float("nan"), "0.9", None, True])
+def test_check_sparsity_names_the_option(value):
+    with pytest.raises(ValueError, match=r"^--sparsity must be a number in \[0, 1\)"):
+        check_sparsity(value, "--sparsity")
+
+
+def test_parameter_checks_accept_and_return_valid_values():
+    assert check_sparsity(0) == 0.0 and check_sparsity(0.97) == 0.97
+    assert check_head_dim(64) == 64 and check_head_dim(128) == 128
+    assert check_block_size(16, "block_k") == 16 and check_block_size(128, "block_q") == 128
+    assert check_timestep(0) == 0.0 and check_timestep(1.0) == 1.0
+    assert check_positive_int(3, "--clips") == 3
+
+
+@pytest.mark.parametrize(
+    ("check", "value", "message"),
+    [
+        (lambda v: check_head_dim(v, "--head-dim"), 96, "--head-dim must be 64 or 128"),
+        (lambda v: check_head_dim(v), True, "head dim must be 64 or 128"),
+        (lambda v: check_block_size(v, "block_q"), 48, "block_q must be a power of two >= 16"),
+        (lambda v: check_block_size(v, "block_q"), 8, "block_q must be a power of two >= 16"),
+        (lambda v: check_timestep(v, "--timesteps values"), 1.5, r"--timesteps values must lie in \[0, 1\]"),
+        (lambda v: check_positive_int(v, "num_heads"), 0, "num_heads must be a positive integer"),
+    ],
+)
+def test_parameter_checks_name_what_is_wrong(check, value, message):
+    with pytest.raises(ValueError, match=message):
+        check(value)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sla2cli.errors import UserError
-from sla2cli.ops.geometry import SUPPORTED_HEAD_DIMS
+from sla2cli.ops.validation import check_head_dim
 
 FORWARD = "fwd"
 FORWARD_BACKWARD = "fwd+bwd"
@@ -52,17 +52,8 @@ def parse_shape(text: str) -> AttentionShape:
     batch, heads, length, head_dim = (int(p) for p in parts)
     if min(batch, heads, length, head_dim) < 1:
         raise UserError(f"--shape {text!r} has a zero dimension; every one of B,H,L,D must be >= 1")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        supported = " or ".join(map(str, SUPPORTED_HEAD_DIMS))
-        raise UserError(f"--shape {text!r} has head dim {head_dim}; SLA2 supports {supported}")
+    check_head_dim(head_dim, f"the head dim of --shape {text!r}")
     return AttentionShape(batch, heads, length, head_dim)
-
-
-def check_sparsity(value: float) -> float:
-    """A sparsity must lie in [0, 1): the share of key blocks sent to the linear branch."""
-    if not 0.0 <= value < 1.0:
-        raise UserError(f"--sparsity {value} is outside [0, 1); use e.g. --sparsity 0.97")
-    return float(value)
 
 
 def check_mode(text: str) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 from sla2cli.errors import UserError
 from sla2cli.ops.quantization import LEGACY_QUANT_NAMES, REQUESTABLE_QUANT_MODES
+from sla2cli.ops.validation import check_sparsity
 from sla2cli.sources.base import BaseModelRef
 
 SCHEMA_VERSION = 1
@@ -127,9 +128,10 @@ def parse_config(data: Any, path: Path) -> CheckpointConfig:
         quantization = LEGACY_QUANT_NAMES.get(quantization, quantization)
     if quantization not in QUANTIZATION_MODES:
         raise _bad(path, f"quantization {quantization!r} is not one of {', '.join(QUANTIZATION_MODES)}")
-    sparsity = data["sparsity"]
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise _bad(path, "sparsity must be a number in [0, 1)")
+    try:
+        sparsity = check_sparsity(data["sparsity"])
+    except ValueError as error:
+        raise _bad(path, str(error)) from None
     for key in ("block_q", "block_k"):
         if isinstance(data[key], bool) or not isinstance(data[key], int):
             raise _bad(path, f"{key} must be an integer")

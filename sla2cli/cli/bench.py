@@ -18,7 +18,6 @@ from sla2cli.bench.cases import (
     GPU_DEFAULT_SHAPES,
     MODES,
     check_mode,
-    check_sparsity,
     parse_shape,
     unique,
 )
@@ -33,6 +32,7 @@ from sla2cli.bench.records import FAILED, Measurement
 from sla2cli.bench.timing import TimingPlan
 from sla2cli.errors import UserError
 from sla2cli.files import check_output_file
+from sla2cli.ops.validation import check_sparsity
 
 GPU_WARMUP, CPU_WARMUP = 3, 1
 GPU_TIME_BUDGET_S = 10.0
@@ -166,7 +166,7 @@ def bench(
     console = report_console()
     target = _resolve_device(device)
     precision = _resolve_dtype(dtype, target)
-    levels = [check_sparsity(s) for s in unique(sparsity or [])]
+    levels = [check_sparsity(s, "--sparsity") for s in unique(sparsity or [])]
     if warmup is None:
         warmup = GPU_WARMUP if target.type == "cuda" else CPU_WARMUP
     if time_budget is None:

@@ -25,6 +25,7 @@ from sla2cli.integration.conversion import conversion_info, convert_with_recipe,
 from sla2cli.integration.recipes import Recipe, all_recipes, get_recipe
 from sla2cli.ops.geometry import describe_rounding, num_blocks, sparsity_is_rounded
 from sla2cli.ops.quantization import QUANT_NONE, REQUESTABLE_QUANT_MODES, check_quant
+from sla2cli.ops.validation import check_sparsity
 from sla2cli.sources.locate import ModelLocation, base_source, build_components, locate
 from sla2cli.sources.spec import ModelSpec, parse_model_spec
 
@@ -108,11 +109,6 @@ def default_out(spec: ModelSpec) -> Path:
     else:
         name = "embedded"
     return Path(name + OUT_SUFFIX)
-
-
-def _check_sparsity(sparsity: float | None) -> None:
-    if sparsity is not None and not 0.0 <= sparsity < 1.0:
-        raise UserError(f"--sparsity must be in [0, 1), got {sparsity}")
 
 
 def _check_quant_option(quant: str) -> str:
@@ -234,7 +230,8 @@ def convert_command(
     if list_recipes:
         console.print(recipes_table(console))
         return
-    _check_sparsity(sparsity)
+    if sparsity is not None:
+        check_sparsity(sparsity, "--sparsity")
     if quant is not None:
         quant = _check_quant_option(quant)
     if recipe is not None:

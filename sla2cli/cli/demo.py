@@ -30,8 +30,9 @@ from rich.table import Table
 from sla2cli.errors import UserError
 from sla2cli.files import atomic_path
 from sla2cli.ops import Routing, num_blocks, route, sla2_attention, sla2_attention_routed
-from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, SUPPORTED_HEAD_DIMS
+from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from sla2cli.ops.reference import block_token_counts
+from sla2cli.ops.validation import check_head_dim, check_sparsity
 
 GRID_SIDE = 32  # tokens per row and rows per frame: a 1024-token frame, like a small latent video
 MIN_TOKENS = 256
@@ -158,12 +159,9 @@ def check_options(tokens: int, heads: int, head_dim: int, sparsities: list[float
         raise UserError(f"--tokens must be at least {MIN_TOKENS}, got {tokens}")
     if heads < 1:
         raise UserError(f"--heads must be at least 1, got {heads}")
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        choices = " or ".join(map(str, SUPPORTED_HEAD_DIMS))
-        raise UserError(f"--head-dim must be {choices}, got {head_dim}")
+    check_head_dim(head_dim, "--head-dim")
     for sparsity in sparsities:
-        if not 0.0 <= sparsity < 1.0:
-            raise UserError(f"--sparsity must be in [0, 1) (e.g. 0.97), got {sparsity}")
+        check_sparsity(sparsity, "--sparsity")
     if repeats < 1:
         raise UserError(f"--repeats must be at least 1, got {repeats}")
 

@@ -20,6 +20,7 @@ from sla2cli.embedded.config import (
 )
 from sla2cli.embedded.synthetic import TEXT_DIM, TEXT_TOKENS, make_batch
 from sla2cli.errors import UserError
+from sla2cli.ops.validation import check_timestep
 
 
 def build_embedded_model(config: dict[str, Any] | None = None) -> WanTransformer3DModel:
@@ -85,8 +86,7 @@ def embedded_example_inputs(
 
     Clip i uses scene seed `seed + i`; the noise comes from `seed` too, so inputs are reproducible.
     """
-    if not 0.0 <= timestep <= 1.0:
-        raise ValueError(f"timestep must lie in [0, 1], got {timestep}")
+    check_timestep(timestep)
     clean, text = make_batch(range(seed, seed + batch), frames, height, width, TEXT_DIM, TEXT_TOKENS)
     generator = torch.Generator().manual_seed(seed)
     noise = torch.randn(clean.shape, generator=generator)

@@ -21,8 +21,8 @@ from sla2cli.flops import LayerAttention
 from sla2cli.integration.processors import PROCESSORS, SLA2Processor
 from sla2cli.integration.recipes import Recipe
 from sla2cli.module import SLA2Attention
-from sla2cli.ops.geometry import SUPPORTED_HEAD_DIMS
 from sla2cli.ops.quantization import QUANT_NONE, check_quant
+from sla2cli.ops.validation import check_head_dim
 from sla2cli.sources.base import BaseModelRef
 
 INFO_ATTRIBUTE = "sla2_conversion"
@@ -52,11 +52,10 @@ def self_attention_modules(model: nn.Module, recipe: Recipe) -> dict[str, tuple[
 def _head_geometry(attn: nn.Module, name: str) -> tuple[int, int]:
     heads = attn.heads
     head_dim = attn.inner_dim // heads
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise UserError(
-            f"{name} has head dim {head_dim}; SLA2 kernels support {SUPPORTED_HEAD_DIMS}, so this model "
-            "cannot be converted"
-        )
+    try:
+        check_head_dim(head_dim, f"the head dim of {name}")
+    except ValueError as error:
+        raise UserError(f"{error}; this model cannot be converted") from None
     return heads, head_dim
 
 

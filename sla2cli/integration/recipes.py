@@ -19,6 +19,7 @@ from importlib import resources
 from typing import Any
 
 from sla2cli.errors import UserError
+from sla2cli.ops.validation import check_timestep
 
 RECIPE_VERSION = 1
 RECIPES_PACKAGE = "sla2cli.recipes"
@@ -91,9 +92,9 @@ def _parse_calibration(block: dict[str, Any], origin: str) -> CalibrationDefault
     """The `calibration` block, checked: exactly the known keys, sensible values."""
     if set(block) != set(CALIBRATION_KEYS):
         raise ValueError(f"recipe {origin}: calibration needs exactly the keys {', '.join(CALIBRATION_KEYS)}")
-    timesteps = tuple(float(t) for t in block["timesteps"])
-    if not timesteps or not all(0.0 <= t <= 1.0 for t in timesteps):
-        raise ValueError(f"recipe {origin}: calibration.timesteps must be values in [0, 1]")
+    timesteps = tuple(check_timestep(t, f"recipe {origin}: calibration.timesteps") for t in block["timesteps"])
+    if not timesteps:
+        raise ValueError(f"recipe {origin}: calibration.timesteps must list at least one value in [0, 1]")
     defaults = CalibrationDefaults(
         clips=int(block["clips"]),
         timesteps=timesteps,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sla2cli.ops.geometry import LINEAR_EPS, num_blocks
+from sla2cli.ops.geometry import LINEAR_EPS, num_blocks, selects_every_block
 from sla2cli.ops.unused_alpha import with_unused_alpha
 
 _CHUNK_ELEMENTS = 1 << 24  # bound on gathered key elements per step (64 MiB in float32)
@@ -48,7 +48,7 @@ def blockwise_sla2(
     num_q_blocks, num_k_blocks = num_blocks(length, block_q), num_blocks(length, block_k)
     k_sel = lut.shape[-1]
     qf, kf, vf = q.float(), k.float(), v.float()
-    if k_sel == num_k_blocks:  # every key block in the exact branch: plain softmax attention, no gathers
+    if selects_every_block(k_sel, num_k_blocks):  # plain softmax attention, no gathers
         return with_unused_alpha(torch.nn.functional.scaled_dot_product_attention(qf, kf, vf).to(q.dtype), alpha)
     sparse_only = alpha is None  # alpha = 1: the linear branch has no weight
     key_valid = (torch.arange(num_k_blocks * block_k, device=q.device) < length).reshape(num_k_blocks, block_k)

@@ -28,6 +28,12 @@ def k_selected(num_key_blocks: int, sparsity: float) -> int:
     return max(1, min(num_key_blocks, math.floor((1.0 - sparsity) * num_key_blocks + 1e-9)))
 
 
+def selects_every_block(k_sel: int, num_key_blocks: int) -> bool:
+    """Whether every key block goes to the exact branch. Then O = O_s, which is plain softmax attention:
+    the linear branch has no tokens and alpha has no effect (every path gives alpha a zero gradient)."""
+    return k_sel >= num_key_blocks
+
+
 # Effective and requested sparsity closer than this look the same at three decimals: not worth a note.
 SPARSITY_SHOWN_TOLERANCE = 5e-4
 ROUNDING_NOTE = "sparsity is applied in whole key blocks, k_sel = max(1, floor((1 - sparsity) * key blocks))"

@@ -15,6 +15,7 @@ from sla2cli.ops.geometry import (
     LINEAR_EPS,
     k_selected,
     num_blocks,
+    selects_every_block,
 )
 from sla2cli.ops.unused_alpha import with_unused_alpha
 from sla2cli.ops.validation import check_attention_inputs
@@ -126,6 +127,6 @@ def sla2_reference(
         scores = router_scores(qc, kc, proj_q, proj_k, block_q, block_k)
         mask = hard_block_mask(scores, k_sel)
     out = attention_from_block_weights(
-        qc, kc, vc, mask.to(compute), alpha, block_q, block_k, all_selected=k_sel == num_key_blocks
+        qc, kc, vc, mask.to(compute), alpha, block_q, block_k, all_selected=selects_every_block(k_sel, num_key_blocks)
     )
     return out.to(q.dtype)

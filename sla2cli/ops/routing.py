@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, k_selected, num_blocks
+from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, k_selected, num_blocks, selects_every_block
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Routing:
 
     @property
     def all_selected(self) -> bool:
-        return self.k_sel == self.scores.shape[-1]
+        return selects_every_block(self.k_sel, self.scores.shape[-1])
 
 
 def pooled_scores(

@@ -27,6 +27,7 @@ from sla2cli.ops.geometry import (
     LINEAR_EPS,
     k_selected,
     num_blocks,
+    selects_every_block,
 )
 from sla2cli.ops.reference import expand_block_values, router_scores
 from sla2cli.ops.validation import check_attention_inputs
@@ -59,7 +60,7 @@ class SoftRouting:
 
     @property
     def all_selected(self) -> bool:
-        return self.k_sel == self.scores.shape[-1]
+        return selects_every_block(self.k_sel, self.scores.shape[-1])
 
 
 @torch.no_grad()
@@ -92,7 +93,7 @@ def soft_block_weights(
 
     Computed in float64 (the score map is tiny next to attention) and returned in the scores' dtype.
     """
-    if k_sel == scores.shape[-1]:
+    if selects_every_block(k_sel, scores.shape[-1]):
         ones = torch.ones_like(scores)
         return ones, torch.zeros_like(scores), torch.zeros_like(scores)
     logits = scores.to(torch.float64) / tau
@@ -120,7 +121,7 @@ def budgeted_soft_top_k(scores: torch.Tensor, k_sel: int, tau: float = DEFAULT_T
     BUDGETED_BISECTION_STEPS halvings suffice where `soft_block_weights` takes BISECTION_STEPS.
     Computed in float64, returned in the scores' dtype.
     """
-    if k_sel == scores.shape[-1]:
+    if selects_every_block(k_sel, scores.shape[-1]):
         return torch.ones_like(scores)
     logits = scores.to(torch.float64) / tau
     offsets = solve_row_offsets(logits, k_sel, BUDGETED_BISECTION_STEPS)

@@ -1,4 +1,9 @@
-"""Input checks for the attention op: one ValueError that names the argument at fault."""
+"""Checks of SLA2's parameters and of the op's inputs: one ValueError that names the argument at fault.
+
+The one owner of these rules: the op, the layer, conversion, checkpoints and every command call the
+functions here (`name` is what the caller's user typed, e.g. `--sparsity`). Commands turn the ValueError
+into a one-line error with exit code 2.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,43 @@ import torch
 from sla2cli.ops.geometry import SUPPORTED_HEAD_DIMS
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_BLOCK = 16  # the kernels' tl.dot needs tiles of at least 16 rows
+
+
+def check_sparsity(value: object, name: str = "sparsity") -> float:
+    """A sparsity: the share of key blocks per query-block row sent to the linear branch, in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1) (e.g. 0.97), got {value!r}")
+    return float(value)
+
+
+def check_head_dim(value: object, name: str = "head dim") -> int:
+    """A head dimension the kernels are built for."""
+    if isinstance(value, bool) or value not in SUPPORTED_HEAD_DIMS:
+        choices = " or ".join(map(str, SUPPORTED_HEAD_DIMS))
+        raise ValueError(f"{name} must be {choices} (what the SLA2 kernels support), got {value!r}")
+    return int(value)
+
+
+def check_block_size(value: object, name: str) -> int:
+    """A query or key block size: a power of two of at least MIN_BLOCK rows."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_BLOCK or value & (value - 1):
+        raise ValueError(f"{name} must be a power of two >= {MIN_BLOCK}, got {value!r}")
+    return value
+
+
+def check_timestep(value: object, name: str = "timestep") -> float:
+    """A noise level of the flow: 0 is the clean clip, 1 pure noise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name} must lie in [0, 1] (1 is pure noise), got {value!r}")
+    return float(value)
+
+
+def check_positive_int(value: object, name: str) -> int:
+    """A count that must be at least 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
 
 def check_attention_inputs(
@@ -40,17 +82,12 @@ def check_attention_inputs(
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     batch, heads, length, head_dim = q.shape
-    if head_dim not in SUPPORTED_HEAD_DIMS:
-        raise ValueError(f"q head dim {head_dim} is not supported; use one of {SUPPORTED_HEAD_DIMS}")
+    check_head_dim(head_dim, "q's head dim")
     if min(batch, heads, length) < 1:
         raise ValueError(f"q must have B, H, L >= 1, got shape {tuple(q.shape)}")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
-        raise ValueError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
-    if not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    for name, block in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(block, int) or block < 16 or block & (block - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {block!r}")
+    check_sparsity(sparsity)
+    check_block_size(block_q, "block_q")
+    check_block_size(block_k, "block_k")
     if alpha is not None:
         if not isinstance(alpha, torch.Tensor):
             raise ValueError(f"alpha must be a tensor or None, got {type(alpha).__name__}")

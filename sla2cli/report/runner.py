@@ -20,6 +20,7 @@ from sla2cli.integration.conversion import sla2_layers
 from sla2cli.integration.recipes import Recipe
 from sla2cli.module import SLA2Attention
 from sla2cli.ops.quantization import QUANT_AUTO, QUANT_NONE, REQUESTABLE_QUANT_MODES, resolve_quant_mode
+from sla2cli.ops.validation import check_sparsity, check_timestep
 from sla2cli.report.capture import capture_metrics, overridden_sparsity
 from sla2cli.report.inputs import (
     RANDOM_INPUTS_WARNING,
@@ -99,15 +100,17 @@ def parse_timesteps(text: str) -> tuple[float, ...]:
         raise UserError(
             f"--timesteps must be comma-separated numbers in [0, 1] such as 0.9,0.5,0.1; got {text!r}"
         ) from None
-    if not values or any(not 0.0 <= value <= 1.0 for value in values):
-        raise UserError(f"--timesteps values must lie in [0, 1] (1 is pure noise); got {text!r}")
+    if not values:
+        raise UserError(f"--timesteps needs at least one value such as 0.9,0.5,0.1; got {text!r}")
+    for value in values:
+        check_timestep(value, "--timesteps values")
     return values
 
 
 def check_settings(settings: ReportSettings) -> None:
     """User mistakes in the settings, found before any model work."""
-    if settings.sparsity is not None and not 0.0 <= settings.sparsity < 1.0:
-        raise UserError(f"--sparsity must be in [0, 1) (e.g. 0.97), got {settings.sparsity}")
+    if settings.sparsity is not None:
+        check_sparsity(settings.sparsity, "--sparsity")
     if settings.clips is not None and settings.clips < 1:
         raise UserError(f"--clips must be at least 1, got {settings.clips}")
     if not settings.timesteps:
