@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from sla2cli.checkpoint.storage import open_checkpoint, write_checkpoint
+from sla2cli.devices import model_dtype
 from sla2cli.errors import UserError
 from sla2cli.integration.conversion import conversion_info, convert_component, convert_with_recipe
 from sla2cli.integration.recipes import Recipe, get_recipe, recipe_for_architecture, recipe_for_hub_id
@@ -111,12 +112,6 @@ def convert(
     return model_or_pipeline
 
 
-def _default_dtype(dtype: torch.dtype | None, device: torch.device | str) -> torch.dtype:
-    if dtype is not None:
-        return dtype
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
-
-
 def _single_or_dict(components: dict[str, nn.Module]) -> nn.Module | dict[str, nn.Module]:
     return next(iter(components.values())) if len(components) == 1 else components
 
@@ -141,7 +136,7 @@ def load(
     """
     if quant is not None:
         quant = check_quant(quant)
-    dtype = _default_dtype(dtype, device)
+    dtype = model_dtype(device, dtype)
     spec = parse_model_spec(None if path_or_id is None else str(path_or_id))
     location = locate(spec, offline=offline)
     if location.root is not None and location.contents().is_checkpoint:

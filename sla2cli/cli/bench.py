@@ -7,7 +7,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -30,6 +29,7 @@ from sla2cli.bench.plot import write_plot
 from sla2cli.bench.providers import provider_names, select_providers
 from sla2cli.bench.records import FAILED, Measurement
 from sla2cli.bench.timing import TimingPlan
+from sla2cli.devices import resolve_device, resolve_dtype
 from sla2cli.errors import UserError
 from sla2cli.files import check_output_file
 from sla2cli.ops.validation import check_sparsity
@@ -37,7 +37,6 @@ from sla2cli.ops.validation import check_sparsity
 GPU_WARMUP, CPU_WARMUP = 3, 1
 GPU_TIME_BUDGET_S = 10.0
 CPU_TIME_BUDGET_S = 1.0  # CPU numbers are indicative only; keep the run short
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 HELP = (
     "Time SLA2 against FlashAttention2, cuDNN, FlexAttention, SageAttention and flash-attn.\n\n"
@@ -48,24 +47,6 @@ HELP = (
     "SLA2, same weights and inputs.\n\n"
     "On a CPU the numbers come from the PyTorch path at small shapes and are not GPU numbers."
 )
-
-
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    if name not in ("cuda", "cpu"):
-        raise UserError(f"--device {name!r} is unknown; use auto, cuda or cpu")
-    return torch.device(name)
-
-
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in DTYPES:
-        raise UserError(f"--dtype {name!r} is unknown; use auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 def _write_outputs(
@@ -164,8 +145,8 @@ def bench(
     check_output_file("--json", json, (".json",))
     check_output_file("--plot", plot, (".png",))
     console = report_console()
-    target = _resolve_device(device)
-    precision = _resolve_dtype(dtype, target)
+    target = resolve_device(device)
+    precision = resolve_dtype(dtype, target)
     levels = [check_sparsity(s, "--sparsity") for s in unique(sparsity or [])]
     if warmup is None:
         warmup = GPU_WARMUP if target.type == "cuda" else CPU_WARMUP

@@ -21,13 +21,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sla2cli.checkpoint.format import CheckpointConfig, read_config
-from sla2cli.cli.report import model_dtype, resolve_device
 from sla2cli.cli.sample_options import (
     DeviceOption,
     InputsOption,
     QuietOption,
     ResolutionOption,
 )
+from sla2cli.devices import model_dtype, resolve_device
 from sla2cli.errors import UserError
 from sla2cli.files import check_output_folder
 from sla2cli.integration.recipes import get_recipe

@@ -10,8 +10,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sla2cli.cli.report import resolve_device
 from sla2cli.cli.sample_options import DeviceOption, QuietOption
+from sla2cli.devices import resolve_device
 from sla2cli.ops.quantization import REQUESTABLE_QUANT_MODES
 from sla2cli.training.job import FinetuneRequest, JobResult, run_finetune_job
 from sla2cli.training.settings import parse_clip

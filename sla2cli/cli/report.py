@@ -24,6 +24,7 @@ from sla2cli.cli.sample_options import (
     ResolutionOption,
     TimestepsOption,
 )
+from sla2cli.devices import model_dtype, resolve_device
 from sla2cli.errors import UserError
 from sla2cli.files import check_output_file
 from sla2cli.ops.quantization import QUANT_AUTO, REQUESTABLE_QUANT_MODES
@@ -59,17 +60,6 @@ DENSE_LABEL = "dense attention"
 MIN_VIDEO_STEPS = 1
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto: CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    if name not in ("cpu", "cuda"):
-        raise UserError(f"--device {name!r} is unknown; use auto, cuda or cpu")
-    return torch.device(name)
-
-
 def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -79,11 +69,6 @@ def _progress(console: Console) -> Progress:
         console=console,
         transient=True,
     )
-
-
-def model_dtype(device: torch.device) -> torch.dtype:
-    """bfloat16 on GPU, as the models run there; float32 on CPU."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
 def _measure(

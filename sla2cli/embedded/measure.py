@@ -14,11 +14,11 @@ from pathlib import Path
 
 import torch
 
+from sla2cli.devices import resolve_device
 from sla2cli.embedded.attention_stats import attention_block_mass_stats
 from sla2cli.embedded.config import DEFAULT_CLIP
 from sla2cli.embedded.loading import load_embedded_model
 from sla2cli.embedded.synthetic import validation_clips
-from sla2cli.embedded.train import resolve_device
 from sla2cli.errors import UserError
 
 

@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from safetensors.torch import save_file
 
+from sla2cli.devices import resolve_device
 from sla2cli.embedded.config import (
     CONFIG_FILENAME,
     DEFAULT_CLIP,
@@ -88,14 +89,6 @@ class TrainSummary:
     weights_path: Path
     config_path: Path
     loss_history: list[float] = field(default_factory=list)
-
-
-def resolve_device(name: str) -> torch.device:
-    """The torch device for `name`, refusing CUDA where there is none."""
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("CUDA is not available on this machine; pass --device cpu")
-    return device
 
 
 def scale_attention_logits(model: WanTransformer3DModel, gain: float) -> None:
