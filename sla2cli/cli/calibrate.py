@@ -1,9 +1,10 @@
 """`sla2 calibrate`: stage 1 of training. Fit each converted layer's router and alpha against full attention.
 
 The base weights stay frozen; the layers' q, k, v are captured on sample inputs (the embedded model's
-calibration clips, never its validation clips, an --inputs file, or random latents), every layer is fitted on its own
-(`sla2cli.training.calibration`), and the table shows the hard-routing error (what inference runs)
-before, with alpha refitted alone, and with the trained router. Defaults come from the model's recipe.
+calibration clips, never its validation clips; an --inputs file; or random latents), every layer is
+fitted on its own (`sla2cli.training.calibration`), and the table shows the hard-routing error (what
+inference runs) before, with alpha refitted alone, and with the trained router. Defaults come from the
+model's recipe.
 """
 
 from __future__ import annotations
