@@ -36,6 +36,7 @@ from sla2cli.models.recipes import get_recipe
 from sla2cli.models.sources import EMBEDDED_RECIPE
 from sla2cli.report.inputs import family_inputs, forward_inputs
 from sla2cli.report.runner import (
+    CHUNK_ELEMENTS,
     ReportSettings,
     ReportTarget,
     check_settings,
@@ -263,6 +264,7 @@ def calibrate(
     check_settings(inputs_settings)
     destination = output_folder(checkpoint_dir, out, overwrite)
     target_device = resolve_device(device)
+    settings = replace(settings, max_chunk_elements=CHUNK_ELEMENTS.get(target_device.type, CHUNK_ELEMENTS["cuda"]))
     if clips is None and inputs is None:
         inputs_settings = replace(inputs_settings, clips=recipe.calibration.clips)
     console = Console()
