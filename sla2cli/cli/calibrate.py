@@ -1,9 +1,10 @@
 """`sla2 calibrate`: stage 1 of training. Fit each converted layer's router and alpha against full attention.
 
 The base weights stay frozen; the layers' q, k, v are captured on sample inputs (the embedded model's
-calibration clips, never its validation clips, an --inputs file, or random latents), every layer is fitted on its own
-(`sla2cli.training.calibration`), and the table shows the hard-routing error (what inference runs)
-before, with alpha refitted alone, and with the trained router. Defaults come from the model's recipe.
+calibration clips, never its validation clips; an --inputs file; or random latents), every layer is
+fitted on its own (`sla2cli.training.calibration`), and the table shows the hard-routing error (what
+inference runs) before, with alpha refitted alone, and with the trained router. Defaults come from the
+model's recipe.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from sla2cli.files import check_output_folder
 from sla2cli.integration.recipes import get_recipe
 from sla2cli.report.inputs import family_inputs, forward_inputs
 from sla2cli.report.runner import (
+    CHUNK_ELEMENTS,
     ReportSettings,
     ReportTarget,
     check_settings,
@@ -263,6 +265,7 @@ def calibrate(
     check_settings(inputs_settings)
     destination = output_folder(checkpoint_dir, out, overwrite)
     target_device = resolve_device(device)
+    settings = replace(settings, max_chunk_elements=CHUNK_ELEMENTS.get(target_device.type, CHUNK_ELEMENTS["cuda"]))
     if clips is None and inputs is None:
         inputs_settings = replace(inputs_settings, clips=recipe.calibration.clips)
     console = Console()
