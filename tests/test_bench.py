@@ -19,7 +19,7 @@ import sla2cli
 from sla2cli.bench.cases import FORWARD, FORWARD_BACKWARD, AttentionShape, parse_shape
 from sla2cli.bench.checks import KernelMismatch, dense_attention_float32
 from sla2cli.bench.environment import describe, git_commit
-from sla2cli.bench.flops import dense_attention_flops, selected_blocks, sparse_share
+from sla2cli.bench.flops import selected_blocks, shape_flops, sparse_share
 from sla2cli.bench.inputs import make_inputs
 from sla2cli.bench.kernel_mode import KernelBenchPlan, fill_speedups, measure, run_kernel_bench
 from sla2cli.bench.output import header_lines, print_report, rows_frame, write_csv, write_json
@@ -108,8 +108,8 @@ def test_naming_a_provider_that_is_not_installed_is_a_user_error(name, module):
 
 def test_flop_counts_follow_the_formulas():
     shape = AttentionShape(1, 12, 32760, 128)
-    assert dense_attention_flops(shape, FORWARD) == 4 * 12 * 32760**2 * 128
-    assert dense_attention_flops(shape, FORWARD_BACKWARD) == pytest.approx(3.5 * 4 * 12 * 32760**2 * 128)
+    assert shape_flops(shape, FORWARD) == 4 * 12 * 32760**2 * 128
+    assert shape_flops(shape, FORWARD_BACKWARD) == pytest.approx(3.5 * 4 * 12 * 32760**2 * 128)
     assert selected_blocks(shape, 0.97) == (15, 512)
     assert sparse_share(shape, 0.97) == pytest.approx(15 / 512)
     assert sparse_share(shape, None) == 1.0

@@ -106,7 +106,7 @@ def test_recipe_for_architecture():
 
 
 def test_flop_reduction_at_wan_480p():
-    dense = dense_attention_flops(32760, 12, 128)
+    dense = dense_attention_flops(32760, 128, heads=12)
     sla2 = sla2_attention_flops(32760, 12, 128, 0.97, 128, 64)
     # 15 of 512 key blocks exact (2.9% of the keys) plus the linear branch (D / L = 0.4%): about 30x.
     assert dense / sla2 == pytest.approx(30.06, abs=0.01)

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from sla2cli.flops import dense_attention_flops, sla2_head_flops
 from sla2cli.ops import k_selected, route, sla2_reference
 from sla2cli.ops.geometry import num_blocks
 from sla2cli.report import metrics
@@ -124,14 +125,14 @@ def test_flop_count_exact_branch_and_ordering():
     length, head_dim = 4096, 128
     pairs_full = torch.tensor(float(length * length), dtype=torch.float64)
     num_k = num_blocks(length, BLOCK_K)
-    dense = metrics.dense_attention_flops(length, head_dim)
-    all_selected = metrics.sla2_attention_flops(pairs_full, length, head_dim, num_k, BLOCK_Q, BLOCK_K)
+    dense = dense_attention_flops(length, head_dim)
+    all_selected = sla2_head_flops(pairs_full, length, head_dim, num_k, BLOCK_Q, BLOCK_K)
     assert all_selected.item() > dense  # the router costs something, and nothing is skipped
     reductions = []
     for sparsity in (0.5, 0.9, 0.97):
         k_sel = k_selected(num_k, sparsity)
         pairs = torch.tensor(float(k_sel * BLOCK_K * length), dtype=torch.float64)
-        flops = metrics.sla2_attention_flops(pairs, length, head_dim, k_sel, BLOCK_Q, BLOCK_K)
+        flops = sla2_head_flops(pairs, length, head_dim, k_sel, BLOCK_Q, BLOCK_K)
         assert flops.item() > 4.0 * pairs.item() * head_dim  # exact branch plus router plus linear branch
         reductions.append(dense / flops.item())
     assert reductions == sorted(reductions)

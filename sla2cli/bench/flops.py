@@ -1,24 +1,19 @@
-"""FLOP counts that turn a time into TFLOP/s, so that providers of different sparsity compare fairly.
-
-Dense attention forward = two matmuls (Q K^T and P V) of 2 * L * L * D FLOPs per head. The backward
-does five such matmuls, i.e. 2.5x the forward, so forward+backward counts 3.5x (the convention
-FlashAttention's papers use).
-"""
+"""What a benchmark row is credited with: dense-equivalent FLOPs (sla2cli.flops counts them) that turn a
+time into TFLOP/s, so that providers of different sparsity compare fairly, and the row's key-block budget."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 from sla2cli.bench.cases import FORWARD, AttentionShape
+from sla2cli.flops import FORWARD_BACKWARD_FACTOR, dense_attention_flops
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, effective_sparsity, k_selected, num_blocks
 
-BACKWARD_FACTOR = 2.5
 
-
-def dense_attention_flops(shape: AttentionShape, mode: str) -> float:
+def shape_flops(shape: AttentionShape, mode: str) -> float:
     """FLOPs of full softmax attention at this shape (forward, or forward+backward)."""
-    forward = 4.0 * shape.batch * shape.heads * shape.length**2 * shape.head_dim
-    return forward if mode == FORWARD else forward * (1.0 + BACKWARD_FACTOR)
+    forward = float(dense_attention_flops(shape.length, shape.head_dim, shape.batch * shape.heads))
+    return forward if mode == FORWARD else forward * FORWARD_BACKWARD_FACTOR
 
 
 def selected_blocks(

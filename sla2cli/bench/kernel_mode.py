@@ -14,7 +14,7 @@ import torch
 from sla2cli.bench.cases import FORWARD, AttentionShape
 from sla2cli.bench.checks import KernelMismatch
 from sla2cli.bench.environment import Environment
-from sla2cli.bench.flops import block_budget, dense_attention_flops, sparse_share, tflops
+from sla2cli.bench.flops import block_budget, shape_flops, sparse_share, tflops
 from sla2cli.bench.inputs import AttentionInputs, forward_backward, make_inputs
 from sla2cli.bench.providers import BASELINE, DENSE, ROUTING, Provider, ProviderUnavailable
 from sla2cli.bench.records import FAILED, OK, OUT_OF_MEMORY, SKIPPED, Measurement
@@ -54,7 +54,7 @@ def _fill_rates(row: Measurement, provider: Provider, shape: AttentionShape) -> 
     """TFLOP/s columns: dense-equivalent (full attention FLOPs) and actual (sparse branch share)."""
     if provider.kind == ROUTING or row.median_ms is None:
         return
-    dense_flops = dense_attention_flops(shape, row.mode)
+    dense_flops = shape_flops(shape, row.mode)
     row.dense_tflops = tflops(dense_flops, row.median_ms)
     row.sparse_tflops = tflops(dense_flops * sparse_share(shape, row.sparsity), row.median_ms)
 

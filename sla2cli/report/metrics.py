@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sla2cli.flops import dense_attention_flops, sla2_head_flops
 from sla2cli.ops import Routing, route, sla2_attention_routed
 from sla2cli.ops.geometry import effective_sparsity, num_blocks
 from sla2cli.ops.quantization import QUANT_NONE
@@ -161,41 +162,6 @@ def achieved_sparsity(lut: torch.Tensor, length: int, block_q: int, block_k: int
     return 1.0 - selected_pairs(lut, length, block_q, block_k) / float(length * length)
 
 
-def dense_attention_flops(length: int, head_dim: int) -> float:
-    """FLOPs of full attention for one head: Q K^T and P V (two per multiply-add) plus the softmax."""
-    pairs = float(length) * length
-    return 4.0 * pairs * head_dim + 5.0 * pairs
-
-
-def sla2_attention_flops(
-    pairs: torch.Tensor, length: int, head_dim: int, k_sel: int, block_q: int, block_k: int
-) -> torch.Tensor:
-    """Estimated FLOPs of one SLA2 head: exact branch on `pairs`, router, and linear branch.
-
-    Multiply-adds count two; each elementwise step (exp, sum, divide, ...) counts one.
-    """
-    num_q_blocks, num_k_blocks = num_blocks(length, block_q), num_blocks(length, block_k)
-    d, n = float(head_dim), float(length)
-    exact = 4.0 * pairs * d + 5.0 * pairs
-    router = (
-        3.0 * n * d  # block means of Q and of smoothed K
-        + 2.0 * (num_q_blocks + num_k_blocks) * d * d  # W_q, W_k projections of the means
-        + 2.0 * num_q_blocks * num_k_blocks * d  # block scores
-        + num_q_blocks * num_k_blocks  # top-k
-    )
-    linear = 0.0
-    if k_sel < num_k_blocks:
-        linear = (
-            2.0 * 5.0 * n * d  # feature maps phi(Q), phi(K)
-            + 2.0 * n * d * d + n * d  # per-key-block states phi(K_j)^T V_j and normalisers
-            + num_k_blocks * (d * d + d)  # totals over all key blocks
-            + num_q_blocks * k_sel * (d * d + d)  # minus the selected blocks, per query block
-            + 2.0 * n * d * d + 3.0 * n * d  # phi(q) H / (phi(q) . z)
-            + 3.0 * n * d  # alpha mix
-        )
-    return exact + router + linear
-
-
 def relative_l2_error(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """||approx - exact|| / ||exact|| over each head's (L, D) output, per (B, H)."""
     diff = (approx.to(exact.dtype) - exact).flatten(2).norm(dim=-1)
@@ -302,7 +268,7 @@ def attention_metrics(
         heuristic_output = _routed_output(q, k, v, heuristic_routing, heuristic_alpha, block_q, block_k, quant)
 
     pairs = selected_pairs(routing.lut, length, block_q, block_k)
-    flop_reduction = dense_attention_flops(length, head_dim) / sla2_attention_flops(
+    flop_reduction = dense_attention_flops(length, head_dim) / sla2_head_flops(
         pairs, length, head_dim, routing.k_sel, block_q, block_k
     )
     num_k_blocks = num_blocks(length, block_k)
