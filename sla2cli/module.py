@@ -178,6 +178,10 @@ class SLA2Attention(nn.Module):
         (under autocast: in the autocast dtype)."""
         q, k, v = _autocast_inputs(q, k, v)
         self._check_inputs(q, k, v)
+        return self.attend(q, k, v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention itself, on inputs `forward` has checked (variants of the ablation override this)."""
         routing = route(
             q, k, sparsity=self.sparsity, proj_q=self.proj_q, proj_k=self.proj_k,
             block_q=self.block_q, block_k=self.block_k,

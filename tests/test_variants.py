@@ -117,6 +117,19 @@ def test_variant_matches_reference_forward_and_gradients(method, backend, monkey
         assert ((got - want).norm() / scale).item() < 1e-4
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_variant_runs_in_the_autocast_dtype(method):
+    """Under autocast the model's q/k norms may hand over float32 beside a bfloat16 v; every variant
+    attends in the autocast dtype, as the plain layer does."""
+    layer = trained_looking_layer(method)
+    q, k, v = make_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(q.float(), k.float(), v.bfloat16())
+    assert out.dtype == torch.bfloat16
+    expected = layer(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()  # autocast also lowers inner products
+    assert ((out.float() - expected).norm() / expected.norm()).item() < 2e-2
+
+
 def test_what_each_variant_trains():
     layers = {method: trained_looking_layer(method) for method in METHODS}
     trains = {method: {name for name, _ in layer.named_parameters() if name in trainable_sla2_parameters(layer)}

@@ -2,7 +2,8 @@
 
 The quality suite fine-tunes the same converted model under each method with the same budget, so
 the difference it measures is the attention, not the training. Every variant is an SLA2Attention
-(subclass), swapped into the layer's processor in place, so capture hooks, reports and the training
+(subclass overriding `attend`, so the layer's input checks and autocast handling stay), swapped into the
+layer's processor in place, so capture hooks, reports and the training
 loop see the usual `sla2_layers`. Each runs forward and backward on CPU and GPU.
 
 | method | router | output | SLA2 parameters that train | saveable |
@@ -63,8 +64,7 @@ class DenseLayer(SLA2Attention):
     method = DENSE
     trainable: tuple[str, ...] = ()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(q, k, v)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.scaled_dot_product_attention(q, k, v)
 
 
@@ -81,8 +81,7 @@ class SparseOnlyLayer(SLA2Attention):
             self.alpha_bias.fill_(ALPHA_ONE_BIAS)
             self.alpha_log_temperature.zero_()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(q, k, v)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         routing = route(
             q, k, sparsity=self.sparsity, proj_q=self.proj_q, proj_k=self.proj_k,
             block_q=self.block_q, block_k=self.block_k,
@@ -103,8 +102,7 @@ class SLAProjLayer(SLA2Attention):
         super().__init__(*args, **kwargs)
         self.linear_projection = nn.Parameter(torch.zeros(self.head_dim, self.head_dim, dtype=torch.float32))
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(q, k, v)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         routing = route(q, k, sparsity=self.sparsity, block_q=self.block_q, block_k=self.block_k)
         kwargs = dict(block_q=self.block_q, block_k=self.block_k, quant=self.resolved_quant(q.device))
         sparse = sla2_attention_routed(q, k, v, routing.lut, alpha=None, **kwargs)
@@ -136,8 +134,7 @@ class OracleRouterLayer(SLA2Attention):
             )
         return Routing(scores=learned.scores, lut=select_blocks(mass, learned.k_sel), k_sel=learned.k_sel)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        self._check_inputs(q, k, v)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         routing = self.oracle_routing(q, k)
         alpha = None if routing.all_selected else self.predict_alpha(routing, q.shape[2])
         return sla2_attention_routed(
