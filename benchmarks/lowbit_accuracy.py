@@ -16,7 +16,7 @@ import triton
 
 import sla2cli
 from sla2cli.bench.environment import git_commit
-from sla2cli.embedded import embedded_example_inputs, load_embedded_model
+from sla2cli.embedded.loading import embedded_example_inputs, load_embedded_model
 from sla2cli.ops import num_blocks, route
 from sla2cli.ops.attention import sla2_attention_routed
 from sla2cli.ops.quantization import QUANT_INT8, QUANT_INT8_FP8, supported_quant_modes

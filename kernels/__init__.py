@@ -16,6 +16,7 @@ from typing import Any
 _ENTRY_POINTS = {
     "block_means": "block_stats",
     "key_block_states": "block_stats",
+    "last_dim_contiguous": "common",
     "reverse_lut": "backward",
     "sla2_backward_key": "backward",
     "sla2_backward_query": "backward",

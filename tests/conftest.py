@@ -25,8 +25,8 @@ def embedded_model(tmp_path_factory, monkeypatch):
     """The shipped embedded model if it is built, else the same architecture with random weights."""
     from safetensors.torch import save_file
 
-    from sla2cli.embedded import build_embedded_model, default_config
-    from sla2cli.embedded.config import ASSETS_DIR, CONFIG_FILENAME, WEIGHTS_FILENAME, save_config
+    from sla2cli.embedded.config import ASSETS_DIR, CONFIG_FILENAME, WEIGHTS_FILENAME, default_config, save_config
+    from sla2cli.embedded.loading import build_embedded_model
 
     if (ASSETS_DIR / CONFIG_FILENAME).is_file() and (ASSETS_DIR / WEIGHTS_FILENAME).is_file():
         return

@@ -57,7 +57,7 @@ def _forward(model, inputs) -> torch.Tensor:
 
 @pytest.mark.skipif(not EMBEDDED_SHIPPED, reason="the embedded model's trained weights are not built yet")
 def test_convert_without_arguments_converts_the_embedded_model(tmp_path, monkeypatch, capsys):
-    from sla2cli.embedded import embedded_example_inputs, load_embedded_model
+    from sla2cli.embedded.loading import embedded_example_inputs, load_embedded_model
 
     monkeypatch.chdir(tmp_path)
     start = time.monotonic()

@@ -9,26 +9,25 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sla2cli.embedded import (
+from sla2cli.embedded.attention_stats import attention_block_mass_stats, capturing_query_key, top_block_mass_share
+from sla2cli.embedded.config import (
+    ASSETS_DIR,
+    CONFIG_FILENAME,
     DEFAULT_CLIP,
     MODEL_KWARGS,
-    attention_block_mass_stats,
-    build_embedded_model,
-    capturing_query_key,
-    embedded_example_inputs,
-    load_embedded_model,
-    make_clip,
-    top_block_mass_share,
-    validation_clips,
+    WEIGHTS_FILENAME,
+    read_config,
 )
-from sla2cli.embedded.config import ASSETS_DIR, CONFIG_FILENAME, WEIGHTS_FILENAME, read_config
+from sla2cli.embedded.loading import build_embedded_model, embedded_example_inputs, load_embedded_model
 from sla2cli.embedded.synthetic import (
     LATENT_CHANNELS,
     TEXT_DIM,
     TEXT_TOKENS,
     VALIDATION_SEED_BASE,
+    make_clip,
     render_background,
     sample_scene,
+    validation_clips,
 )
 from sla2cli.embedded.train import (
     TrainSettings,

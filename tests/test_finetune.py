@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 import sla2cli
 from sla2cli.checkpoint.format import TRAINING_METRICS_FILE, TRAINING_STATE_DIR, read_config
 from sla2cli.cli import main
-from sla2cli.embedded import load_embedded_model
+from sla2cli.embedded.loading import load_embedded_model
 from sla2cli.integration.conversion import sla2_layers
 from sla2cli.integration.recipes import get_recipe
 from sla2cli.module import SLA2Attention

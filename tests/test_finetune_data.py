@@ -16,7 +16,7 @@ from diffusers import AutoencoderKLWan
 from diffusers.video_processor import VideoProcessor
 
 import sla2cli
-from sla2cli.embedded import build_embedded_model
+from sla2cli.embedded.loading import build_embedded_model
 from sla2cli.embedded.synthetic import VALIDATION_SEED_BASE
 from sla2cli.errors import UserError
 from sla2cli.integration.recipes import all_recipes, get_recipe

@@ -205,7 +205,7 @@ def test_report_writes_csv_json_and_heatmap(embedded_model, tmp_path, capsys):
 
 def test_model_quality_matches_the_unconverted_model(embedded_model):
     """The model-level figures against the model as it was before conversion, computed here directly."""
-    from sla2cli.embedded import load_embedded_model
+    from sla2cli.embedded.loading import load_embedded_model
     from sla2cli.embedded.train import validation_loss
     from sla2cli.report.inputs import embedded_samples, family_inputs, forward_inputs
     from sla2cli.report.loading import load_report_target

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-import sla2cli
+from sla2cli.version import __version__
 
 UNKNOWN = "unknown"
 
@@ -59,7 +59,7 @@ def git_commit(package_dir: Path | None = None) -> str | None:
     """
     if os.environ.get("SLA2_COMMIT"):
         return os.environ["SLA2_COMMIT"]
-    package = (package_dir or Path(sla2cli.__file__).parent).resolve()
+    package = (package_dir or Path(__file__).resolve().parents[1]).resolve()
     top = _run(["git", "rev-parse", "--show-toplevel"], cwd=package)
     if top is None or Path(top).resolve() != package.parent:
         return None
@@ -89,6 +89,6 @@ def describe(device: torch.device) -> Environment:
         torch_version=torch.__version__,
         cuda_version=torch.version.cuda or "none",
         triton_version=triton_version(),
-        sla2_version=sla2cli.__version__,
+        sla2_version=__version__,
         git_commit=git_commit(),
     )

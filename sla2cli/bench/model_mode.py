@@ -30,6 +30,8 @@ from sla2cli.bench.model_setup import (
 from sla2cli.bench.records import OK, OUT_OF_MEMORY, Measurement
 from sla2cli.bench.timing import CacheFlusher, TimingPlan, peak_extra_memory_mb, time_call
 from sla2cli.errors import UserError
+from sla2cli.integration.conversion import dense_processors, model_quant
+from sla2cli.ops.quantization import resolve_quant_mode
 
 FA2, SDPA, SLA2 = "fa2", "sdpa", "sla2"
 
@@ -68,8 +70,6 @@ def choose_dense_backend(
     bench: BenchModel, device: torch.device
 ) -> tuple[str, Callable[[], AbstractContextManager]]:
     """FA2 on a GPU when every dense SDPA call of the model can use it, else torch's own choice."""
-    from sla2cli.integration.conversion import dense_processors
-
     if device.type == "cuda":
         try:
             with torch.no_grad(), _pinned_fa2(), dense_processors(bench.model):
@@ -150,8 +150,6 @@ def run_model_bench(
     on_step: Callable[[str], None] = lambda description: None,
 ) -> list[Measurement]:
     """Rows for dense and SLA2 at each mode; SLA2 rows carry the output's error vs the dense model."""
-    from sla2cli.integration.conversion import dense_processors
-
     on_step("building the model")
     try:
         bench = prepare_model(plan.request())
@@ -220,9 +218,6 @@ def _row(
 
 def _resolved_quant(bench: BenchModel, device: torch.device) -> str:
     """The sparse-branch mode the converted model runs here (a checkpoint may ask for a low-bit one)."""
-    from sla2cli.integration.conversion import model_quant
-    from sla2cli.ops.quantization import resolve_quant_mode
-
     return resolve_quant_mode(model_quant(bench.model), device)
 
 

@@ -16,9 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from sla2cli.api import convert, load
 from sla2cli.bench.cases import AttentionShape
+from sla2cli.embedded.loading import build_embedded_model, embedded_example_inputs, keep_precision_sensitive_parts_fp32
 from sla2cli.errors import UserError
+from sla2cli.integration.conversion import conversion_info, model_settings, sla2_layers
 from sla2cli.integration.recipes import Recipe, Resolution, get_recipe, recipe_for_hub_id
+from sla2cli.sources.random_models import build_random_model, example_inputs
 
 EMBEDDED = "embedded"
 PIXELS = re.compile(r"(?P<height>\d+)x(?P<width>\d+)")
@@ -81,20 +85,13 @@ def _creating_in(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
 
 
 def _random_model(request: ModelRequest, recipe: Recipe) -> nn.Module:
-    from sla2cli.api import convert
-
     if recipe.source == EMBEDDED:
-        from sla2cli.embedded import build_embedded_model
-        from sla2cli.embedded.loading import keep_precision_sensitive_parts_fp32
-
         torch.manual_seed(request.seed)
         with _creating_in(request.dtype, request.device):
             model = build_embedded_model().eval().requires_grad_(False)
         if request.dtype != torch.float32:
             keep_precision_sensitive_parts_fp32(model)
     else:
-        from sla2cli.sources.random_models import build_random_model
-
         model = build_random_model(
             recipe.name, request.dtype, request.device, full_size=not request.scaled_down, seed=request.seed
         )
@@ -102,9 +99,6 @@ def _random_model(request: ModelRequest, recipe: Recipe) -> nn.Module:
 
 
 def _loaded_model(request: ModelRequest) -> tuple[nn.Module, Recipe]:
-    from sla2cli.api import load
-    from sla2cli.integration.conversion import conversion_info
-
     loaded = load(request.model, sparsity=request.sparsity, dtype=request.dtype, device=request.device)
     model = loaded["transformer"] if isinstance(loaded, dict) else loaded
     return model, get_recipe(conversion_info(model).recipe)
@@ -112,13 +106,9 @@ def _loaded_model(request: ModelRequest) -> tuple[nn.Module, Recipe]:
 
 def model_inputs(recipe: Recipe, model: nn.Module, size: Resolution, request: ModelRequest) -> dict[str, Any]:
     if recipe.source == EMBEDDED:
-        from sla2cli.embedded import embedded_example_inputs
-
         return embedded_example_inputs(
             1, size.frames, size.height, size.width, seed=request.seed, dtype=request.dtype, device=request.device
         )
-    from sla2cli.sources.random_models import example_inputs
-
     return example_inputs(
         recipe, (size.height, size.width), size.frames, 1, config=dict(model.config),
         dtype=request.dtype, device=request.device, seed=request.seed,
@@ -127,8 +117,6 @@ def model_inputs(recipe: Recipe, model: nn.Module, size: Resolution, request: Mo
 
 def prepare_model(request: ModelRequest) -> BenchModel:
     """Build or load, convert, and make inputs for one forward at the requested clip size."""
-    from sla2cli.integration.conversion import model_settings
-
     if request.scaled_down and not request.random_weights:
         raise UserError("--scaled-down builds a small random model; add --random-weights")
     if request.random_weights:
@@ -149,8 +137,6 @@ def prepare_model(request: ModelRequest) -> BenchModel:
 @contextmanager
 def _recording_first_layer_shape(model: nn.Module, sink: list[tuple[int, ...]]) -> Iterator[None]:
     """Wrap the first SLA2 layer's forward (processors call it directly) to record its q shape."""
-    from sla2cli.integration.conversion import sla2_layers
-
     layer = next(iter(sla2_layers(model).values()))
     original = layer.forward
 

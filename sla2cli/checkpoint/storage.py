@@ -21,7 +21,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 from torch import nn
 
-from sla2cli import __version__
 from sla2cli.checkpoint.card import render_model_card
 from sla2cli.checkpoint.format import (
     ATTENTION_FILE,
@@ -51,6 +50,7 @@ from sla2cli.sources.hub import weight_patterns
 from sla2cli.sources.locate import ModelLocation, ModelSource, base_source, build_components, locate
 from sla2cli.sources.safetensors_check import read_header
 from sla2cli.sources.spec import ModelSpec
+from sla2cli.version import __version__
 
 MAX_SHARD_SIZE = "5GB"
 

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from sla2cli import __version__
 from sla2cli.errors import UserError
+from sla2cli.version import __version__
 
 # Typer may ship its own copy of click; find its base error class through a public Typer name.
 _CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")

@@ -8,12 +8,11 @@ The default clip (8 latent frames of 64 x 64, patch 1 x 2 x 2) gives 8 * 32 * 32
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from sla2cli.embedded.synthetic import LATENT_CHANNELS, TEXT_DIM, TEXT_TOKENS
+from sla2cli.files import atomic_path
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 WEIGHTS_FILENAME = "embedded_wan.safetensors"
@@ -59,31 +58,10 @@ def model_kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-SHIPPED_FILE_MODE = 0o644
-
-
-def publish_temporary(temporary: str, path: Path) -> None:
-    """Give a finished temporary file normal read permissions and rename it onto `path`."""
-    os.chmod(temporary, SHIPPED_FILE_MODE)
-    os.replace(temporary, path)
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write next to `path` under a temporary name, then rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        publish_temporary(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
 def save_config(config: dict[str, Any], path: Path) -> None:
     """Write the config document atomically as indented json."""
-    write_text_atomically(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def read_config(path: Path) -> dict[str, Any]:

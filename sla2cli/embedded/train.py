@@ -14,9 +14,7 @@ losses of that run.
 from __future__ import annotations
 
 import math
-import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +31,6 @@ from sla2cli.embedded.config import (
     DEFAULT_CLIP,
     WEIGHTS_FILENAME,
     default_config,
-    publish_temporary,
     save_config,
 )
 from sla2cli.embedded.loading import build_embedded_model
@@ -46,6 +43,7 @@ from sla2cli.embedded.synthetic import (
     validation_clips,
 )
 from sla2cli.errors import UserError
+from sla2cli.files import atomic_path
 from sla2cli.training.objectives import flow_matching_loss, validation_loss
 from sla2cli.training.optim import parameter_groups
 from sla2cli.training.schedule import learning_rate_factor
@@ -126,15 +124,8 @@ def check_settings(settings: TrainSettings) -> None:
 def save_weights_atomically(model: WanTransformer3DModel, path: Path) -> None:
     """fp32 safetensors written under a temporary name and renamed into place."""
     tensors = {name: value.detach().float().cpu().contiguous() for name, value in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        save_file(tensors, temporary, metadata={"format": "pt"})
-        publish_temporary(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary:
+        save_file(tensors, str(temporary), metadata={"format": "pt"})
 
 
 def _progress_bar(enabled: bool, console: Console) -> Progress:

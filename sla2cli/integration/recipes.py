@@ -18,6 +18,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from sla2cli.embedded.config import MODEL_KWARGS
 from sla2cli.errors import UserError
 from sla2cli.ops.validation import check_timestep
 
@@ -168,8 +169,6 @@ class Recipe:
         """Constructor arguments of the full-size model: the recipe's architecture, or for the embedded
         model the ones its package defines (kept there, next to its weights, in one place)."""
         if self.source == "embedded":
-            from sla2cli.embedded import MODEL_KWARGS
-
             return dict(MODEL_KWARGS)
         return dict(self.architecture) if self.architecture is not None else None
 

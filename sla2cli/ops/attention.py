@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from sla2_kernels.modes import kernel_code
+from sla2cli.ops.backend import triton_enabled
 from sla2cli.ops.blockwise import blockwise_sla2
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from sla2cli.ops.quantization import QUANT_NONE, emulated_lowbit, resolve_quant_mode
 from sla2cli.ops.routing import route
+from sla2cli.ops.triton_op import triton_sla2
 from sla2cli.ops.validation import check_attention_inputs
-
-
-def triton_enabled(t: torch.Tensor) -> bool:
-    """Triton runs on CUDA tensors; CPU tensors take the PyTorch block-gather path.
-
-    SLA2_BACKEND=torch forces the PyTorch path on GPU too (for comparisons); SLA2_BACKEND=triton
-    sends CPU tensors through the Triton interpreter (needs TRITON_INTERPRET=1; slow, for tests).
-    """
-    backend = os.environ.get("SLA2_BACKEND", "").lower()
-    if backend == "torch":
-        return False
-    if t.is_cuda:
-        return True
-    return backend == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def sla2_attention_routed(
@@ -46,8 +32,6 @@ def sla2_attention_routed(
     """
     mode = resolve_quant_mode(quant, q.device)
     if triton_enabled(q):
-        from sla2cli.ops.triton_op import triton_sla2
-
         return triton_sla2(q, k, v, lut, alpha, block_q, block_k, kernel_code(mode))
     out = blockwise_sla2(q, k, v, lut, alpha, block_q, block_k)
     if mode == QUANT_NONE:

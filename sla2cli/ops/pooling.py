@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from sla2cli.ops.backend import triton_enabled
 from sla2cli.ops.reference import block_means, block_token_counts
+from sla2cli.ops.triton_op import block_means_op
 
 
 def _means(x: torch.Tensor, block: int) -> torch.Tensor:
-    from sla2cli.ops.attention import triton_enabled
-
     if triton_enabled(x):
-        from sla2cli.ops.triton_op import block_means_op
-
         return block_means_op(x, block)
     return block_means(x.float(), block)
 

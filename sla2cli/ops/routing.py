@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, k_selected, num_blocks, selects_every_block
+from sla2cli.ops.pooling import pooled_means
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,6 @@ def route(
     block_k: int = DEFAULT_BLOCK_K,
 ) -> Routing:
     """Hard routing of design.md section 2 (no gradient: top-k has none)."""
-    from sla2cli.ops.pooling import pooled_means
-
     with torch.no_grad():
         q_pooled, k_pooled_smoothed = pooled_means(q, k, block_q, block_k)
         scores = pooled_scores(q_pooled, k_pooled_smoothed, proj_q, proj_k)

@@ -4,8 +4,9 @@ Registered through torch.library so that torch.compile(fullgraph=True) traces a 
 without graph breaks; k_sel is read from the look-up table's shape, never from data, so nothing
 in the forward waits on the GPU.
 
-The kernel modules are imported inside the ops, on first use: Triton is optional (not installed
-off Linux), and the CPU interpreter (TRITON_INTERPRET) must be chosen before a kernel module loads.
+The kernel modules load on first use (`sla2_kernels` imports them when an entry point is first asked
+for): Triton is optional (not installed off Linux), and the CPU interpreter (TRITON_INTERPRET) must be
+chosen before a kernel module loads.
 `quant` is a mode's kernel code (sla2_kernels.modes.kernel_code).
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+import sla2_kernels
 from sla2_kernels.modes import QUANT_NONE, kernel_code
 from sla2cli.ops.complement import complement_state_grads, complement_states
 from sla2cli.ops.geometry import LINEAR_EPS, num_blocks
@@ -26,9 +28,7 @@ def _linear_alpha(alpha: torch.Tensor | None, lut: torch.Tensor, length: int, bl
 
 
 def _complement_states(k, v, lut, block_k):
-    from sla2_kernels import key_block_states
-
-    states, norms = key_block_states(k, v, block_k)
+    states, norms = sla2_kernels.key_block_states(k, v, block_k)
     return complement_states(lut, states, norms)
 
 
@@ -45,8 +45,6 @@ def sla2_forward_op(
     quant: int = NO_QUANT,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (out, lse, out_sparse); the last two are empty unless `save`. quant: a mode's kernel code."""
-    from sla2_kernels import sla2_forward
-
     lut = lut.contiguous()  # compiled graphs may hand over other layouts; kernels index densely
     alpha = _linear_alpha(alpha, lut, q.shape[2], block_k)
     alpha = alpha.contiguous() if alpha is not None else None
@@ -56,14 +54,14 @@ def sla2_forward_op(
     if quant != NO_QUANT and save:
         # Straight-through: the backward is the unquantised op's, so it gets the unquantised softmax
         # statistics. Feeding it the low-bit ones instead measured 5% gradient error (CPU, L=300).
-        _, lse, out_sparse = sla2_forward(
+        _, lse, out_sparse = sla2_kernels.sla2_forward(
             q, k, v, lut, alpha, comp_states, comp_norms, block_q, block_k, True, LINEAR_EPS
         )
-        out, _, _ = sla2_forward(
+        out, _, _ = sla2_kernels.sla2_forward(
             q, k, v, lut, alpha, comp_states, comp_norms, block_q, block_k, False, LINEAR_EPS, quant
         )
         return out, lse, out_sparse
-    return sla2_forward(
+    return sla2_kernels.sla2_forward(
         q, k, v, lut, alpha, comp_states, comp_norms, block_q, block_k, save, LINEAR_EPS, quant
     )
 
@@ -90,9 +88,7 @@ def sla2_backward_op(
     block_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, dalpha); dalpha is zeros with every block selected, empty without alpha."""
-    from sla2_kernels import sla2_backward_key, sla2_backward_query
-    from sla2_kernels.common import last_dim_contiguous
-
+    last_dim_contiguous = sla2_kernels.last_dim_contiguous
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     lut, lse = lut.contiguous(), lse.contiguous()
     alpha = alpha.contiguous() if alpha is not None else None
@@ -102,14 +98,14 @@ def sla2_backward_op(
     comp_states = comp_norms = None
     if linear_alpha is not None:
         comp_states, comp_norms = _complement_states(k, v, lut, block_k)
-    dq, delta, dalpha, dstate_q, dnorm_q = sla2_backward_query(
+    dq, delta, dalpha, dstate_q, dnorm_q = sla2_kernels.sla2_backward_query(
         grad_out, q, k, v, lut, linear_alpha, out_sparse, lse, comp_states, comp_norms,
         block_q, block_k, LINEAR_EPS,
     )
     key_dstates = key_dnorms = None
     if linear_alpha is not None:
         key_dstates, key_dnorms = complement_state_grads(lut, num_blocks(q.shape[2], block_k), dstate_q, dnorm_q)
-    dk, dv = sla2_backward_key(
+    dk, dv = sla2_kernels.sla2_backward_key(
         grad_out, q, k, v, lut, linear_alpha, lse, delta, key_dstates, key_dnorms, block_q, block_k
     )
     if alpha is None:
@@ -148,9 +144,7 @@ sla2_forward_op.register_autograd(_backward, setup_context=_setup_context)
 @torch.library.custom_op("sla2::block_means", mutates_args=(), device_types=("cuda", "cpu"))
 def block_means_op(x: torch.Tensor, block: int) -> torch.Tensor:
     """Mean of each block of `block` rows of (B, H, L, D), float32 (B, H, T, D)."""
-    from sla2_kernels import block_means
-
-    return block_means(x, block)
+    return sla2_kernels.block_means(x, block)
 
 
 @block_means_op.register_fake

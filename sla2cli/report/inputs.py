@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from sla2cli.embedded.synthetic import calibration_clips, validation_clips
 from sla2cli.errors import UserError
 from sla2cli.integration.recipes import Recipe, Resolution
 
@@ -341,8 +342,6 @@ def embedded_samples(
 ) -> list[CleanSample]:
     """The embedded model's held-out validation clips at the latent size `grid` (calibration: its
     calibration clips instead, so that what calibrate fits on is not what report measures)."""
-    from sla2cli.embedded import calibration_clips, validation_clips
-
     make = calibration_clips if calibration else validation_clips
     label = "calibration clip" if calibration else "clip"
     clips = make(count, grid, adapter.text_dim, adapter.text_tokens)

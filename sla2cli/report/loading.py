@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sla2cli import api
 from sla2cli.errors import UserError
 from sla2cli.integration.conversion import conversion_info
 from sla2cli.integration.recipes import get_recipe
@@ -27,8 +28,6 @@ def load_report_target(
     offline: bool = False,
 ) -> ReportTarget:
     """The converted model(s) with their recipe; None means the embedded model at its recipe's sparsity."""
-    from sla2cli import api
-
     spec = parse_model_spec(model_or_dir)
     if spec.kind != "embedded":
         if spec.kind == "local":

@@ -14,6 +14,7 @@ import diffusers
 import torch
 
 from sla2cli.checkpoint.format import CHECKPOINT_FILES
+from sla2cli.embedded.loading import load_embedded_model
 from sla2cli.errors import UserError
 from sla2cli.integration.recipes import Recipe, get_recipe, recipe_for_architecture, recipe_for_hub_id
 from sla2cli.sources.base import BaseModelRef
@@ -127,8 +128,6 @@ def build_components(
     only the module tree is needed. The embedded model is small and always loads its weights: the
     shipped ones, or the component folders when a checkpoint includes its own (fine-tuned) weights."""
     if source.recipe.source == EMBEDDED_RECIPE and not source.components:
-        from sla2cli.embedded import load_embedded_model
-
         return {name: load_embedded_model(dtype=dtype, device=device) for name in source.recipe.components}
     if not weights:
         return {name: build_skeleton(c.class_name, c.config) for name, c in source.components.items()}

@@ -15,7 +15,7 @@ import torch
 from rich.console import Console
 from torch import nn
 
-from sla2cli.embedded import DEFAULT_CLIP
+from sla2cli.embedded.config import DEFAULT_CLIP
 from sla2cli.errors import UserError
 from sla2cli.integration.conversion import conversion_info
 from sla2cli.integration.recipes import Recipe, get_recipe, recipe_for_architecture
