@@ -112,9 +112,10 @@ def budgeted_soft_top_k(scores: torch.Tensor, k_sel: int, tau: float = DEFAULT_T
     `soft_block_weights` treats lambda as a constant in the backward (design.md section 2), so its
     gradient lets every m_ij grow at once: an objective that rewards mass on good blocks then just
     scales the scores up and the hard top-k it stands for gets worse (measured on the embedded model:
-    captured mass 0.30 -> 0.07). Here lambda follows the scores by implicit differentiation of
-    g(x, lambda) = sum_j sigmoid(x_j + lambda) = k_sel: d lambda / d x_j = -sigma'_j / sum_l sigma'_l,
-    so the gradient only moves mass between blocks and the budget holds to first order.
+    hard captured mass 0.30 -> 0.09 in 400 steps). Here lambda follows the scores by implicit
+    differentiation of g(x, lambda) = sum_j sigmoid(x_j + lambda) = k_sel:
+    d lambda / d x_j = -sigma'_j / sum_l sigma'_l, so the gradient only moves mass between blocks and the
+    budget holds to first order.
 
     The trick: one Newton step lambda - (g - k_sel) / dg/dlambda (with dg/dlambda detached) has exactly
     the implicit gradient, and its value refines the bisection's root (quadratic convergence), so
