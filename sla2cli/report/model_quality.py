@@ -17,11 +17,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from sla2cli.embedded.train import validation_loss
 from sla2cli.module import SLA2Attention
 from sla2cli.report.capture import dense_attention
 from sla2cli.report.inputs import CleanSample, ForwardInput
 from sla2cli.report.summary import Row
+from sla2cli.training.objectives import validation_loss
 
 MODEL_QUALITY_NAMES = ("output_rel_l2_error", "val_loss", "dense_val_loss", "val_loss_ratio")
 """Keys of the model-quality figures, in the order the CSV and JSON show them."""
