@@ -80,10 +80,11 @@ from sla2cli.variants import (
 
 COLUMNS = ["method", "sparsity", "calibrate_steps", "finetune_steps", "val_loss", "dense_val_loss", "ratio_vs_dense",
            "minutes", "device", "commit"]
-EXTRA_COLUMNS = ["status", "val_loss_converted", "val_loss_before", "val_loss_16f", "dense_val_loss_16f",
-                 "ratio_vs_dense_16f", "shipped_val_loss", "shipped_val_loss_16f", "calibration_rel_l2_before",
-                 "calibration_rel_l2_after", "steps_planned", "batch_size", "learning_rate", "clip", "clip_16f",
-                 "samples_per_second", "train_minutes", "peak_memory_gb", "torch", "triton", "error"]
+EXTRA_COLUMNS = ["status", "val_loss_converted", "val_loss_converted_16f", "val_loss_before", "val_loss_16f",
+                 "dense_val_loss_16f", "ratio_vs_dense_16f", "shipped_val_loss", "shipped_val_loss_16f",
+                 "calibration_rel_l2_before", "calibration_rel_l2_after", "steps_planned", "batch_size",
+                 "learning_rate", "clip", "clip_16f", "samples_per_second", "train_minutes", "wall_minutes",
+                 "peak_memory_gb", "torch", "triton", "error"]
 DEFAULT_CSV = Path(__file__).resolve().parent / "results" / "quality_embedded.csv"
 DEFAULT_SPARSITIES = (0.9, 0.95, 0.97)
 MATRICES = ("full", "acceptance")
@@ -95,9 +96,11 @@ ROUTER_AND_ALPHA, ALPHA_ONLY = "router+alpha", "alpha"
 CALIBRATION = {DENSE: None, SPARSE_ONLY: None, SLA_PROJ: None, HEURISTIC: ALPHA_ONLY, SLA2: ROUTER_AND_ALPHA,
                ORACLE_ROUTER: ROUTER_AND_ALPHA}
 OK, FAILED = "ok", "failed"
-# A job's fine-tuning stops early enough for what follows it: the final validation and the evaluation at
-# twice the frames (about 1 + 3 validations at the training clip; 4 more for the shipped form), plus a margin.
-EVALUATIONS_AFTER_TRAINING, EVALUATIONS_TO_SHIP, DEADLINE_MARGIN_S = 4, 4, 15.0
+# A job's fine-tuning stops early enough for what follows it: the final validation at the training clip and
+# the evaluation at twice the frames (together about 1.5 of the latter, timed before training, when the kernels
+# are compiled), as much again for the shipped form, and a margin for writing.
+EVALUATIONS_AFTER_TRAINING, DEADLINE_MARGIN_S = 1.5, 20.0
+FIT_MINUTES = 8.0  # the summary says how many steps would fit in this many minutes at the measured rates
 KILL_GRACE_S = 45.0  # a worker still running this long after the deadline is terminated
 POLL_S = 0.5
 
@@ -212,10 +215,15 @@ def _peak_memory_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
 
 
+def _significant(value: Any) -> Any:
+    """Floats to 5 significant digits for the model card; anything else as it is."""
+    return float(f"{value:.5g}") if isinstance(value, float) and math.isfinite(value) else value
+
+
 def _shipped_measurements(summary: FinetuneSummary, calibration: dict[str, Any], settings: SuiteSettings,
                           env: dict[str, Any]) -> dict[str, Any]:
     """How the shipped weights were made, in the keys sla2 finetune and sla2 calibrate give a model card."""
-    return {
+    return {key: _significant(value) for key, value in {
         **calibration,
         "finetune_steps": summary.steps, "finetune_objective": summary.settings.objective,
         "finetune_data": summary.data, "finetune_learning_rate": summary.settings.learning_rate,
@@ -223,7 +231,8 @@ def _shipped_measurements(summary: FinetuneSummary, calibration: dict[str, Any],
         "finetune_validation_loss_before": summary.validation_before,
         "finetune_validation_loss_after": summary.validation_after,
         "quality_suite_device": env["device"], "quality_suite_commit": env["commit"] or "unknown",
-    }
+        "quality_suite_validation": f"{summary.settings.validation_samples} held-out clips, sla2cli.evaluate",
+    }.items()}
 
 
 def run_job(job: Job, settings: SuiteSettings) -> dict[str, Any]:
@@ -244,8 +253,9 @@ def run_job(job: Job, settings: SuiteSettings) -> dict[str, Any]:
     sla2cli.convert(model, sparsity=job.sparsity if job.method != DENSE else recipe.sparsity)
     if job.method == DENSE:
         apply_variant(model, DENSE)
-    row["val_loss_converted"], eval_seconds = _timed(
-        lambda: sla2cli.evaluate(model, clip=settings.clip, **validation))
+    row["val_loss_converted"] = sla2cli.evaluate(model, clip=settings.clip, **validation)
+    row["val_loss_converted_16f"], eval_seconds = _timed(
+        lambda: sla2cli.evaluate(model, clip=settings.clip_16f, **validation))
     calibration: dict[str, Any] = {}
     kind = CALIBRATION[job.method]
     row["calibrate_steps"] = 0
@@ -263,7 +273,7 @@ def run_job(job: Job, settings: SuiteSettings) -> dict[str, Any]:
     ships = settings.ship is not None and job.method == SLA2 and job.sparsity == settings.ship_sparsity
     stop = None
     if settings.deadline is not None:
-        reserve = eval_seconds * (EVALUATIONS_AFTER_TRAINING + (EVALUATIONS_TO_SHIP if ships else 0))
+        reserve = eval_seconds * EVALUATIONS_AFTER_TRAINING * (2 if ships else 1)
         stop = Deadline(time.monotonic() + (settings.deadline - time.time()) - reserve - DEADLINE_MARGIN_S)
     summary = sla2cli.finetune(
         model, steps=settings.steps, lr=settings.learning_rate, batch_size=settings.batch_size,
@@ -281,8 +291,8 @@ def run_job(job: Job, settings: SuiteSettings) -> dict[str, Any]:
         shipped = load_shipped_sla2(device=device, assets_dir=settings.ship)
         row["shipped_val_loss"] = sla2cli.evaluate(shipped, clip=settings.clip, **validation)
         row["shipped_val_loss_16f"] = sla2cli.evaluate(shipped, clip=settings.clip_16f, **validation)
-        add_shipped_measurements(settings.ship, {"shipped_val_loss": row["shipped_val_loss"],
-                                                 "shipped_val_loss_16f": row["shipped_val_loss_16f"]})
+        add_shipped_measurements(settings.ship, {"shipped_val_loss": _significant(row["shipped_val_loss"]),
+                                                 "shipped_val_loss_16f": _significant(row["shipped_val_loss_16f"])})
     row["peak_memory_gb"] = _peak_memory_gb(device)
     row["minutes"] = (time.monotonic() - started) / 60
     return row
@@ -366,9 +376,15 @@ class Running:
     started: float
 
 
+def unfinished_row(job: Job) -> dict[str, Any]:
+    return {"method": job.method, "sparsity": job.sparsity, "status": FAILED, "error": "not finished"}
+
+
 def run_workers(jobs: list[Job], settings: SuiteSettings, parallel: int, console: Console,
-                worker_command: WorkerCommand = default_worker_command) -> list[dict[str, Any]]:
-    """Run every job in its own process, `parallel` at a time; a row per job, failed ones included."""
+                worker_command: WorkerCommand = default_worker_command,
+                on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
+    """Run every job in its own process, `parallel` at a time; a row per job, failed ones included.
+    `on_rows` gets every job's row so far (unfinished ones as failed) whenever a job ends."""
     rows: dict[Job, dict[str, Any]] = {}
     pending = list(jobs)
     running: list[Running] = []
@@ -408,8 +424,11 @@ def run_workers(jobs: list[Job], settings: SuiteSettings, parallel: int, console
             rows[item.job] = collect_row(item.job, paths["results"], paths["logs"], code, note)
             running.remove(item)
             minutes = (time.monotonic() - item.started) / 60
+            rows[item.job]["wall_minutes"] = minutes  # the process's whole life: start-up and imports included
             console.print(f"finished {item.job.name}: {rows[item.job].get('status')} ({minutes:.1f} min)",
                           highlight=False)
+            if on_rows is not None:
+                on_rows([rows.get(job) or unfinished_row(job) for job in jobs])
         if overdue:
             for job in pending:
                 rows[job] = {"method": job.method, "sparsity": job.sparsity, "status": FAILED,
@@ -471,6 +490,37 @@ def render(console: Console, rows: list[dict[str, Any]], title: str) -> None:
     console.print(table)
 
 
+def failure_tails(rows: list[dict[str, Any]], settings: SuiteSettings, lines: int = 15) -> list[str]:
+    """The end of each failed worker's log, for logs read far from the machine that ran them."""
+    shown = []
+    for row in rows:
+        if row.get("status") != FAILED:
+            continue
+        log = _paths(settings, Job(row["method"], row["sparsity"]))["logs"]
+        try:
+            tail = log.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            continue
+        shown += [f"--- end of {log.name}", *tail]
+    return shown
+
+
+def steps_that_fit(rows: list[dict[str, Any]], minutes: float) -> str | None:
+    """From the finished jobs' rates under this concurrency: the steps every job would finish in `minutes`
+    (the slowest job's overhead outside the loop and its step rate decide)."""
+    finished = [row for row in rows if row.get("status") != FAILED and row.get("train_minutes")]
+    if not finished:
+        return None
+    fits = []
+    for row in finished:
+        rate = row["finetune_steps"] / (row["train_minutes"] * 60)
+        overhead = (row.get("wall_minutes", row["minutes"]) - row["train_minutes"]) * 60
+        fits.append((max(0.0, minutes * 60 - overhead) * rate, rate, overhead, row))
+    steps, rate, overhead, row = min(fits, key=lambda item: item[0])
+    return (f"fit: {int(steps)} steps would finish in {minutes:g} min per job at this concurrency (slowest: "
+            f"{row['method']}@{row['sparsity']:g}, {rate:.2f} steps/s, {overhead:.0f} s outside the loop)")
+
+
 def plain_summary(rows: list[dict[str, Any]], result_csv: Path, seconds: float) -> list[str]:
     """Short lines for the end of a log: one per row, the failures, the CSV."""
     lines = []
@@ -511,14 +561,16 @@ def finish_shipped(settings: SuiteSettings, rows: list[dict[str, Any]]) -> dict[
         figures["shipped_ratio_vs_dense_reference"] = shipped["shipped_val_loss"] / dense["val_loss"]
     if dense.get("val_loss_16f") and shipped.get("shipped_val_loss_16f") is not None:
         figures["shipped_ratio_vs_dense_reference_16f"] = shipped["shipped_val_loss_16f"] / dense["val_loss_16f"]
-    return add_shipped_measurements(settings.ship, {k: v for k, v in figures.items() if v is not None})
+    return add_shipped_measurements(settings.ship, {k: _significant(v) for k, v in figures.items() if v is not None})
 
 
 def run_suite(jobs: list[Job], settings: SuiteSettings, *, parallel: int, result_csv: Path, console: Console,
               worker_command: WorkerCommand = default_worker_command) -> SuiteResult:
-    """Run the jobs, merge their rows, write the CSV (atomically), finish the shipped record."""
+    """Run the jobs, merge their rows, write the CSV (atomically, again after every job, so a suite cut
+    short keeps what it measured), finish the shipped record."""
     started = time.monotonic()
-    rows = merge_rows(run_workers(jobs, settings, parallel, console, worker_command))
+    rows = merge_rows(run_workers(jobs, settings, parallel, console, worker_command,
+                                  on_rows=lambda so_far: write_csv(result_csv, merge_rows(so_far))))
     write_csv(result_csv, rows)
     shipped = finish_shipped(settings, rows)
     return SuiteResult(rows=rows, csv=result_csv, seconds=time.monotonic() - started, shipped=shipped)
@@ -591,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.worker is not None:
         return worker_main(args.worker)
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=170)  # logs keep whole table rows
     try:
         jobs = build_jobs(parse_list(args.methods, "--methods"), parse_sparsities(args.sparsities), args.matrix)
         settings = settings_from_args(args, jobs)
@@ -608,7 +660,10 @@ def main(argv: list[str] | None = None) -> int:
                                  f"{settings.batch_size} per job ({result.seconds / 60:.1f} min)")
     if result.shipped is not None:
         console.print(f"shipped form written to {settings.ship}", highlight=False)
-    for line in plain_summary(result.rows, result.csv, result.seconds):
+    for line in failure_tails(result.rows, settings):
+        print(line, flush=True)
+    fit = steps_that_fit(result.rows, FIT_MINUTES)
+    for line in plain_summary(result.rows, result.csv, result.seconds) + ([fit] if fit else []):
         print(line, flush=True)
     return 0
 
