@@ -236,8 +236,13 @@ def _shipped_measurements(summary: FinetuneSummary, calibration: dict[str, Any],
 
 
 def run_job(job: Job, settings: SuiteSettings) -> dict[str, Any]:
-    """Convert, calibrate, apply the variant, fine-tune and evaluate one (method, sparsity); the CSV row."""
+    """Convert, calibrate, apply the variant, fine-tune and evaluate one (method, sparsity); the CSV row.
+    Each phase prints a line with the seconds since the start (the worker's log)."""
     started = time.monotonic()
+
+    def say(message: str) -> None:
+        print(f"[{time.monotonic() - started:6.1f} s] {job.name}: {message}", flush=True)
+
     device = torch.device(settings.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -256,6 +261,8 @@ def run_job(job: Job, settings: SuiteSettings) -> dict[str, Any]:
     row["val_loss_converted"] = sla2cli.evaluate(model, clip=settings.clip, **validation)
     row["val_loss_converted_16f"], eval_seconds = _timed(
         lambda: sla2cli.evaluate(model, clip=settings.clip_16f, **validation))
+    say(f"converted: val loss {row['val_loss_converted']:.4f}, at twice the frames {row['val_loss_converted_16f']:.4f}"
+        f" ({eval_seconds:.1f} s)")
     calibration: dict[str, Any] = {}
     kind = CALIBRATION[job.method]
     row["calibrate_steps"] = 0
@@ -268,6 +275,8 @@ def run_job(job: Job, settings: SuiteSettings) -> dict[str, Any]:
         row["calibrate_steps"] = calibration_settings.steps_per_layer()
         row["calibration_rel_l2_before"] = calibration["calibration_rel_l2_before"]
         row["calibration_rel_l2_after"] = calibration["calibration_rel_l2_after"]
+        say(f"calibrated ({kind}): layer rel L2 {row['calibration_rel_l2_before']:.4f} -> "
+            f"{row['calibration_rel_l2_after']:.4f}")
     if job.method != DENSE:
         apply_variant(model, job.method)
     ships = settings.ship is not None and job.method == SLA2 and job.sparsity == settings.ship_sparsity
@@ -284,6 +293,8 @@ def run_job(job: Job, settings: SuiteSettings) -> dict[str, Any]:
                val_loss=summary.validation_after, samples_per_second=summary.samples_per_second,
                train_minutes=summary.seconds / 60)
     row["status"] = f"stopped at step {summary.steps} of {settings.steps} (time budget)" if summary.interrupted else OK
+    say(f"fine-tuned {summary.steps} steps in {summary.seconds:.0f} s: val loss {summary.validation_before:.4f} -> "
+        f"{summary.validation_after:.4f} ({row['status']})")
     row["val_loss_16f"] = sla2cli.evaluate(model, clip=settings.clip_16f, **validation)
     if ships:
         write_shipped_sla2(model, settings.ship, _shipped_measurements(summary, calibration, settings, env))
@@ -291,10 +302,13 @@ def run_job(job: Job, settings: SuiteSettings) -> dict[str, Any]:
         shipped = load_shipped_sla2(device=device, assets_dir=settings.ship)
         row["shipped_val_loss"] = sla2cli.evaluate(shipped, clip=settings.clip, **validation)
         row["shipped_val_loss_16f"] = sla2cli.evaluate(shipped, clip=settings.clip_16f, **validation)
+        say(f"shipped form: val loss {row['shipped_val_loss']:.4f}, at twice the frames "
+            f"{row['shipped_val_loss_16f']:.4f}")
         add_shipped_measurements(settings.ship, {"shipped_val_loss": _significant(row["shipped_val_loss"]),
                                                  "shipped_val_loss_16f": _significant(row["shipped_val_loss_16f"])})
     row["peak_memory_gb"] = _peak_memory_gb(device)
     row["minutes"] = (time.monotonic() - started) / 60
+    say(f"done: val loss at twice the frames {row['val_loss_16f']:.4f}")
     return row
 
 
@@ -376,39 +390,59 @@ class Running:
     started: float
 
 
-def unfinished_row(job: Job) -> dict[str, Any]:
-    return {"method": job.method, "sparsity": job.sparsity, "status": FAILED, "error": "not finished"}
-
-
-def run_workers(jobs: list[Job], settings: SuiteSettings, parallel: int, console: Console,
-                worker_command: WorkerCommand = default_worker_command,
-                on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> list[dict[str, Any]]:
-    """Run every job in its own process, `parallel` at a time; a row per job, failed ones included.
+class WorkerPool:
+    """Runs every job in its own process, `parallel` at a time, and keeps a row per job (failed ones too).
     `on_rows` gets every job's row so far (unfinished ones as failed) whenever a job ends."""
-    rows: dict[Job, dict[str, Any]] = {}
-    pending = list(jobs)
-    running: list[Running] = []
-    environment_variables = {**os.environ, "OMP_NUM_THREADS": str(settings.threads or 1), "PYTHONUNBUFFERED": "1"}
-    while pending or running:
-        while pending and len(running) < parallel:
-            job = pending.pop(0)
-            paths = _paths(settings, job)
-            for path in paths.values():
-                path.parent.mkdir(parents=True, exist_ok=True)
-            paths["results"].unlink(missing_ok=True)
-            spec = {"job": asdict(job), "settings": {k: _json_ready(v) for k, v in asdict(settings).items()},
-                    "result": str(paths["results"])}
-            write_json(paths["specs"], spec)
-            log = open(paths["logs"], "w")  # noqa: SIM115 - closed when the worker ends
-            process = subprocess.Popen(worker_command(job, paths["specs"]), stdout=log, stderr=subprocess.STDOUT,
-                                       env=environment_variables)
-            running.append(Running(job, process, log, time.monotonic()))
-            console.print(f"started {job.name} (pid {process.pid})", highlight=False)
-        time.sleep(POLL_S)
-        overdue = settings.deadline is not None and time.time() > settings.deadline + KILL_GRACE_S
-        for item in list(running):
-            code = item.process.poll()
-            note = ""
+
+    def __init__(self, jobs: list[Job], settings: SuiteSettings, parallel: int, console: Console,
+                 worker_command: WorkerCommand = default_worker_command,
+                 on_rows: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
+        self.jobs, self.settings, self.parallel, self.console = jobs, settings, parallel, console
+        self.worker_command, self.on_rows = worker_command, on_rows
+        self.pending = list(jobs)
+        self.running: list[Running] = []
+        self.rows: dict[Job, dict[str, Any]] = {}
+        self.environment = {**os.environ, "OMP_NUM_THREADS": str(settings.threads or 1), "PYTHONUNBUFFERED": "1"}
+
+    def run(self) -> list[dict[str, Any]]:
+        """Every job's row; interrupted (Ctrl-C, SIGTERM), the workers are stopped and the rest is failed."""
+        try:
+            while self.pending or self.running:
+                while self.pending and len(self.running) < self.parallel:
+                    self._start(self.pending.pop(0))
+                time.sleep(POLL_S)
+                self._collect()
+        except KeyboardInterrupt:
+            self.console.print("interrupted: stopping the workers", highlight=False)
+        finally:  # no worker outlives the suite
+            for item in self.running:
+                item.process.kill()
+                item.process.wait()
+                item.log.close()
+        return [self.rows.get(job) or unfinished_row(job) for job in self.jobs]
+
+    def _start(self, job: Job) -> None:
+        paths = _paths(self.settings, job)
+        for path in paths.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
+        paths["results"].unlink(missing_ok=True)
+        spec = {"job": asdict(job), "settings": {k: _json_ready(v) for k, v in asdict(self.settings).items()},
+                "result": str(paths["results"])}
+        write_json(paths["specs"], spec)
+        log = open(paths["logs"], "w")  # noqa: SIM115 - closed when the worker ends
+        process = subprocess.Popen(self.worker_command(job, paths["specs"]), stdout=log, stderr=subprocess.STDOUT,
+                                   env=self.environment)
+        self.running.append(Running(job, process, log, time.monotonic()))
+        self.console.print(f"started {job.name} (pid {process.pid})", highlight=False)
+
+    def _overdue(self) -> bool:
+        return self.settings.deadline is not None and time.time() > self.settings.deadline + KILL_GRACE_S
+
+    def _collect(self) -> None:
+        """Rows of the workers that ended; past the deadline, terminate the rest and start no more."""
+        overdue = self._overdue()
+        for item in list(self.running):
+            code, note = item.process.poll(), ""
             if code is None and overdue:
                 item.process.send_signal(signal.SIGTERM)
                 try:
@@ -420,21 +454,24 @@ def run_workers(jobs: list[Job], settings: SuiteSettings, parallel: int, console
             if code is None:
                 continue
             item.log.close()
-            paths = _paths(settings, item.job)
-            rows[item.job] = collect_row(item.job, paths["results"], paths["logs"], code, note)
-            running.remove(item)
-            minutes = (time.monotonic() - item.started) / 60
-            rows[item.job]["wall_minutes"] = minutes  # the process's whole life: start-up and imports included
-            console.print(f"finished {item.job.name}: {rows[item.job].get('status')} ({minutes:.1f} min)",
-                          highlight=False)
-            if on_rows is not None:
-                on_rows([rows.get(job) or unfinished_row(job) for job in jobs])
+            self.running.remove(item)
+            paths = _paths(self.settings, item.job)
+            row = collect_row(item.job, paths["results"], paths["logs"], code, note)
+            row["wall_minutes"] = (time.monotonic() - item.started) / 60  # start-up and imports included
+            self.rows[item.job] = row
+            self.console.print(f"finished {item.job.name}: {row.get('status')} ({row['wall_minutes']:.1f} min)",
+                               highlight=False)
+            if self.on_rows is not None:
+                self.on_rows([self.rows.get(job) or unfinished_row(job) for job in self.jobs])
         if overdue:
-            for job in pending:
-                rows[job] = {"method": job.method, "sparsity": job.sparsity, "status": FAILED,
-                             "error": "not started: the time budget ran out"}
-            pending.clear()
-    return [rows[job] for job in jobs]
+            for job in self.pending:
+                self.rows[job] = {"method": job.method, "sparsity": job.sparsity, "status": FAILED,
+                                  "error": "not started: the time budget ran out"}
+            self.pending.clear()
+
+
+def unfinished_row(job: Job) -> dict[str, Any]:
+    return {"method": job.method, "sparsity": job.sparsity, "status": FAILED, "error": "not finished"}
 
 
 # ----------------------------------------------------------------------------------- merging, output
@@ -569,8 +606,9 @@ def run_suite(jobs: list[Job], settings: SuiteSettings, *, parallel: int, result
     """Run the jobs, merge their rows, write the CSV (atomically, again after every job, so a suite cut
     short keeps what it measured), finish the shipped record."""
     started = time.monotonic()
-    rows = merge_rows(run_workers(jobs, settings, parallel, console, worker_command,
-                                  on_rows=lambda so_far: write_csv(result_csv, merge_rows(so_far))))
+    pool = WorkerPool(jobs, settings, parallel, console, worker_command,
+                      on_rows=lambda so_far: write_csv(result_csv, merge_rows(so_far)))
+    rows = merge_rows(pool.run())
     write_csv(result_csv, rows)
     shipped = finish_shipped(settings, rows)
     return SuiteResult(rows=rows, csv=result_csv, seconds=time.monotonic() - started, shipped=shipped)
@@ -639,6 +677,10 @@ def parser() -> argparse.ArgumentParser:
     return options
 
 
+def _raise_interrupt(signal_number: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.worker is not None:
@@ -655,6 +697,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"{len(jobs)} jobs, {args.jobs} at a time on {settings.device}: "
                   f"{', '.join(job.name for job in jobs)}; {settings.steps} steps, batch {settings.batch_size}, "
                   f"lr {settings.learning_rate:g}, clip {settings.clip}", highlight=False)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # e.g. `timeout`: stop the workers, keep the CSV so far
     result = run_suite(jobs, settings, parallel=args.jobs, result_csv=args.csv, console=console)
     render(console, result.rows, f"quality suite: embedded model, {settings.steps} steps of batch "
                                  f"{settings.batch_size} per job ({result.seconds / 60:.1f} min)")
@@ -665,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     fit = steps_that_fit(result.rows, FIT_MINUTES)
     for line in plain_summary(result.rows, result.csv, result.seconds) + ([fit] if fit else []):
         print(line, flush=True)
-    return 0
+    return 1 if any(row.get("status") == FAILED for row in result.rows) else 0
 
 
 if __name__ == "__main__":
