@@ -9,10 +9,15 @@
 #           (validation dense/before/after, minutes, memory; also evaluated with int8) and 3 steps of a
 #           full-size Wan2.1-1.3B at 480p x 81 frames with gradient checkpointing (samples/s, peak memory)
 #   qat:    the same embedded run with --quant int8, evaluated with and without int8 (run after finetune)
-# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat
+#   quality-pilot: the quality suite's acceptance matrix, 9 workers at once, 200 steps (and the shipped form):
+#           checks every method on CUDA and measures per-job rates under concurrency; its last line says how many
+#           steps fit in 8 minutes
+#   quality: the same with QUALITY_STEPS steps (required) and QUALITY_MINUTES of budget (default 8): writes
+#           quality_embedded.csv, quality.log and shipped/ (the three files that go into sla2cli/assets/)
+# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|quality-pilot|quality
 set -uo pipefail
 out=${1:?output folder}
-phase=${2:?core, extra, lowbit, finetune or qat}
+phase=${2:?core, extra, lowbit, finetune, qat, quality-pilot or quality}
 mkdir -p /tmp/site "$out"
 log="$out/all.log"
 source benchmarks/gpu_packages.sh
@@ -42,6 +47,16 @@ elif [ "$phase" = finetune ]; then
     | grep -v DEBUG | grep -E "passed|failed|Error|assert" | tee -a "$log"
   timeout 500 python3 benchmarks/finetune_gpu.py --out "$out/finetune" --phases embedded,wan \
     --csv finetune_gpu.csv >> "$log" 2>&1
+elif [ "$phase" = quality-pilot ]; then
+  timeout 480 python3 benchmarks/quality_suite.py --matrix acceptance --jobs 9 --steps 200 --device cuda \
+    --out /tmp/quality-pilot --csv "$out/quality_pilot.csv" --ship "$out/shipped_pilot" --time-budget-minutes 6.5 \
+    > "$out/quality_pilot.log" 2>&1
+  tail -12 "$out/quality_pilot.log" >> "$log"
+elif [ "$phase" = quality ]; then
+  timeout 575 python3 benchmarks/quality_suite.py --matrix acceptance --jobs 9 --steps "${QUALITY_STEPS:?}" \
+    --device cuda --out /tmp/quality --csv "$out/quality_embedded.csv" --ship "$out/shipped" \
+    --time-budget-minutes "${QUALITY_MINUTES:-8}" > "$out/quality.log" 2>&1
+  tail -12 "$out/quality.log" >> "$log"
 elif [ "$phase" = qat ]; then
   timeout 500 python3 benchmarks/finetune_gpu.py --out "$out/finetune" --phases qat --csv finetune_qat_gpu.csv \
     >> "$log" 2>&1

@@ -36,3 +36,12 @@ def embedded_model(tmp_path_factory, monkeypatch):
     save_file(weights, str(folder / WEIGHTS_FILENAME))
     save_config(default_config(), folder / CONFIG_FILENAME)
     monkeypatch.setattr("sla2cli.embedded.loading.ASSETS_DIR", folder)
+
+
+@pytest.fixture(autouse=True)
+def without_shipped_sla2(monkeypatch, tmp_path_factory):
+    """Every test sees a package without shipped SLA2 weights unless it installs its own (tests of the
+    shipped path do, with a fake asset), so `sla2 convert` gives the untrained conversion the tests were
+    written for whether or not the real assets are in place."""
+    monkeypatch.setattr("sla2cli.embedded.shipped_sla2.ASSETS_DIR",
+                        tmp_path_factory.getbasetemp() / "no-shipped-sla2")

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from sla2cli.checkpoint.format import read_config
 from sla2cli.checkpoint.storage import flop_estimate, open_checkpoint, write_checkpoint
+from sla2cli.embedded.shipped_sla2 import load_shipped_sla2, shipped_sla2_record
 from sla2cli.errors import UserError
 from sla2cli.files import check_output_folder
 from sla2cli.integration.conversion import conversion_info, convert_with_recipe, sla2_layers
@@ -132,8 +133,11 @@ def _sparsity_summary(sparsity: float, key_blocks: int) -> str:
     return f"{describe_rounding(key_blocks, sparsity)} at the default resolution"
 
 
-def summary_table(components: dict, recipe: Recipe, source: str, out: Path, seconds: float) -> Table:
-    """Layers converted, parameters added and the attention FLOP reduction at the default resolution."""
+def summary_table(
+    components: dict, recipe: Recipe, source: str, out: Path, seconds: float, weights: str | None = None
+) -> Table:
+    """Layers converted, parameters added and the attention FLOP reduction at the default resolution;
+    `weights` says where the SLA2 parameters (and base weights) come from when that needs saying."""
     layers = {name: sla2_layers(model) for name, model in components.items()}
     any_layer = next(layer for per_model in layers.values() for layer in per_model.values())
     added = sum(p.numel() for per_model in layers.values() for layer in per_model.values() for p in layer.parameters())
@@ -145,6 +149,7 @@ def summary_table(components: dict, recipe: Recipe, source: str, out: Path, seco
     table.add_column("value")
     rows = [
         ("model", source),
+        *([("weights", weights)] if weights else []),
         ("recipe", f"{recipe.name} ({recipe.title})"),
         ("self-attention layers converted", converted),
         ("left on dense attention", ", ".join([*recipe.attention.kept_dense, "calls with a mask"])),
@@ -174,6 +179,26 @@ def _convert_base_model(
     components = build_components(source, weights=False, dtype=torch.float32, device="cpu")
     convert_with_recipe(components, source.recipe, base=source.base, sparsity=sparsity, quant=quant or QUANT_NONE)
     return components
+
+
+SHIPPED_WEIGHTS = "shipped SLA2: router and alpha calibrated, base weights fine-tuned at sparsity {sparsity:g}"
+UNTRAINED_WEIGHTS = "untrained conversion: identity router, initial alpha, the shipped dense weights"
+
+
+def _shipped_components(sparsity: float | None, quant: str | None, console: Console) -> tuple[dict, dict] | None:
+    """The shipped calibrated and fine-tuned SLA2 model and its record, when the package has it and --sparsity
+    allows it (its own sparsity or none); None means the untrained conversion (said when it is a choice)."""
+    record = shipped_sla2_record()
+    if record is None:
+        return None
+    if sparsity is not None and sparsity != record["sparsity"]:
+        console.print(
+            f"note: the shipped SLA2 weights are calibrated and fine-tuned at sparsity {record['sparsity']:g}; at "
+            f"--sparsity {sparsity:g} this is the untrained conversion of the dense model (train it with sla2 "
+            "calibrate and sla2 finetune)", highlight=False,
+        )
+        return None
+    return {"transformer": load_shipped_sla2(dtype=torch.float32, device="cpu", quant=quant or QUANT_NONE)}, record
 
 
 def _reconvert_checkpoint(
@@ -223,6 +248,12 @@ def convert_command(
         bool,
         typer.Option("--offline", help="Use only the Hugging Face cache, never the network (like HF_HUB_OFFLINE=1)."),
     ] = False,
+    untrained: Annotated[
+        bool,
+        typer.Option("--untrained", help="Embedded model only: convert the shipped dense model with an untrained "
+                     "router and alpha (the start of sla2 calibrate and sla2 finetune) instead of the shipped SLA2 "
+                     "model, whose router and alpha are calibrated and base weights fine-tuned at 0.97."),
+    ] = False,
     list_recipes: Annotated[bool, typer.Option("--list-recipes", help="Show the recipes and exit.")] = False,
 ) -> None:
     """Swap the self-attention of a video diffusion transformer for SLA2 and write a checkpoint."""
@@ -237,23 +268,32 @@ def convert_command(
     if recipe is not None:
         get_recipe(recipe)
     spec = parse_model_spec(model)
+    if untrained and spec.kind != "embedded":
+        raise UserError("--untrained is for the embedded model (run without MODEL); other models always convert "
+                        "untrained")
     shown_out = out or default_out(spec)
     out = check_output_folder(shown_out, overwrite=overwrite)
     if spec.kind == "local" and (out == spec.path or out in spec.path.parents):
         raise UserError(f"--out {shown_out} would replace the input folder {spec.path}; choose another output folder")
     start = time.monotonic()
     location = locate(spec, offline=offline)
+    weights, measurements = None, None
     with console.status("building the model and attaching SLA2 processors"):
-        if location.root is not None and location.contents().is_checkpoint:
+        shipped = _shipped_components(sparsity, quant, console) if spec.kind == "embedded" and not untrained else None
+        if shipped is not None:
+            (components, record), include = shipped, True
+            weights, measurements = SHIPPED_WEIGHTS.format(sparsity=record["sparsity"]), record["measurements"]
+        elif location.root is not None and location.contents().is_checkpoint:
             if recipe is not None:
                 raise UserError("--recipe cannot change the recipe of an SLA2 checkpoint; convert the base model")
             components, include = _reconvert_checkpoint(location, sparsity, quant)
         else:
             components, include = _convert_base_model(location, recipe, sparsity, quant), False
+            weights = UNTRAINED_WEIGHTS if spec.kind == "embedded" else None
     with console.status(f"writing {shown_out}"):
-        write_checkpoint(out, components, include_base_weights=include, overwrite=overwrite)
+        write_checkpoint(out, components, include_base_weights=include, overwrite=overwrite, measurements=measurements)
     used = get_recipe(conversion_info(next(iter(components.values()))).recipe)
-    console.print(summary_table(components, used, spec.describe(), shown_out, time.monotonic() - start))
+    console.print(summary_table(components, used, spec.describe(), shown_out, time.monotonic() - start, weights))
 
 
 def register(app: typer.Typer) -> None:

@@ -8,6 +8,10 @@ model as it was before conversion), so the only difference measured is the atten
   per sample input (clip and timestep), averaged over them;
 - `val_loss`, `dense_val_loss`, `val_loss_ratio` (the embedded model): the velocity loss of its
   trainer's validation (`validation_loss`: fixed noise, fixed times) on the report's clean clips.
+- `shipped_dense_val_loss`, `untrained_val_loss`, `val_loss_vs_shipped_dense` (an embedded model with base
+  weights of its own, e.g. the shipped SLA2 model or any fine-tuned one): there `dense_val_loss` is its own
+  fine-tuned weights run dense, which is no baseline; these add the shipped dense model (the model users
+  start from) and its untrained conversion at the same sparsity (what conversion alone gives) on the same clips.
 """
 
 from __future__ import annotations
@@ -17,13 +21,20 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from sla2cli.checkpoint.storage import split_state
+from sla2cli.embedded.loading import load_embedded_model
+from sla2cli.integration.conversion import convert_component, model_quant, model_settings
+from sla2cli.integration.recipes import get_recipe
 from sla2cli.module import SLA2Attention
 from sla2cli.report.capture import dense_attention
 from sla2cli.report.inputs import CleanSample, ForwardInput
 from sla2cli.report.summary import Row
+from sla2cli.sources.base import BaseModelRef
+from sla2cli.sources.locate import EMBEDDED_RECIPE
 from sla2cli.training.objectives import validation_loss
 
-MODEL_QUALITY_NAMES = ("output_rel_l2_error", "val_loss", "dense_val_loss", "val_loss_ratio")
+MODEL_QUALITY_NAMES = ("output_rel_l2_error", "val_loss", "dense_val_loss", "val_loss_ratio", "shipped_dense_val_loss",
+                       "untrained_val_loss", "val_loss_vs_shipped_dense")
 """Keys of the model-quality figures, in the order the CSV and JSON show them."""
 
 
@@ -48,13 +59,47 @@ def mean_output_error(outputs: list[torch.Tensor], dense: list[torch.Tensor]) ->
     return sum(errors) / len(errors)
 
 
+def _validation_batch(samples: list[CleanSample], device: torch.device, dtype: torch.dtype
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    clean = torch.cat([sample.latents for sample in samples]).to(device=device, dtype=dtype)
+    text = torch.cat([sample.text for sample in samples]).to(device=device, dtype=dtype)
+    return clean, text
+
+
+def has_own_base_weights(model: nn.Module, shipped: nn.Module) -> bool:
+    """Whether a converted embedded model's base weights differ from the shipped dense model's."""
+    own, _ = split_state(model, model.state_dict())
+    reference = shipped.state_dict()
+    if own.keys() != reference.keys():
+        return True
+    return any(not torch.equal(own[key].float(), reference[key].to(own[key].device).float()) for key in own)
+
+
+def embedded_reference_losses(
+    model: nn.Module, samples: list[CleanSample], device: torch.device, dtype: torch.dtype
+) -> tuple[float, float] | None:
+    """(shipped dense model, its untrained conversion at `model`'s settings) validation losses on `samples`,
+    or None when `model` runs the shipped dense weights (then its own figures already are these)."""
+    reference = load_embedded_model(dtype=dtype, device=device)
+    if not has_own_base_weights(model, reference):
+        return None
+    clean, text = _validation_batch(samples, device, dtype)
+    use_autocast = device.type == "cuda"
+    dense = validation_loss(reference, clean, text, use_autocast)
+    sparsity, block_q, block_k = model_settings(model)
+    convert_component(
+        reference, get_recipe(EMBEDDED_RECIPE), component="transformer", base=BaseModelRef(source="embedded"),
+        sparsity=sparsity, block_q=block_q, block_k=block_k, quant=model_quant(model),
+    )
+    return dense, validation_loss(reference, clean, text, use_autocast)
+
+
 def embedded_validation_losses(
     model: nn.Module, layers: dict[str, SLA2Attention], samples: list[CleanSample], device: torch.device,
     dtype: torch.dtype,
 ) -> tuple[float, float]:
     """(SLA2 validation loss, dense validation loss) of the embedded model on the clips of `samples`."""
-    clean = torch.cat([sample.latents for sample in samples]).to(device=device, dtype=dtype)
-    text = torch.cat([sample.text for sample in samples]).to(device=device, dtype=dtype)
+    clean, text = _validation_batch(samples, device, dtype)
     use_autocast = device.type == "cuda"
     sla2 = validation_loss(model, clean, text, use_autocast)
     with dense_attention(layers):
@@ -62,10 +107,20 @@ def embedded_validation_losses(
     return sla2, dense
 
 
-def quality_row(output_error: float, losses: tuple[float, float] | None) -> Row:
-    """The figures as one row (validation losses only when measured)."""
+def _ratio(value: float, reference: float) -> float:
+    return value / reference if reference > 0 else float("nan")
+
+
+def quality_row(
+    output_error: float, losses: tuple[float, float] | None, references: tuple[float, float] | None = None
+) -> Row:
+    """The figures as one row (validation losses only when measured, the references only when given)."""
     row: Row = {"output_rel_l2_error": output_error}
     if losses is not None:
         sla2, dense = losses
-        row.update(val_loss=sla2, dense_val_loss=dense, val_loss_ratio=sla2 / dense if dense > 0 else float("nan"))
+        row.update(val_loss=sla2, dense_val_loss=dense, val_loss_ratio=_ratio(sla2, dense))
+        if references is not None:
+            shipped_dense, untrained = references
+            row.update(shipped_dense_val_loss=shipped_dense, untrained_val_loss=untrained,
+                       val_loss_vs_shipped_dense=_ratio(sla2, shipped_dense))
     return row

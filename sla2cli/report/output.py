@@ -107,14 +107,40 @@ def write_csv(rows: list[Row], path: Path, model_row: Row | None = None) -> None
 
 
 def render_quality(console: Console, quality: Row) -> None:
-    """One line with the model-level figures: output error against dense, validation losses if measured."""
+    """One line with the model-level figures: output error against dense, validation losses if measured;
+    for an embedded model with weights of its own, a table beside the shipped dense model and the untrained
+    conversion instead (its own weights run dense are no baseline: they were trained for SLA2)."""
     if not quality:
         return
     text = f"model output vs dense attention: rel L2 {quality['output_rel_l2_error']:.4f}"
-    if "val_loss" in quality:
+    if "val_loss" in quality and "shipped_dense_val_loss" not in quality:
         text += (f"; validation loss {quality['val_loss']:.4f} vs dense {quality['dense_val_loss']:.4f} "
                  f"({quality['val_loss_ratio']:.2f}x)")
     console.print(text, highlight=False)
+    if "shipped_dense_val_loss" in quality:
+        render_reference_table(console, quality)
+
+
+def render_reference_table(console: Console, quality: Row) -> None:
+    """Validation loss of this model beside the shipped dense model (the baseline) and the untrained
+    conversion at the same sparsity (the contrast), on the report's validation clips."""
+    baseline = quality["shipped_dense_val_loss"]
+    table = Table(title="model quality: validation loss (velocity MSE) on the report's validation clips",
+                  title_justify="left", header_style="bold")
+    table.add_column("model")
+    table.add_column("val loss", justify="right")
+    table.add_column("vs dense", justify="right")
+    rows = (
+        ("dense: the shipped embedded model, full attention", baseline),
+        ("SLA2, untrained conversion of it (same sparsity)", quality["untrained_val_loss"]),
+        ("this model (SLA2 with its own trained weights)", quality["val_loss"]),
+        ("this model's weights with full attention", quality["dense_val_loss"]),
+    )
+    for index, (name, value) in enumerate(rows):
+        table.add_row(name, _format(value, "{:.4f}"), _format(value / baseline if baseline > 0 else math.nan,
+                                                                 "{:.2f}x"),
+                      style="bold" if index == 2 else None)
+    console.print(table)
 
 
 def _json_safe(value: Any) -> Any:

@@ -35,7 +35,13 @@ from sla2cli.report.inputs import (
     random_samples,
 )
 from sla2cli.report.metrics import DEFAULT_CHUNK_ELEMENTS
-from sla2cli.report.model_quality import dense_outputs, embedded_validation_losses, mean_output_error, quality_row
+from sla2cli.report.model_quality import (
+    dense_outputs,
+    embedded_reference_losses,
+    embedded_validation_losses,
+    mean_output_error,
+    quality_row,
+)
 from sla2cli.report.summary import MetricAccumulator, Row, rounding_note, summarize_layers, summarize_model
 
 DEFAULT_TIMESTEPS = (0.9, 0.5, 0.1)
@@ -208,7 +214,8 @@ def run_report(
             output_error = mean_output_error(outputs, dense_outputs(models, layers, forwards))
             embedded = target.embedded
             losses = embedded_validation_losses(target.main, layers, samples, device, dtype) if embedded else None
-            quality = quality_row(output_error, losses)
+            references = embedded_reference_losses(target.main, samples, device, dtype) if embedded else None
+            quality = quality_row(output_error, losses, references)
     missing = [name for name in layers if name not in accumulator.layers]
     if len(missing) == len(layers):
         raise UserError(f"no SLA2 layer of {target.name} was called; its attention processors are not SLA2")

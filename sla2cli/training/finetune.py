@@ -22,6 +22,7 @@ from sla2cli.integration.recipes import Recipe, get_recipe, recipe_for_architect
 from sla2cli.sources.locate import EMBEDDED_RECIPE
 from sla2cli.training.data import ProceduralClips, TrainingData, check_fits, data_from_folder
 from sla2cli.training.distributed import Processes
+from sla2cli.training.interrupt import StopRequest
 from sla2cli.training.loop import LoopResult, Trainer, run_loop, validate
 from sla2cli.training.metrics import (
     DENSE_VALIDATION,
@@ -140,6 +141,7 @@ def finetune(
     device: torch.device | str | None = None,
     recipe: str | None = None,
     show_progress: bool = False,
+    stop: StopRequest | None = None,
     **overrides: Any,
 ) -> FinetuneSummary:
     """Fine-tune `model` (converted to SLA2 or not) in place, in one process; returns the summary.
@@ -147,8 +149,9 @@ def finetune(
     Defaults come from the model's recipe (`finetune` block). `data`: None for the embedded model's
     procedural clips, a latent data folder, or a TrainingData. `train`: "all" (every parameter but the
     SLA2 router projections), fnmatch patterns of parameter names, or a predicate (name, parameter).
-    `sla2_lr`: a separate peak learning rate for the SLA2 parameters. Further settings by name:
-    grad_accum, objective ("flow" or "distill"), quant, schedule, warmup_steps, shift,
+    `sla2_lr`: a separate peak learning rate for the SLA2 parameters. `stop` (e.g. an
+    `interrupt.Deadline`) ends the loop after the current step; the summary then says `interrupted`.
+    Further settings by name: grad_accum, objective ("flow" or "distill"), quant, schedule, warmup_steps, shift,
     gradient_checkpointing, validate_every, validation_samples, clip, seed, ... (FinetuneSettings).
     The model ends in float32 on `device` (default: where it is), in eval mode, with no grad required.
     """
@@ -178,7 +181,7 @@ def finetune(
     rows = [validation_row(0, dense, DENSE_VALIDATION), validation_row(0, before)]
     try:
         with ProgressReporter(Console(), enabled=show_progress) as reporter:
-            result = run_loop(trainer, 0, rows, reporter=reporter)
+            result = run_loop(trainer, 0, rows, reporter=reporter, stop=stop)
         after = validate(trainer)
         rows.append(validation_row(result.step, after))
     finally:

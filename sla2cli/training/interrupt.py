@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -31,6 +32,23 @@ class StopRequest:
     def exit_code(self) -> int:
         """128 + the signal number, as shells report a process stopped by that signal."""
         return 128 + (self.signal_number or 0)
+
+
+class Deadline(StopRequest):
+    """A stop request that also fires once a time.monotonic() deadline has passed: a run with a time budget
+    finishes its current step and stops (and says so) instead of being killed from outside."""
+
+    def __init__(self, deadline: float) -> None:
+        super().__init__()
+        self.deadline = deadline
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_number is not None or self.expired
 
 
 @contextmanager
