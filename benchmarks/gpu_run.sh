@@ -12,12 +12,15 @@
 #   quality-pilot: the quality suite's acceptance matrix, 9 workers at once, 200 steps (and the shipped form):
 #           checks every method on CUDA and measures per-job rates under concurrency; its last line says how many
 #           steps fit in 8 minutes
+#   verify: kernel checksums against the tree in .old/ (an earlier commit's sla2cli/ and kernels/ as sla2_kernels/,
+#           if present) and this tree's, every GPU test, `sla2 bench` at 32760 tokens, 3 full-size Wan2.1-1.3B
+#           fine-tuning steps, and a 100-step quality pilot (every method on CUDA, per-job rates under concurrency)
 #   quality: the same with QUALITY_STEPS steps (required) and QUALITY_MINUTES of budget (default 8): writes
 #           quality_embedded.csv, quality.log and shipped/ (the three files that go into sla2cli/assets/)
-# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|quality-pilot|quality
+# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality
 set -uo pipefail
 out=${1:?output folder}
-phase=${2:?core, extra, lowbit, finetune, qat, quality-pilot or quality}
+phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot or quality}
 mkdir -p /tmp/site "$out"
 log="$out/all.log"
 source benchmarks/gpu_packages.sh
@@ -47,6 +50,26 @@ elif [ "$phase" = finetune ]; then
     | grep -v DEBUG | grep -E "passed|failed|Error|assert" | tee -a "$log"
   timeout 500 python3 benchmarks/finetune_gpu.py --out "$out/finetune" --phases embedded,wan \
     --csv finetune_gpu.csv >> "$log" 2>&1
+elif [ "$phase" = verify ]; then
+  if [ -d .old ]; then
+    PYTHONPATH="$PWD/.old:/tmp/site" SLA2_COMMIT="${OLD_COMMIT:-old}" timeout 240 python3 \
+      benchmarks/kernel_regression.py --out "$out/regression_old.txt" > /tmp/regression_old.log 2>&1 &
+  fi
+  timeout 240 python3 benchmarks/kernel_regression.py --out "$out/regression_new.txt" > /tmp/regression_new.log 2>&1 &
+  timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | grep -v DEBUG | tail -8 | tee -a "$log"
+  wait
+  tail -2 /tmp/regression_old.log /tmp/regression_new.log >> "$log"
+  if [ -f "$out/regression_old.txt" ]; then
+    diff <(tail -n +2 "$out/regression_old.txt") <(tail -n +2 "$out/regression_new.txt") > /dev/null \
+      && echo "kernel checksums: identical to .old" | tee -a "$log" || echo "kernel checksums DIFFER" | tee -a "$log"
+  fi
+  timeout 150 python3 -m sla2cli bench --shape 1,12,32760,128 --sparsity 0.9 --sparsity 0.97 \
+    --csv "$out/bench_cli.csv" --plot "$out/bench_cli.png" >> "$log" 2>&1
+  timeout 120 python3 benchmarks/finetune_gpu.py --out /tmp/finetune --phases wan --csv "$out/finetune_wan_gpu.csv" \
+    >> "$log" 2>&1
+  timeout 200 python3 benchmarks/quality_suite.py --matrix acceptance --jobs 8 --steps 100 --device cuda \
+    --out /tmp/quality-pilot --csv "$out/quality_pilot.csv" --time-budget-minutes 3 > "$out/quality_pilot.log" 2>&1
+  tail -14 "$out/quality_pilot.log" >> "$log"
 elif [ "$phase" = quality-pilot ]; then
   timeout 480 python3 benchmarks/quality_suite.py --matrix acceptance --jobs 9 --steps 200 --device cuda \
     --out /tmp/quality-pilot --csv "$out/quality_pilot.csv" --ship "$out/shipped_pilot" --time-budget-minutes 6.5 \
