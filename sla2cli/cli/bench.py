@@ -9,7 +9,6 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sla2cli.bench.cases import (
     CPU_DEFAULT_SHAPES,
@@ -33,6 +32,7 @@ from sla2cli.devices import resolve_device, resolve_dtype
 from sla2cli.errors import UserError
 from sla2cli.files import check_output_file
 from sla2cli.ops.validation import check_sparsity
+from sla2cli.progress import StepProgress, progress_bar
 
 GPU_WARMUP, CPU_WARMUP = 3, 1
 GPU_TIME_BUDGET_S = 10.0
@@ -66,13 +66,6 @@ def _write_outputs(
     if plot is not None:
         write_plot(rows, plot, cpu_numbers=on_cpu)
         console.print(f"wrote {plot}", highlight=False)
-
-
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=True,
-    )
 
 
 def bench(
@@ -196,21 +189,6 @@ def bench(
         raise SystemExit(1)
 
 
-class _StepProgress:
-    """Progress callback: each new step completes the previous one and shows its own description."""
-
-    def __init__(self, progress: Progress, total: int | None) -> None:
-        self.progress = progress
-        self.task = progress.add_task("starting", total=total)
-        self.started = False
-
-    def __call__(self, description: str) -> None:
-        if self.started:
-            self.progress.advance(self.task)
-        self.started = True
-        self.progress.update(self.task, description=description)
-
-
 @contextmanager
 def _failing_on_mismatch() -> Iterator[None]:
     """A wrong kernel ends the command with one line and exit code 1 (it is not a usage mistake)."""
@@ -223,8 +201,8 @@ def _failing_on_mismatch() -> Iterator[None]:
 
 def _run_kernel_mode(plan: KernelBenchPlan) -> tuple[list[Measurement], Environment, str]:
     environment = describe(plan.device)
-    with _failing_on_mismatch(), _progress(Console(stderr=True)) as progress:
-        rows = run_kernel_bench(plan, environment, _StepProgress(progress, plan.size))
+    with _failing_on_mismatch(), progress_bar(Console(stderr=True)) as progress:
+        rows = run_kernel_bench(plan, environment, StepProgress(progress, plan.size))
     return rows, environment, "sla2 bench: kernels"
 
 
@@ -232,8 +210,8 @@ def _run_model_mode(plan: ModelBenchPlan) -> tuple[list[Measurement], Environmen
     from sla2cli.bench.model_mode import run_model_bench
 
     environment = describe(plan.device)
-    with _failing_on_mismatch(), _progress(Console(stderr=True)) as progress:
-        rows = run_model_bench(plan, environment, _StepProgress(progress, None))
+    with _failing_on_mismatch(), progress_bar(Console(stderr=True)) as progress:
+        rows = run_model_bench(plan, environment, StepProgress(progress, None))
     return rows, environment, f"sla2 bench: model {plan.model}"
 
 

@@ -18,7 +18,6 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from sla2cli.checkpoint.format import CheckpointConfig, read_config
@@ -32,6 +31,7 @@ from sla2cli.devices import model_dtype, resolve_device
 from sla2cli.errors import UserError
 from sla2cli.files import check_output_folder
 from sla2cli.integration.recipes import get_recipe
+from sla2cli.progress import progress_bar
 from sla2cli.report.inputs import family_inputs, forward_inputs
 from sla2cli.report.runner import (
     CHUNK_ELEMENTS,
@@ -94,18 +94,6 @@ def _load_target(checkpoint: Path, device: torch.device) -> ReportTarget:
     return target
 
 
-def _progress(console: Console, quiet: bool) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=quiet,
-    )
-
-
 def _calibrate(
     target: ReportTarget,
     inputs: ReportSettings,
@@ -126,7 +114,7 @@ def _calibrate(
         adapter, samples, inputs.timesteps, seed=inputs.seed, device=device, dtype=model_dtype(device)
     )
     models = list(target.components.values())
-    with _progress(console, quiet) as progress:
+    with progress_bar(console, enabled=not quiet) as progress:
         task = progress.add_task("capturing q, k, v", total=len(forwards) * len(models))
         calls = collect_calls(models, layers, forwards, on_forward=lambda: progress.advance(task))
         progress.remove_task(task)

@@ -33,6 +33,7 @@ from sla2cli.ops import Routing, num_blocks, route, sla2_attention, sla2_attenti
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
 from sla2cli.ops.reference import block_token_counts
 from sla2cli.ops.validation import check_head_dim, check_sparsity
+from sla2cli.progress import progress_bar
 
 GRID_SIDE = 32  # tokens per row and rows per frame: a 1024-token frame, like a small latent video
 MIN_TOKENS = 256
@@ -273,7 +274,7 @@ def demo(
     if csv_path is not None and (csv_path.is_dir() or not csv_path.parent.is_dir()):
         raise UserError(f"--csv {csv_path}: give a file path in an existing directory")
     console = Console()
-    with Progress(console=console, transient=True) as progress:
+    with progress_bar(console) as progress:
         rows = run_demo(tokens, heads, head_dim, sparsities, seed, repeats, progress)
     console.print(render_table(rows))
     if csv_path is not None:

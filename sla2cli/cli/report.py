@@ -13,7 +13,6 @@ from typing import Annotated
 import torch
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from sla2cli.cli.sample_options import (
     DEFAULT_TIMESTEPS_TEXT,
@@ -28,6 +27,7 @@ from sla2cli.devices import model_dtype, resolve_device
 from sla2cli.errors import UserError
 from sla2cli.files import check_output_file
 from sla2cli.ops.quantization import QUANT_AUTO, REQUESTABLE_QUANT_MODES
+from sla2cli.progress import progress_bar
 from sla2cli.report.output import (
     model_csv_row,
     render_quality,
@@ -60,22 +60,11 @@ DENSE_LABEL = "dense attention"
 MIN_VIDEO_STEPS = 1
 
 
-def _progress(console: Console) -> Progress:
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    )
-
-
 def _measure(
     target: ReportTarget, settings: ReportSettings, device: torch.device, console: Console, quiet: bool
 ) -> ReportResult:
     dtype = model_dtype(device)
-    with _progress(console) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("layers measured", total=None, visible=not quiet)
         return run_report(
             target, settings, device=device, dtype=dtype,

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 from safetensors.torch import save_file
 
 from sla2cli.devices import resolve_device
@@ -44,6 +44,7 @@ from sla2cli.embedded.synthetic import (
 )
 from sla2cli.errors import UserError
 from sla2cli.files import atomic_path
+from sla2cli.progress import progress_bar
 from sla2cli.training.objectives import flow_matching_loss, validation_loss
 from sla2cli.training.optim import parameter_groups
 from sla2cli.training.schedule import learning_rate_factor
@@ -129,14 +130,9 @@ def save_weights_atomically(model: WanTransformer3DModel, path: Path) -> None:
 
 
 def _progress_bar(enabled: bool, console: Console) -> Progress:
-    return Progress(
-        TextColumn("[bold]training[/]"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}"),
-        TimeElapsedColumn(),
-        console=console,
-        disable=not enabled,
+    return progress_bar(
+        console, label="[bold]training[/]", figures="loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}",
+        transient=False, enabled=enabled,
     )
 
 

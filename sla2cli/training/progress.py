@@ -5,15 +5,8 @@ from __future__ import annotations
 import time
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
 
+from sla2cli.progress import progress_bar
 from sla2cli.training.metrics import Row
 
 PLAIN_LINE_SECONDS = 30.0
@@ -27,17 +20,14 @@ class ProgressReporter:
         self.enabled = enabled
         # Where the bar cannot redraw (a log file), a plain line every PLAIN_LINE_SECONDS shows progress.
         self.plain = enabled and not console.is_terminal
-        self.progress = Progress(
-            TextColumn("[bold]fine-tuning[/]"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[rate]:.1f} samples/s  "
-                       "mem {task.fields[memory]:.0f} MB  val {task.fields[validation]}"),
-            TimeElapsedColumn(),
-            TextColumn("eta"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not enabled or self.plain,
+        self.progress = progress_bar(
+            console,
+            label="[bold]fine-tuning[/]",
+            figures="loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[rate]:.1f} samples/s  "
+            "mem {task.fields[memory]:.0f} MB  val {task.fields[validation]}",
+            remaining=True,
+            transient=False,
+            enabled=enabled and not self.plain,
         )
         self.task = None
         self.last_line = time.monotonic()
