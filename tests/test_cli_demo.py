@@ -1,13 +1,13 @@
-"""`sla2 demo`: the table, the CSV, the router-vs-random comparison, and user mistakes (exit code 2)."""
+"""`sla2 demo`: the table, the CSV, the router-vs-random comparison, user mistakes (exit code 2), and the
+synthetic pattern of `sla2cli.demo` (its block masses are `report.metrics.true_block_mass`, tested there)."""
 
 import csv
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from sla2cli.cli import main
-from sla2cli.cli.demo import block_attention_mass, grid_positions, video_like_qkv
+from sla2cli.demo.pattern import grid_positions, video_like_qkv
 
 FAST = ["demo", "--tokens", "1536", "--heads", "2", "--repeats", "1"]
 COLUMNS = [
@@ -92,13 +92,3 @@ def test_pattern_is_local_in_space_and_time():
     distance = (positions[:, None] - positions[None]).abs().amax(-1)
     near = (probs * (distance <= 2)).sum(-1).mean()
     assert near > 0.5  # 5 x 5 x 3 tokens out of 2048 hold most of the probability
-
-
-def test_block_attention_mass_matches_dense_probabilities():
-    q, k, _ = (torch.randn(1, 2, 300, 64) for _ in range(3))
-    mass = block_attention_mass(q, k)
-    probs = torch.softmax(q @ k.transpose(-1, -2) / 8, dim=-1)
-    per_key_block = F.pad(probs, (0, 20)).reshape(1, 2, 300, 5, 64).sum(-1)
-    expected = torch.stack([per_key_block[:, :, i * 128 : (i + 1) * 128].mean(2) for i in range(3)], dim=2)
-    torch.testing.assert_close(mass, expected)
-    torch.testing.assert_close(mass.sum(-1), torch.ones(1, 2, 3))
