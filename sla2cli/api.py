@@ -18,14 +18,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from sla2cli.checkpoint.storage import open_checkpoint, write_checkpoint
+from sla2cli.checkpoint.storage import open_converted, write_checkpoint
 from sla2cli.devices import model_dtype
 from sla2cli.errors import UserError
-from sla2cli.integration.conversion import conversion_info, convert_component, convert_with_recipe
+from sla2cli.integration.conversion import conversion_info, convert_component
 from sla2cli.integration.recipes import Recipe, get_recipe, recipe_for_architecture, recipe_for_hub_id
 from sla2cli.ops.quantization import QUANT_NONE, check_quant
 from sla2cli.sources.base import BaseModelRef, base_ref_from_name_or_path
-from sla2cli.sources.locate import EMBEDDED_RECIPE, base_source, build_components, locate
+from sla2cli.sources.locate import EMBEDDED_RECIPE, locate
 from sla2cli.sources.spec import parse_model_spec
 from sla2cli.training.finetune import evaluate, finetune
 from sla2cli.training.variants import check_saveable
@@ -138,15 +138,10 @@ def load(
         quant = check_quant(quant)
     dtype = model_dtype(device, dtype)
     spec = parse_model_spec(None if path_or_id is None else str(path_or_id))
-    location = locate(spec, offline=offline)
-    if location.root is not None and location.contents().is_checkpoint:
-        components, _ = open_checkpoint(
-            location, weights=True, dtype=dtype, device=device, sparsity=sparsity, quant=quant
-        )
-        return _single_or_dict(components)
-    source = base_source(location, recipe_name=recipe)
-    components = build_components(source, weights=True, dtype=dtype, device=device)
-    convert_with_recipe(components, source.recipe, base=source.base, sparsity=sparsity, quant=quant or QUANT_NONE)
+    components = open_converted(
+        locate(spec, offline=offline), weights=True, dtype=dtype, device=device, sparsity=sparsity, quant=quant,
+        recipe=recipe,
+    )
     return _single_or_dict(components)
 
 

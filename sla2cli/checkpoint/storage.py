@@ -38,11 +38,13 @@ from sla2cli.integration.conversion import (
     attention_layers,
     conversion_info,
     convert_component,
+    convert_with_recipe,
     model_quant,
     model_settings,
     sla2_layers,
 )
 from sla2cli.integration.recipes import Recipe, get_recipe
+from sla2cli.ops.quantization import QUANT_NONE
 from sla2cli.sources.base import BaseModelRef
 from sla2cli.sources.components import model_class_name
 from sla2cli.sources.folders import read_component
@@ -301,3 +303,30 @@ def open_checkpoint(
         )
     load_attention_tensors(location.root, config, components)
     return components, config
+
+
+def open_converted(
+    location: ModelLocation,
+    *,
+    weights: bool,
+    dtype: torch.dtype,
+    device: torch.device | str,
+    sparsity: float | None = None,
+    quant: str | None = None,
+    recipe: str | None = None,
+) -> dict[str, diffusers.ModelMixin]:
+    """Converted components from any location (skeletons when `weights` is False).
+
+    An SLA2 checkpoint opens with its trained layers (`sparsity` and `quant` override its settings); a base
+    model is converted now with its recipe's defaults (`recipe` names one, else it is found; `quant`
+    default none). What `sla2cli.load` returns and what `sla2 convert` writes.
+    """
+    if location.holds_checkpoint():
+        components, _ = open_checkpoint(
+            location, weights=weights, dtype=dtype, device=device, sparsity=sparsity, quant=quant
+        )
+        return components
+    source = base_source(location, recipe_name=recipe)
+    components = build_components(source, weights=weights, dtype=dtype, device=device)
+    convert_with_recipe(components, source.recipe, base=source.base, sparsity=sparsity, quant=quant or QUANT_NONE)
+    return components

@@ -44,6 +44,10 @@ class ModelLocation:
     def contents(self) -> FolderContents:
         return inspect_folder(self.root)
 
+    def holds_checkpoint(self) -> bool:
+        """True for an SLA2 checkpoint (folder or Hub snapshot); False for a base model or the embedded one."""
+        return self.root is not None and self.contents().is_checkpoint
+
     def base_ref(self) -> BaseModelRef:
         if self.spec.kind == "hub":
             return BaseModelRef(source="hub", repo_id=self.spec.repo_id, revision=commit_of(self.root))
