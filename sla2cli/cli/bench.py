@@ -1,42 +1,15 @@
-"""`sla2 bench`: SLA2 against FlashAttention2 and its peers, per kernel or per model forward."""
+"""`sla2 bench`: SLA2 against FlashAttention2 and its peers, per kernel or per model forward (`sla2cli.bench`)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from sla2cli.bench.cases import (
-    CPU_DEFAULT_SHAPES,
-    DEFAULT_SPARSITIES,
-    GPU_DEFAULT_SHAPES,
-    MODES,
-    check_mode,
-    parse_shape,
-    unique,
-)
-from sla2cli.bench.checks import KernelMismatch
-from sla2cli.bench.environment import Environment, describe
-from sla2cli.bench.kernel_mode import KernelBenchPlan, run_kernel_bench
-from sla2cli.bench.model_mode import ModelBenchPlan
-from sla2cli.bench.output import print_report, report_console, write_csv, write_json
-from sla2cli.bench.plot import write_plot
-from sla2cli.bench.providers import provider_names, select_providers
-from sla2cli.bench.records import FAILED, Measurement
-from sla2cli.bench.timing import TimingPlan
-from sla2cli.devices import resolve_device, resolve_dtype
-from sla2cli.errors import UserError
-from sla2cli.files import check_output_file
-from sla2cli.ops.validation import check_sparsity
-from sla2cli.progress import StepProgress, progress_bar
-
-GPU_WARMUP, CPU_WARMUP = 3, 1
-GPU_TIME_BUDGET_S = 10.0
-CPU_TIME_BUDGET_S = 1.0  # CPU numbers are indicative only; keep the run short
+from sla2cli.bench.cases import MODES
+from sla2cli.bench.job import BenchRequest, run_bench_job
+from sla2cli.bench.providers import provider_names
 
 HELP = (
     "Time SLA2 against FlashAttention2, cuDNN, FlexAttention, SageAttention and flash-attn.\n\n"
@@ -47,25 +20,6 @@ HELP = (
     "SLA2, same weights and inputs.\n\n"
     "On a CPU the numbers come from the PyTorch path at small shapes and are not GPU numbers."
 )
-
-
-def _write_outputs(
-    console: Console,
-    rows: list[Measurement],
-    csv: Path | None,
-    json: Path | None,
-    plot: Path | None,
-    on_cpu: bool,
-) -> None:
-    if csv is not None:
-        write_csv(rows, csv)
-        console.print(f"wrote {csv}", highlight=False)
-    if json is not None:
-        write_json(rows, json)
-        console.print(f"wrote {json}", highlight=False)
-    if plot is not None:
-        write_plot(rows, plot, cpu_numbers=on_cpu)
-        console.print(f"wrote {plot}", highlight=False)
 
 
 def bench(
@@ -134,86 +88,17 @@ def bench(
         "--train-step", help="Model mode: also time forward+backward (a training step without the optimizer)."
     )] = False,
 ) -> None:
-    check_output_file("--csv", csv, (".csv",))
-    check_output_file("--json", json, (".json",))
-    check_output_file("--plot", plot, (".png",))
-    console = report_console()
-    target = resolve_device(device)
-    precision = resolve_dtype(dtype, target)
-    levels = [check_sparsity(s, "--sparsity") for s in unique(sparsity or [])]
-    if warmup is None:
-        warmup = GPU_WARMUP if target.type == "cuda" else CPU_WARMUP
-    if time_budget is None:
-        time_budget = GPU_TIME_BUDGET_S if target.type == "cuda" else CPU_TIME_BUDGET_S
-    timing = TimingPlan(warmup=warmup, repeats=repeats, budget_s=time_budget)
-    if model is not None:
-        if shape or provider or mode:
-            raise UserError("--shape, --provider and --mode belong to kernel mode; drop them with --model")
-        model_plan = ModelBenchPlan(
-            model=model, resolution=resolution, frames=frames, random_weights=random_weights,
-            scaled_down=scaled_down, train_step=train_step, sparsity=levels[0] if levels else None,
-            dtype=precision, device=target, timing=timing, seed=seed,
-        )
-        rows, environment, title = _run_model_mode(model_plan)
-    else:
-        model_only = [
-            name for name, given in (
-                ("--resolution", resolution is not None), ("--frames", frames is not None),
-                ("--random-weights", random_weights), ("--scaled-down", scaled_down), ("--train-step", train_step),
-            ) if given
-        ]
-        if model_only:
-            raise UserError(f"{', '.join(model_only)} belong to model mode; add --model MODEL_OR_DIR")
-        shapes = [parse_shape(s) for s in unique(shape or [])]
-        kernel_plan = KernelBenchPlan(
-            shapes=shapes or list(GPU_DEFAULT_SHAPES if target.type == "cuda" else CPU_DEFAULT_SHAPES),
-            sparsities=levels or list(DEFAULT_SPARSITIES),
-            modes=[check_mode(m) for m in unique(mode or list(MODES))],
-            providers=select_providers(provider),
-            dtype=precision,
-            device=target,
-            timing=timing,
-            seed=seed,
-        )
-        rows, environment, title = _run_kernel_mode(kernel_plan)
-    print_report(console, rows, environment, title)
-    _write_outputs(console, rows, csv, json, plot, on_cpu=target.type != "cuda")
-    failed = sorted({row.provider for row in rows if row.status == FAILED})
-    ours = [name for name in failed if name.startswith("sla2")]
-    peers = [name for name in failed if not name.startswith("sla2")]
-    stderr = Console(stderr=True, soft_wrap=True)
-    if peers:  # a peer that cannot run here (e.g. a compile failure in its library) is not our failure
-        stderr.print(f"[bold yellow]warning:[/] {', '.join(peers)} raised errors (see their rows)", highlight=False)
-    if ours:
-        stderr.print(f"[bold red]error:[/] {', '.join(ours)} raised errors (see their rows)", highlight=False)
-        raise SystemExit(1)
-
-
-@contextmanager
-def _failing_on_mismatch() -> Iterator[None]:
-    """A wrong kernel ends the command with one line and exit code 1 (it is not a usage mistake)."""
-    try:
-        yield
-    except KernelMismatch as error:
-        Console(stderr=True).print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        raise SystemExit(1) from None
-
-
-def _run_kernel_mode(plan: KernelBenchPlan) -> tuple[list[Measurement], Environment, str]:
-    environment = describe(plan.device)
-    with _failing_on_mismatch(), progress_bar(Console(stderr=True)) as progress:
-        rows = run_kernel_bench(plan, environment, StepProgress(progress, plan.size))
-    return rows, environment, "sla2 bench: kernels"
-
-
-def _run_model_mode(plan: ModelBenchPlan) -> tuple[list[Measurement], Environment, str]:
-    from sla2cli.bench.model_mode import run_model_bench
-
-    environment = describe(plan.device)
-    with _failing_on_mismatch(), progress_bar(Console(stderr=True)) as progress:
-        rows = run_model_bench(plan, environment, StepProgress(progress, None))
-    return rows, environment, f"sla2 bench: model {plan.model}"
+    request = BenchRequest(
+        shapes=tuple(shape or ()), sparsities=tuple(sparsity or ()), modes=tuple(mode or ()),
+        providers=tuple(provider or ()), dtype=dtype, device=device, warmup=warmup, repeats=repeats,
+        time_budget=time_budget, seed=seed, csv=csv, json=json, plot=plot, model=model, resolution=resolution,
+        frames=frames, random_weights=random_weights, scaled_down=scaled_down, train_step=train_step,
+    )
+    code = run_bench_job(request)
+    if code:
+        raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:
+    """Add `sla2 bench`."""
     app.command("bench", help=HELP)(bench)
