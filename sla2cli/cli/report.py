@@ -10,12 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from rich.console import Console
 
 from sla2cli.cli.sample_options import (
-    DEFAULT_TIMESTEPS_TEXT,
     ClipsOption,
     DeviceOption,
     InputsOption,
@@ -23,30 +21,9 @@ from sla2cli.cli.sample_options import (
     ResolutionOption,
     TimestepsOption,
 )
-from sla2cli.devices import model_dtype, resolve_device
-from sla2cli.errors import UserError
-from sla2cli.files import check_output_file
 from sla2cli.ops.quantization import QUANT_AUTO, REQUESTABLE_QUANT_MODES
-from sla2cli.progress import progress_bar
-from sla2cli.report.output import (
-    model_csv_row,
-    render_quality,
-    render_table,
-    report_document,
-    write_csv,
-    write_heatmap,
-    write_json,
-    write_side_by_side_gif,
-)
-from sla2cli.report.runner import (
-    ReportResult,
-    ReportSettings,
-    ReportTarget,
-    check_settings,
-    lowbit_mode,
-    parse_timesteps,
-    run_report,
-)
+from sla2cli.report.job import DEFAULT_VIDEO_STEPS, ReportRequest, run_report_job
+from sla2cli.report.runner import DEFAULT_TIMESTEPS_TEXT
 
 HELP = (
     "Per-layer and per-head sparsity and accuracy of a converted model: captured softmax mass, router "
@@ -55,33 +32,6 @@ HELP = (
     "SLA2 checkpoint folder or Hub id; without it, the embedded model converted at --sparsity (default "
     "0.97) on its own validation clips."
 )
-DEFAULT_VIDEO_STEPS = 8
-DENSE_LABEL = "dense attention"
-MIN_VIDEO_STEPS = 1
-
-
-def _measure(
-    target: ReportTarget, settings: ReportSettings, device: torch.device, console: Console, quiet: bool
-) -> ReportResult:
-    dtype = model_dtype(device)
-    with progress_bar(console) as progress:
-        task = progress.add_task("layers measured", total=None, visible=not quiet)
-        return run_report(
-            target, settings, device=device, dtype=dtype,
-            on_start=lambda total: progress.update(task, total=total),
-            on_layer=lambda name: progress.advance(task),
-        )
-
-
-def _write_video(
-    target: ReportTarget, settings: ReportSettings, path: Path, steps: int, device: torch.device,
-    console: Console,
-) -> None:
-    from sla2cli.report.sampling import comparison_samples, sla2_label
-
-    with console.status(f"sampling {steps} Euler steps with dense and with SLA2 attention"):
-        dense, sparse = comparison_samples(target, settings, steps=steps, device=device, dtype=model_dtype(device))
-    write_side_by_side_gif(dense, sparse, path, labels=(DENSE_LABEL, sla2_label(target, settings)))
 
 
 def report(
@@ -145,55 +95,12 @@ def report(
     quiet: QuietOption = False,
 ) -> None:
     """Measure every converted layer against full attention, print the table, write the files asked for."""
-    from sla2cli.report.loading import load_report_target
-
-    settings = ReportSettings(
-        sparsity=sparsity, timesteps=parse_timesteps(timesteps), inputs=inputs, resolution=resolution,
-        clips=clips, seed=seed, quant=quant.lower(), model_quality=model_quality,
+    request = ReportRequest(
+        model_or_dir=model_or_dir, sparsity=sparsity, inputs=inputs, timesteps=timesteps, resolution=resolution,
+        clips=clips, csv=csv, json=json, heatmap=heatmap, video=video, video_steps=video_steps, quant=quant,
+        model_quality=model_quality, device=device, seed=seed, offline=offline, quiet=quiet,
     )
-    check_settings(settings)
-    check_output_file("--csv", csv, (".csv",))
-    check_output_file("--json", json, (".json",))
-    check_output_file("--heatmap", heatmap, (".png",))
-    check_output_file("--video", video, (".gif",))
-    if video_steps < MIN_VIDEO_STEPS:
-        raise UserError(f"--video-steps must be at least {MIN_VIDEO_STEPS}, got {video_steps}")
-    target_device = resolve_device(device)
-    lowbit_mode(settings, target_device)  # a mode this GPU cannot run fails before the model loads
-    console = Console()
-    with console.status("loading the model", spinner="dots"):
-        target = load_report_target(
-            model_or_dir, sparsity=sparsity, device=target_device, dtype=model_dtype(target_device), offline=offline
-        )
-    if video is not None and not target.embedded:
-        raise UserError("--video needs a model whose latents can be viewed directly (the embedded model); "
-                        "Hub models' latents need their VAE")
-    result = _measure(target, settings, target_device, console, quiet)
-    for warning in result.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False)
-    title = f"SLA2 report: {target.name} ({len(result.rows)} heads, {result.seconds:.1f} s)"
-    render_table(console, result.layer_rows, result.model_row, title=title)
-    for note in result.notes:
-        console.print(f"note: {note}", highlight=False, soft_wrap=True)
-    render_quality(console, result.quality)
-    if csv is not None:
-        write_csv(result.rows, csv, model_csv_row(result.model_row, result.quality) if result.quality else None)
-        console.print(f"wrote {csv}", highlight=False)
-    if json is not None:
-        write_json(
-            report_document(
-                result.settings, result.model_row, result.layer_rows, result.rows, result.warnings, result.notes,
-                result.quality,
-            ),
-            json,
-        )
-        console.print(f"wrote {json}", highlight=False)
-    if heatmap is not None:
-        write_heatmap(result.rows, heatmap, title=target.name)
-        console.print(f"wrote {heatmap}", highlight=False)
-    if video is not None:
-        _write_video(target, settings, video, video_steps, target_device, console)
-        console.print(f"wrote {video} (left: dense attention, right: SLA2)", highlight=False)
+    run_report_job(request, Console())
 
 
 def register(app: typer.Typer) -> None:

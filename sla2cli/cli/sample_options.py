@@ -7,9 +7,7 @@ from typing import Annotated
 
 import typer
 
-from sla2cli.report.runner import DEFAULT_CLIPS, DEFAULT_TIMESTEPS
-
-DEFAULT_TIMESTEPS_TEXT = ",".join(f"{t:g}" for t in DEFAULT_TIMESTEPS)
+from sla2cli.report.runner import DEFAULT_CLIPS
 
 InputsOption = Annotated[
     Path | None,

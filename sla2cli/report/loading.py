@@ -33,7 +33,7 @@ def load_report_target(
         if spec.kind == "local":
             is_checkpoint = (spec.path / SLA2_CONFIG).is_file()
         else:
-            is_checkpoint = locate(spec, offline=offline).contents().is_checkpoint
+            is_checkpoint = locate(spec, offline=offline).holds_checkpoint()
         if not is_checkpoint:
             raise UserError(
                 f"{spec.describe()} is not an SLA2 checkpoint (it has no {SLA2_CONFIG}); "

@@ -45,6 +45,7 @@ from sla2cli.report.model_quality import (
 from sla2cli.report.summary import MetricAccumulator, Row, rounding_note, summarize_layers, summarize_model
 
 DEFAULT_TIMESTEPS = (0.9, 0.5, 0.1)
+DEFAULT_TIMESTEPS_TEXT = ",".join(f"{t:g}" for t in DEFAULT_TIMESTEPS)  # as --timesteps takes them
 DEFAULT_CLIPS = {"cpu": 1, "cuda": 4}  # one clip keeps the embedded model's report near 30 s on 2 cores
 # (query, key) pairs per step of the dense scan: the fused GPU kernels never hold them, so GPU steps
 # can be large; on CPU smaller steps keep a fallback kernel's scratch memory modest.
