@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from sla2cli.cli import bench, calibrate, convert, demo, finetune, report
 from sla2cli.errors import UserError
 from sla2cli.version import __version__
 
@@ -45,8 +46,6 @@ def _register_commands() -> None:
     """Attach every sub-command once (main() may run many times in one process, as in tests)."""
     if app.registered_commands:
         return
-    from sla2cli.cli import bench, calibrate, convert, demo, finetune, report
-
     for module in (demo, convert, calibrate, finetune, bench, report):
         module.register(app)
 
