@@ -1,4 +1,4 @@
-"""What pip installs: the runtime requirements and the test extra agree on one triton version."""
+"""What pip installs: every package of sla2cli, and one triton version for the runtime and the test extra."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ tomllib = pytest.importorskip("tomllib")
 requirements = pytest.importorskip("packaging.requirements")
 version = pytest.importorskip("packaging.version")
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = ROOT / "pyproject.toml"
 
 
 def _triton(specs: list[str]):
@@ -33,3 +34,14 @@ def test_runtime_and_test_extra_install_the_same_triton():
     for candidate in grid:
         if candidate >= lowest_tested:
             assert runtime.specifier.contains(candidate) == test.specifier.contains(candidate), candidate
+
+
+def test_every_package_of_sla2cli_is_installed():
+    """setuptools installs only the packages pyproject lists: a new sub-package left out works in an editable
+    install and is missing from a wheel."""
+    listed = set(tomllib.loads(PYPROJECT.read_text(encoding="utf-8"))["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for init in (ROOT / "sla2cli").rglob("__init__.py")
+    }
+    assert found and found <= listed, sorted(found - listed)
