@@ -20,13 +20,15 @@ from sla2cli.checkpoint.format import (
     parse_config,
     read_config,
 )
-from sla2cli.checkpoint.storage import check_not_over_base
+from sla2cli.checkpoint.storage import check_not_over_base, open_converted
 from sla2cli.errors import UserError
 from sla2cli.files import check_output_folder, foreign_entries, replacement_refusal
 from sla2cli.integration.conversion import conversion_info, sla2_layers
 from sla2cli.sources.base import BaseModelRef, base_ref_from_name_or_path
+from sla2cli.sources.locate import locate
 from sla2cli.sources.random_models import build_random_model
 from sla2cli.sources.safetensors_check import read_header
+from sla2cli.sources.spec import parse_model_spec
 
 WAN = "wan2.1-t2v-1.3b"
 
@@ -361,3 +363,34 @@ def test_layers_with_different_quantisation_cannot_be_saved(converted, tmp_path)
     with pytest.raises(ValueError, match="disagree on the quantisation mode"):
         sla2cli.save(converted, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_open_converted_opens_a_checkpoint_or_converts_a_base_folder(tmp_path):
+    """One opener for `sla2cli.load` and `sla2 convert`: a base folder is converted with its recipe's defaults
+    (skeletons without weights), a checkpoint comes back with its own trained SLA2 parameters."""
+
+    def where(folder: Path):
+        return locate(parse_model_spec(str(folder)), offline=True)
+
+    base = tmp_path / "wan-small"
+    build_random_model(WAN, full_size=False).save_pretrained(base / "transformer", safe_serialization=True)
+    skeleton = open_converted(where(base), weights=False, dtype=torch.float32, device="cpu")
+    assert set(skeleton) == {"transformer"}
+    assert conversion_info(skeleton["transformer"]).recipe == WAN
+    assert any(p.is_meta for p in skeleton["transformer"].parameters())  # no base weights read
+
+    model = open_converted(where(base), weights=True, dtype=torch.float32, device="cpu",
+                           sparsity=0.5)["transformer"]
+    layer = next(iter(sla2_layers(model).values()))
+    assert layer.sparsity == 0.5
+    with torch.no_grad():
+        for parameter in layer.parameters():
+            parameter.add_(0.25)  # "trained"
+    sla2cli.save(model, tmp_path / "ckpt")
+    location = where(tmp_path / "ckpt")
+    assert location.holds_checkpoint() and not where(base).holds_checkpoint()
+    reopened = open_converted(location, weights=True, dtype=torch.float32, device="cpu", sparsity=0.75)
+    again = next(iter(sla2_layers(reopened["transformer"]).values()))
+    assert again.sparsity == 0.75
+    for mine, theirs in zip(layer.state_dict().values(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(theirs, mine)
