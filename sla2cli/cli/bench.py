@@ -8,7 +8,14 @@ from typing import Annotated
 import typer
 
 from sla2cli.bench.cases import MODES
-from sla2cli.bench.job import BenchRequest, run_bench_job
+from sla2cli.bench.job import (
+    CPU_TIME_BUDGET_S,
+    CPU_WARMUP,
+    GPU_TIME_BUDGET_S,
+    GPU_WARMUP,
+    BenchRequest,
+    run_bench_job,
+)
 from sla2cli.bench.providers import provider_names
 
 HELP = (
@@ -49,12 +56,12 @@ def bench(
         metavar="auto|cuda|cpu", help="auto (CUDA when present), cuda or cpu."
     )] = "auto",
     warmup: Annotated[int | None, typer.Option(
-        min=0, help="Untimed calls before timing each case. Default: 3 on GPU, 1 on CPU."
+        min=0, help=f"Untimed calls before timing each case. Default: {GPU_WARMUP} on GPU, {CPU_WARMUP} on CPU."
     )] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Timed calls per case (the median is reported).")] = 20,
     time_budget: Annotated[float | None, typer.Option(
         min=0.0, help="Seconds of timed calls per case: slow cases use fewer repeats (never fewer than 5). "
-        "Default: 10 on GPU, 1 on CPU.",
+        f"Default: {GPU_TIME_BUDGET_S:g} on GPU, {CPU_TIME_BUDGET_S:g} on CPU.",
     )] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
     csv: Annotated[Path | None, typer.Option(help="Write one CSV row per measurement to this file.")] = None,
