@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
+import pytest
 from bench_support import CPU
 
+from sla2cli.bench import timing
 from sla2cli.bench.timing import CacheFlusher, TimingPlan, repeats_within_budget, time_call
 
 
@@ -17,14 +17,18 @@ def test_repeats_shrink_for_slow_calls_but_not_below_the_minimum():
     assert repeats_within_budget(TimingPlan(repeats=2), 10_000.0) == 2
 
 
-def test_cpu_timing_is_the_median_wall_time():
+def test_cpu_timing_is_the_median_of_the_timed_calls(monkeypatch):
+    """A scripted clock: each call takes a known time, so the median, the minimum and which calls are
+    warm-ups are exact."""
+    durations_ms = iter([40.0, 30.0, 5.0, 1.0, 3.0, 2.0, 4.0])  # two warm-ups, then five timed calls
+    clock = [0.0]
     calls = []
 
-    def sleepy() -> None:
+    def call() -> None:
         calls.append(1)
-        time.sleep(0.004)
+        clock[0] += next(durations_ms) / 1e3
 
-    timing = time_call(sleepy, CPU, TimingPlan(warmup=2, repeats=5, budget_s=10.0), CacheFlusher(CPU))
-    assert timing.repeats == 5 and len(calls) == 7
-    assert 4.0 <= timing.median_ms < 50.0
-    assert timing.min_ms <= timing.median_ms
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    measured = time_call(call, CPU, TimingPlan(warmup=2, repeats=5, budget_s=10.0), CacheFlusher(CPU))
+    assert measured.repeats == 5 and len(calls) == 7
+    assert measured.median_ms == pytest.approx(3.0) and measured.min_ms == pytest.approx(1.0)
