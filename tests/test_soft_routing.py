@@ -102,7 +102,7 @@ def test_dense_target_rows():
 
 
 def test_gradcheck_with_lambda_held_constant(monkeypatch, one_thread):
-    """The backward is exact for the function in which lambda does not move: design.md's definition."""
+    """The backward is exact for the function in which lambda does not move (docs/method.md, section 7)."""
     gen = torch.Generator().manual_seed(6)
     def draw(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)

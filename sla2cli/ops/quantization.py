@@ -1,6 +1,6 @@
 """Low-bit sparse branch: which modes exist, which device runs which, and the fake-quant oracle.
 
-Modes (design.md section 2): the exact (sparse) branch's Q.K^T in INT8, the forward only. Q is
+Modes (docs/method.md, section 6): the exact (sparse) branch's Q.K^T in INT8, the forward only. Q is
 INT8 per token; K is smoothed (minus its mean over the sequence: exact for softmax, because it
 shifts every logit of a row by the same amount), equalised per channel (K divided and Q multiplied
 by g = sqrt(max |K - mean|) per channel: Q.K^T is unchanged) and INT8 with one scale per key
