@@ -32,6 +32,10 @@ REQUIRED_KEYS = (
     "calibration", "finetune", "architecture",
 )
 LAYER_WILDCARD = "*"
+# Wan image-to-video conditioning: the transformer's keyword for the image embeddings, and how many
+# CLIP ViT-H/14 tokens they hold. Report inputs, fine-tuning data and random test inputs all use these.
+IMAGE_ARGUMENT = "encoder_hidden_states_image"
+IMAGE_TOKENS = 257
 
 
 @dataclass(frozen=True)
