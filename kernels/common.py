@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+# Re-exported (the redundant alias says so): the forward and backward kernels import LOG2E from here.
+from sla2_kernels.numerics import LOG2E as LOG2E
 
 
 class Launch(NamedTuple):

@@ -25,12 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
+from sla2_kernels import numerics
 from sla2_kernels.common import Launch, last_dim_contiguous, row_stride_args, tile_pointers
 
-# constexpr so that kernels may read them; host code uses `.value`.
-INT8_MAX = tl.constexpr(127.0)
-FP8_E4M3_MAX = tl.constexpr(448.0)
-TINY = tl.constexpr(1e-30)
+# The values live in sla2_kernels.numerics; constexpr so that kernels may read them (host code uses `.value`).
+INT8_MAX = tl.constexpr(numerics.INT8_MAX)
+FP8_E4M3_MAX = tl.constexpr(numerics.FP8_E4M3_MAX)
+TINY = tl.constexpr(numerics.TINY_SCALE)
 # Statistics pass: rows per program, rows per load and the launch (benchmarks/lowbit_parts.py sweeps
 # them); then one program per (batch, head) reduces the programs' partials. 3 stages: Triton's default.
 STATS_CHUNK = 1024

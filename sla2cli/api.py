@@ -22,10 +22,16 @@ from sla2cli.checkpoint.storage import open_converted, write_checkpoint
 from sla2cli.devices import model_dtype
 from sla2cli.errors import UserError
 from sla2cli.integration.conversion import conversion_info, convert_component
-from sla2cli.integration.recipes import Recipe, get_recipe, recipe_for_architecture, recipe_for_hub_id
+from sla2cli.integration.recipes import (
+    EMBEDDED_SOURCE,
+    Recipe,
+    get_recipe,
+    recipe_for_architecture,
+    recipe_for_hub_id,
+)
 from sla2cli.ops.quantization import QUANT_NONE, check_quant
 from sla2cli.sources.base import BaseModelRef, base_ref_from_name_or_path
-from sla2cli.sources.locate import EMBEDDED_RECIPE, locate
+from sla2cli.sources.locate import locate
 from sla2cli.sources.spec import parse_model_spec
 from sla2cli.training.finetune import evaluate, finetune
 from sla2cli.training.variants import check_saveable
@@ -101,7 +107,7 @@ def convert(
     for name, model in components.items():
         base = (
             BaseModelRef(source="embedded")
-            if chosen.source == EMBEDDED_RECIPE
+            if chosen.source == EMBEDDED_SOURCE
             else base_ref_from_name_or_path(_name_or_path(model))
         )
         convert_component(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sla2cli.checkpoint.format import CHECKPOINT_FILES, CONFIG_FILE, TRAINING_ENTRIES
 from sla2cli.errors import UserError
@@ -189,3 +191,21 @@ def atomic_path(path: Path) -> Iterator[Path]:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _strict_json(value: Any) -> Any:
+    """`value` with every NaN and infinity replaced by None: strict JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    return value
+
+
+def write_json_file(path: Path, document: Any, *, sort_keys: bool = False) -> None:
+    """Write `document` atomically as indented, strict JSON (non-finite numbers become null)."""
+    text = json.dumps(_strict_json(document), indent=2, sort_keys=sort_keys)
+    with atomic_path(path) as temporary:
+        temporary.write_text(text + "\n", encoding="utf-8")

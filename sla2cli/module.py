@@ -59,7 +59,7 @@ class SLA2Attention(nn.Module):
     block-level estimate of that probability: the mean logit of block j is about S_c[i, j] and the block
     has n_j real tokens, so p_ij = softmax_j(S_c[i, j] * t_h + log n_j) approximates the block's mass and
     mass_i = sum over selected j of p_ij approximates the ideal alpha. Each quantity exists at any
-    sequence length, so a model calibrated at one resolution runs at another (design.md section 2); a
+    sequence length, so a model calibrated at one resolution runs at another (docs/method.md, section 5); a
     per-position alpha, as in the paper, could not. Calibration then corrects the estimate per head:
     alpha = sigmoid(w_h * logit(clamp(mass)) + b_h), with t_h = exp(log_temperature_h) sharpening or
     flattening the block distribution.

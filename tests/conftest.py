@@ -45,3 +45,18 @@ def without_shipped_sla2(monkeypatch, tmp_path_factory):
     written for whether or not the real assets are in place."""
     monkeypatch.setattr("sla2cli.embedded.shipped_sla2.ASSETS_DIR",
                         tmp_path_factory.getbasetemp() / "no-shipped-sla2")
+
+
+@pytest.fixture()
+def wide_console(monkeypatch):
+    """rich wraps at the console width (80 without a terminal); messages are checked as single lines."""
+    monkeypatch.setenv("COLUMNS", "300")
+
+
+@pytest.fixture()
+def one_thread():
+    """Many tiny ops: one intra-op thread keeps them fast on a busy machine (restored afterwards)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

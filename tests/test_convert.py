@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -60,12 +59,9 @@ def test_convert_without_arguments_converts_the_embedded_model(tmp_path, monkeyp
     from sla2cli.embedded.loading import embedded_example_inputs, load_embedded_model
 
     monkeypatch.chdir(tmp_path)
-    start = time.monotonic()
     code, stdout, err = run_cli(["convert"], capsys)
-    seconds = time.monotonic() - start
 
     assert code == 0, err
-    assert seconds < 30
     out = tmp_path / "embedded-sla2"
     assert json.loads((out / "sla2_config.json").read_text())["base_model"]["source"] == "embedded"
     inputs = embedded_example_inputs(frames=4, height=32, width=32)  # 1024 tokens: 16 key blocks

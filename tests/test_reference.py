@@ -1,4 +1,4 @@
-"""The oracle against a brute-force, row-by-row reading of design.md section 2 (float64)."""
+"""The oracle against a brute-force, row-by-row reading of docs/method.md, sections 1-5 (float64)."""
 
 from __future__ import annotations
 

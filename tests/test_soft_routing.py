@@ -15,15 +15,6 @@ from sla2cli.ops.soft import (
 )
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny float64 tensors: thread start-up would dominate, and other processes may hold the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_qkv(length, heads=2, head_dim=64, dtype=torch.float32, seed=0, batch=1):
     gen = torch.Generator().manual_seed(seed)
     return tuple(torch.randn(batch, heads, length, head_dim, generator=gen).to(dtype) for _ in range(3))
@@ -102,7 +93,7 @@ def test_dense_target_rows():
 
 
 def test_gradcheck_with_lambda_held_constant(monkeypatch, one_thread):
-    """The backward is exact for the function in which lambda does not move: design.md's definition."""
+    """The backward is exact for the function in which lambda does not move (docs/method.md, section 7)."""
     gen = torch.Generator().manual_seed(6)
     def draw(*shape):
         return torch.randn(*shape, generator=gen, dtype=torch.float64)

@@ -21,10 +21,9 @@ from sla2cli.bench.cases import AttentionShape
 from sla2cli.embedded.loading import build_embedded_model, embedded_example_inputs, keep_precision_sensitive_parts_fp32
 from sla2cli.errors import UserError
 from sla2cli.integration.conversion import conversion_info, model_settings, sla2_layers
-from sla2cli.integration.recipes import Recipe, Resolution, get_recipe, recipe_for_hub_id
+from sla2cli.integration.recipes import EMBEDDED_SOURCE, Recipe, Resolution, get_recipe, recipe_for_hub_id
 from sla2cli.sources.random_models import build_random_model, example_inputs
 
-EMBEDDED = "embedded"
 PIXELS = re.compile(r"(?P<height>\d+)x(?P<width>\d+)")
 
 
@@ -85,7 +84,7 @@ def _creating_in(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
 
 
 def _random_model(request: ModelRequest, recipe: Recipe) -> nn.Module:
-    if recipe.source == EMBEDDED:
+    if recipe.source == EMBEDDED_SOURCE:
         torch.manual_seed(request.seed)
         with _creating_in(request.dtype, request.device):
             model = build_embedded_model().eval().requires_grad_(False)
@@ -105,7 +104,7 @@ def _loaded_model(request: ModelRequest) -> tuple[nn.Module, Recipe]:
 
 
 def model_inputs(recipe: Recipe, model: nn.Module, size: Resolution, request: ModelRequest) -> dict[str, Any]:
-    if recipe.source == EMBEDDED:
+    if recipe.source == EMBEDDED_SOURCE:
         return embedded_example_inputs(
             1, size.frames, size.height, size.width, seed=request.seed, dtype=request.dtype, device=request.device
         )
@@ -121,7 +120,7 @@ def prepare_model(request: ModelRequest) -> BenchModel:
         raise UserError("--scaled-down builds a small random model; add --random-weights")
     if request.random_weights:
         recipe = recipe_for_random_weights(request.model)
-        if request.scaled_down and recipe.source == EMBEDDED:
+        if request.scaled_down and recipe.source == EMBEDDED_SOURCE:
             raise UserError("the embedded model is already small; drop --scaled-down")
         model = _random_model(request, recipe)
         weights = "random weights" + (", scaled down" if request.scaled_down else "")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -12,7 +10,7 @@ from rich.table import Table
 
 from sla2cli.bench.environment import Environment
 from sla2cli.bench.records import OK, Measurement, column_order
-from sla2cli.files import atomic_path
+from sla2cli.files import atomic_path, write_json_file
 from sla2cli.ops.geometry import ROUNDING_NOTE, describe_rounding, sparsity_is_rounded
 
 CPU_WARNING = (
@@ -39,18 +37,9 @@ def write_csv(measurements: list[Measurement], path: Path) -> None:
         frame.to_csv(temporary, index=False)
 
 
-def _json_value(value: object) -> object:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    return value
-
-
 def write_json(measurements: list[Measurement], path: Path) -> None:
     """A JSON list with one object per measurement (null where a CSV cell is empty)."""
-    rows = [{key: _json_value(value) for key, value in m.as_row().items()} for m in measurements]
-    text = json.dumps(rows, indent=2)
-    with atomic_path(path) as temporary:
-        temporary.write_text(text + "\n", encoding="utf-8")
+    write_json_file(path, [m.as_row() for m in measurements])
 
 
 def header_lines(environment: Environment) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sla2cli.embedded.synthetic import LATENT_CHANNELS, TEXT_DIM, TEXT_TOKENS
-from sla2cli.files import atomic_path
+from sla2cli.files import write_json_file
 
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 WEIGHTS_FILENAME = "embedded_wan.safetensors"
@@ -60,8 +60,7 @@ def model_kwargs_from_config(config: dict[str, Any]) -> dict[str, Any]:
 
 def save_config(config: dict[str, Any], path: Path) -> None:
     """Write the config document atomically as indented json."""
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json_file(path, config, sort_keys=True)
 
 
 def read_config(path: Path) -> dict[str, Any]:

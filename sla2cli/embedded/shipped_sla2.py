@@ -29,7 +29,7 @@ from sla2cli.checkpoint.storage import split_state
 from sla2cli.embedded.config import ASSETS_DIR
 from sla2cli.embedded.loading import build_embedded_model, keep_precision_sensitive_parts_fp32
 from sla2cli.errors import UserError
-from sla2cli.files import atomic_path
+from sla2cli.files import atomic_path, write_json_file
 from sla2cli.integration.conversion import convert_component, model_settings, sla2_layers
 from sla2cli.integration.recipes import get_recipe
 from sla2cli.ops.quantization import QUANT_NONE
@@ -106,8 +106,7 @@ def write_shipped_sla2(model: nn.Module, folder: Path, measurements: dict[str, A
         "base_dtype": str(SHIPPED_DTYPE).removeprefix("torch."),
         "measurements": dict(measurements),
     }
-    with atomic_path(folder / SHIPPED_RECORD_FILENAME) as temporary:
-        temporary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json_file(folder / SHIPPED_RECORD_FILENAME, record, sort_keys=True)
     return record
 
 
@@ -178,6 +177,5 @@ def add_shipped_measurements(folder: Path, measurements: dict[str, Any]) -> dict
     if record is None:
         raise UserError(f"{folder} holds no shipped SLA2 weights to add measurements to")
     record["measurements"] = {**record["measurements"], **measurements}
-    with atomic_path(folder / SHIPPED_RECORD_FILENAME) as temporary:
-        temporary.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json_file(folder / SHIPPED_RECORD_FILENAME, record, sort_keys=True)
     return record

@@ -24,7 +24,8 @@ from sla2cli.ops.validation import check_timestep
 
 RECIPE_VERSION = 1
 RECIPES_PACKAGE = "sla2cli.recipes"
-SOURCES = ("hub", "embedded")
+EMBEDDED_SOURCE = "embedded"  # a recipe whose model ships with sla2 (no Hub id)
+SOURCES = ("hub", EMBEDDED_SOURCE)
 PROCESSOR_KINDS = ("wan", "cogvideox")
 REQUIRED_KEYS = (
     "recipe_version", "name", "title", "source", "hub_id", "model_class", "components", "attention",
@@ -32,6 +33,10 @@ REQUIRED_KEYS = (
     "calibration", "finetune", "architecture",
 )
 LAYER_WILDCARD = "*"
+# Wan image-to-video conditioning: the transformer's keyword for the image embeddings, and how many
+# CLIP ViT-H/14 tokens they hold. Report inputs, fine-tuning data and random test inputs all use these.
+IMAGE_ARGUMENT = "encoder_hidden_states_image"
+IMAGE_TOKENS = 257
 
 
 @dataclass(frozen=True)
@@ -168,7 +173,7 @@ class Recipe:
     def model_config(self) -> dict[str, Any] | None:
         """Constructor arguments of the full-size model: the recipe's architecture, or for the embedded
         model the ones its package defines (kept there, next to its weights, in one place)."""
-        if self.source == "embedded":
+        if self.source == EMBEDDED_SOURCE:
             return dict(MODEL_KWARGS)
         return dict(self.architecture) if self.architecture is not None else None
 

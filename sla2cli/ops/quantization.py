@@ -1,16 +1,16 @@
 """Low-bit sparse branch: which modes exist, which device runs which, and the fake-quant oracle.
 
-Modes (design.md section 2): the exact (sparse) branch's Q.K^T in INT8, the forward only. Q is
+Modes (docs/method.md, section 6): the exact (sparse) branch's Q.K^T in INT8, the forward only. Q is
 INT8 per token; K is smoothed (minus its mean over the sequence: exact for softmax, because it
 shifts every logit of a row by the same amount), equalised per channel (K divided and Q multiplied
 by g = sqrt(max |K - mean|) per channel: Q.K^T is unchanged) and INT8 with one scale per key
-block, so that the kernel applies one scale per score row (measured on an H100 at (1, 12, 32760,
-128), 97%, attention loop alone: 0.40 ms against 0.54 ms for per-token key scales or bf16).
+block, so that the kernel applies one scale per score row (its attention loop ran faster that way than
+with per-token key scales or in bf16; the timings are in benchmarks/results/).
 Then P.V is either
 - `int8`: in the input's precision, as the unquantised kernel does it; or
-- `int8-fp8`: FP8 e4m3 (V scaled per channel, P by 448 so that 1 maps to the format's top), which
-  needs FP8 tensor cores (compute capability 8.9+). Measured on an H100 it is no faster (0.40 ms)
-  and, with 3 mantissa bits, about 3.7% off the bf16 output on random inputs, so `auto` picks `int8`.
+- `int8-fp8`: FP8 e4m3 (V scaled per channel, P by FP8_E4M3_MAX so that 1 maps to the format's top),
+  which needs FP8 tensor cores (compute capability 8.9+). It measured no faster than `int8` and, with
+  3 mantissa bits, about 3.7% off the bf16 output on random inputs, so `auto` picks `int8`.
 The router and the linear branch keep the input precision. The backward is the unquantised one
 (straight-through): fine-tuning through the low-bit forward is quantisation-aware training.
 
@@ -26,6 +26,7 @@ import math
 import torch
 
 from sla2_kernels.modes import QUANT_INT8, QUANT_INT8_FP8, QUANT_MODES, QUANT_NONE
+from sla2_kernels.numerics import FP8_E4M3_MAX, INT8_MAX, LOG2E, TINY_SCALE
 from sla2cli.ops.blockwise import blockwise_sla2, to_blocks
 from sla2cli.ops.complement import complement_map
 from sla2cli.ops.geometry import num_blocks
@@ -39,12 +40,8 @@ REQUESTABLE_QUANT_MODES = (*QUANT_MODES, QUANT_AUTO)
 # became `int8` (P.V in the input's precision) once per-block key scales made fp16 P.V the slow part.
 LEGACY_QUANT_NAMES = {"int8-fp16": QUANT_INT8}
 
-INT8_MAX = 127.0
-FP8_E4M3_MAX = 448.0
 FP8_CAPABILITY = (8, 9)
 INT8_CAPABILITY = (8, 0)
-_TINY = 1e-30
-LOG2E = 1.4426950408889634
 
 
 def supported_quant_modes(device: torch.device | str) -> tuple[str, ...]:
@@ -98,7 +95,7 @@ def round_half_away(x: torch.Tensor) -> torch.Tensor:
 def quantize_int8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric INT8 with one scale per row: (integer values as float32 (B, H, L, D), scales (B, H, L))."""
     x = x.float()
-    scale = x.abs().amax(dim=-1).clamp_min(_TINY) / INT8_MAX
+    scale = x.abs().amax(dim=-1).clamp_min(TINY_SCALE) / INT8_MAX
     return round_half_away(x * (1.0 / scale)[..., None]), scale
 
 
@@ -110,7 +107,7 @@ def smooth_keys(k: torch.Tensor) -> torch.Tensor:
 
 def channel_gains(smoothed_keys: torch.Tensor) -> torch.Tensor:
     """(B, H, 1, D): g = sqrt(max |K - mean|) per channel; K / g and Q * g give the same Q.K^T."""
-    return smoothed_keys.abs().amax(dim=2, keepdim=True).clamp_min(_TINY).sqrt()
+    return smoothed_keys.abs().amax(dim=2, keepdim=True).clamp_min(TINY_SCALE).sqrt()
 
 
 def quantize_int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +116,7 @@ def quantize_int8_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, tor
     Rows past the end (padding of the last block) are zero and do not affect its scale.
     """
     blocks = to_blocks(x.float(), block)
-    scale = blocks.abs().amax(dim=(-1, -2)).clamp_min(_TINY) / INT8_MAX
+    scale = blocks.abs().amax(dim=(-1, -2)).clamp_min(TINY_SCALE) / INT8_MAX
     return round_half_away(blocks * (1.0 / scale)[..., None, None]), scale
 
 
@@ -139,7 +136,7 @@ def quantize_queries_keys(
 
 def value_channel_scales(v: torch.Tensor) -> torch.Tensor:
     """Per (batch, head, channel) FP8 scale: the channel's largest magnitude maps to 448. (B, H, D) float32."""
-    return v.float().abs().amax(dim=2).clamp_min(_TINY) / FP8_E4M3_MAX
+    return v.float().abs().amax(dim=2).clamp_min(TINY_SCALE) / FP8_E4M3_MAX
 
 
 def to_fp8(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The oracle: SLA2 attention in plain PyTorch with dense L x L masks (design.md section 2).
+"""The oracle: SLA2 attention in plain PyTorch with dense L x L masks (docs/method.md, sections 1-5).
 
 Slow and memory-hungry on purpose: every line maps to one sentence of the method, so that the fast
 paths can be tested against something obviously right. Computes in float32 (or float64 when given

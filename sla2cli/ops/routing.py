@@ -63,7 +63,7 @@ def route(
     block_q: int = DEFAULT_BLOCK_Q,
     block_k: int = DEFAULT_BLOCK_K,
 ) -> Routing:
-    """Hard routing of design.md section 2 (no gradient: top-k has none)."""
+    """Hard routing of docs/method.md, section 2 (no gradient: top-k has none)."""
     with torch.no_grad():
         q_pooled, k_pooled_smoothed = pooled_means(q, k, block_q, block_k)
         scores = pooled_scores(q_pooled, k_pooled_smoothed, proj_q, proj_k)

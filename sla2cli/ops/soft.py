@@ -1,4 +1,4 @@
-"""Soft routing: a differentiable stand-in for top-k, used only to train the router (design.md section 2).
+"""Soft routing: a differentiable stand-in for top-k, used only to train the router (docs/method.md, section 7).
 
 Top-k has no gradient, so calibration relaxes each router row to
 m_ij = sigmoid(S_c[i, j] / tau + lambda_i), with lambda_i found by bisection so that sum_j m_ij = k_sel.
@@ -109,7 +109,7 @@ def soft_block_weights(
 def budgeted_soft_top_k(scores: torch.Tensor, k_sel: int, tau: float = DEFAULT_TAU) -> torch.Tensor:
     """m = sigmoid(S / tau + lambda(S)) with rows summing to k_sel, differentiable THROUGH lambda.
 
-    `soft_block_weights` treats lambda as a constant in the backward (design.md section 2), so its
+    `soft_block_weights` treats lambda as a constant in the backward (docs/method.md, section 7), so its
     gradient lets every m_ij grow at once: an objective that rewards mass on good blocks then just
     scales the scores up and the hard top-k it stands for gets worse (measured on the embedded model:
     hard captured mass 0.30 -> 0.09 in 400 steps). Here lambda follows the scores by implicit

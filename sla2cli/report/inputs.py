@@ -21,12 +21,10 @@ from torch import nn
 
 from sla2cli.embedded.synthetic import calibration_clips, validation_clips
 from sla2cli.errors import UserError
-from sla2cli.integration.recipes import Recipe, Resolution
+from sla2cli.integration.recipes import IMAGE_ARGUMENT, IMAGE_TOKENS, Recipe, Resolution
 
 LATENTS_KEY = "latents"
 TEXT_KEY = "encoder_hidden_states"
-IMAGE_KEY = "encoder_hidden_states_image"
-IMAGE_TOKENS = 257  # CLIP ViT-H/14 tokens that Wan image-to-video models are conditioned on
 COGVIDEOX_OFS = 2.0  # the offset embedding value CogVideoX 1.5 image-to-video pipelines pass
 RANDOM_INPUTS_WARNING = (
     "no --inputs given: using random latents and text embeddings; random inputs understate the "
@@ -127,15 +125,15 @@ class WanInputs(FamilyInputs):
             "timestep": torch.full((noisy.shape[0],), t * 1000.0, device=noisy.device),
             "encoder_hidden_states": sample.text,
         }
-        if IMAGE_KEY in sample.extras:
-            kwargs[IMAGE_KEY] = sample.extras[IMAGE_KEY]
+        if IMAGE_ARGUMENT in sample.extras:
+            kwargs[IMAGE_ARGUMENT] = sample.extras[IMAGE_ARGUMENT]
         return kwargs
 
     def random_extras(self, generator: torch.Generator) -> dict[str, torch.Tensor]:
         image_dim = getattr(self.config, "image_dim", None)
         if not image_dim:
             return {}
-        return {IMAGE_KEY: torch.randn(1, IMAGE_TOKENS, int(image_dim), generator=generator)}
+        return {IMAGE_ARGUMENT: torch.randn(1, IMAGE_TOKENS, int(image_dim), generator=generator)}
 
 
 class CogVideoXInputs(FamilyInputs):

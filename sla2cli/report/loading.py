@@ -10,11 +10,11 @@ import torch
 from torch import nn
 
 from sla2cli import api
+from sla2cli.checkpoint.format import CONFIG_FILE
 from sla2cli.errors import UserError
 from sla2cli.integration.conversion import conversion_info
 from sla2cli.integration.recipes import get_recipe
 from sla2cli.report.runner import ReportTarget
-from sla2cli.sources.folders import SLA2_CONFIG
 from sla2cli.sources.locate import EMBEDDED_RECIPE, locate
 from sla2cli.sources.spec import parse_model_spec
 
@@ -31,12 +31,12 @@ def load_report_target(
     spec = parse_model_spec(model_or_dir)
     if spec.kind != "embedded":
         if spec.kind == "local":
-            is_checkpoint = (spec.path / SLA2_CONFIG).is_file()
+            is_checkpoint = (spec.path / CONFIG_FILE).is_file()
         else:
             is_checkpoint = locate(spec, offline=offline).holds_checkpoint()
         if not is_checkpoint:
             raise UserError(
-                f"{spec.describe()} is not an SLA2 checkpoint (it has no {SLA2_CONFIG}); "
+                f"{spec.describe()} is not an SLA2 checkpoint (it has no {CONFIG_FILE}); "
                 f"convert it first with: sla2 convert {model_or_dir} --out FOLDER"
             )
     loaded = api.load(model_or_dir, sparsity=sparsity, dtype=dtype, device=device, offline=offline)

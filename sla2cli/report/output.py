@@ -6,7 +6,6 @@ reader never sees half a file and an interrupted run leaves the previous file in
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,7 +15,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from sla2cli.files import atomic_path
+from sla2cli.files import atomic_path, write_json_file
 from sla2cli.report.summary import Row, layer_name, rounded_levels, worst_layers
 
 if TYPE_CHECKING:  # PIL loads only when a GIF is asked for
@@ -143,20 +142,9 @@ def render_reference_table(console: Console, quality: Row) -> None:
     console.print(table)
 
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(item) for item in value]
-    return value
-
-
 def write_json(document: dict[str, Any], path: Path) -> None:
     """The whole report as JSON; non-finite numbers become null (strict JSON has no NaN)."""
-    with atomic_path(path) as temporary:
-        temporary.write_text(json.dumps(_json_safe(document), indent=2) + "\n", encoding="utf-8")
+    write_json_file(path, document)
 
 
 def error_grid(rows: list[Row], metric: str) -> tuple[list[str], torch.Tensor]:

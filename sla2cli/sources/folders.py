@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sla2cli.checkpoint.format import CONFIG_FILE as SLA2_CONFIG_FILE
 from sla2cli.errors import UserError
 
 CONFIG = "config.json"
-SLA2_CONFIG = "sla2_config.json"
 SINGLE_COMPONENT = "transformer"
 
 
@@ -62,7 +62,7 @@ def inspect_folder(root: Path) -> FolderContents:
     A folder with its own config.json is one component, called `transformer`. Otherwise every
     subfolder whose config.json names a diffusers class is a component (vae, transformer, ...).
     """
-    if (root / SLA2_CONFIG).is_file():
+    if (root / SLA2_CONFIG_FILE).is_file():
         return FolderContents(root=root, is_checkpoint=True)
     single = read_component(SINGLE_COMPONENT, root)
     if single is not None:

@@ -21,6 +21,7 @@ from huggingface_hub.errors import (
 )
 
 from sla2cli.errors import UserError
+from sla2cli.sources.folders import CONFIG
 
 MODEL_INDEX = "model_index.json"
 
@@ -29,7 +30,6 @@ class HubRepoUnavailable(UserError):
     """The Hub repository was not found, not reachable, or not cached offline: the id may be no Hub id at
     all (a mistyped folder), so callers may add what else was tried."""
 
-CONFIG = "config.json"
 
 
 def hub_offline(offline: bool) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 import diffusers
 import torch
 
-from sla2cli.integration.recipes import Recipe, Resolution, get_recipe
+from sla2cli.integration.recipes import IMAGE_ARGUMENT, IMAGE_TOKENS, Recipe, Resolution, get_recipe
 from sla2cli.sources.components import model_class
 
 # Per diffusers class: the sizes a scaled-down copy uses. Head dim 64 is one the SLA2 kernels support.
@@ -29,7 +29,6 @@ SCALED_DOWN: dict[str, dict[str, Any]] = {
     },
 }
 SCALED_IMAGE_DIM = 32
-IMAGE_TOKENS = 257  # CLIP ViT-H/14 tokens that Wan I2V attends to
 SCALED_TEXT_TOKENS = 16
 
 
@@ -157,5 +156,5 @@ def example_inputs(
         "encoder_hidden_states": noise(batch, text_tokens, config["text_dim"]),
     }
     if config.get("image_dim") is not None:
-        inputs["encoder_hidden_states_image"] = noise(batch, IMAGE_TOKENS, config["image_dim"])
+        inputs[IMAGE_ARGUMENT] = noise(batch, IMAGE_TOKENS, config["image_dim"])
     return inputs

@@ -1,1 +1,1 @@
-"""Training of converted models: stage 1, calibration of the router and alpha per layer (design.md section 2)."""
+"""Training of converted models: stage 1, calibration of the router and alpha per layer (docs/method.md, section 8)."""

@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 
 from sla2cli import api
-from sla2cli.checkpoint.format import CheckpointConfig, read_config
+from sla2cli.checkpoint.format import CONFIG_FILE, CheckpointConfig, read_config
 from sla2cli.devices import model_dtype, resolve_device
 from sla2cli.errors import UserError
 from sla2cli.files import check_output_folder
@@ -31,7 +31,6 @@ from sla2cli.report.runner import (
     converted_layers,
     parse_timesteps,
 )
-from sla2cli.sources.folders import SLA2_CONFIG
 from sla2cli.training.calibration import (
     CalibrationSettings,
     LayerResult,
@@ -97,9 +96,9 @@ def output_folder(checkpoint: Path, out: Path | None, overwrite: bool) -> Path:
 
 def read_checkpoint_config(checkpoint: Path) -> CheckpointConfig:
     """The checkpoint's config (its recipe gives the defaults), or a one-line error for any other folder."""
-    if not (checkpoint / SLA2_CONFIG).is_file():
+    if not (checkpoint / CONFIG_FILE).is_file():
         raise UserError(
-            f"{checkpoint} is not an SLA2 checkpoint folder (no {SLA2_CONFIG}); "
+            f"{checkpoint} is not an SLA2 checkpoint folder (no {CONFIG_FILE}); "
             f"create one with: sla2 convert MODEL --out {checkpoint}"
         )
     return read_config(checkpoint)

@@ -12,7 +12,7 @@ Two fits per layer, each against a target that the captured tensors give exactly
 2. alpha (`alpha_fit`): the per-head alpha predictor for the router's hard routing, against the
    hard-routing error itself, which is quadratic in alpha per query block.
 
-Measured on the embedded model at 0.97 (README, calibrate), these replace the design's soft-routing MSE
+Measured on the embedded model at 0.97 (README, calibrate), these replace the soft-routing MSE
 (0.608 -> 0.604 there). Guard: the layer ends with whichever of (its parameters before, alpha refitted
 with the router it had, trained router with alpha refitted) gives the lowest hard-routing error, so
 calibration never makes a layer worse on the captured calls, and a trained router is kept only when it

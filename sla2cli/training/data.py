@@ -26,6 +26,7 @@ from sla2cli.embedded.synthetic import (
     validation_clips,
 )
 from sla2cli.errors import UserError
+from sla2cli.integration.recipes import IMAGE_ARGUMENT
 from sla2cli.training.latent_format import (
     IMAGE_EMBEDS,
     LATENTS,
@@ -37,8 +38,6 @@ from sla2cli.training.latent_format import (
 from sla2cli.training.objectives import NoisyBatch, shift_timesteps
 from sla2cli.training.seeding import STREAM_CLIP, STREAM_NOISE, STREAM_ORDER, derived_seed, generator_for
 from sla2cli.training.settings import Clip
-
-IMAGE_ARGUMENT = "encoder_hidden_states_image"  # the transformer's keyword for image embeddings (Wan I2V)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """What trains and how: the trainable-parameter choice, AdamW parameter groups, the learning-rate update.
 
-Fine-tuning (design.md section 2, stage 2) trains every base weight and the alpha parameters with hard
+Fine-tuning (docs/method.md, section 9) trains every base weight and the alpha parameters with hard
 routing while the router's projections stay frozen; `train` lets a caller choose another set (the
 quality suite compares variants), and SLA2's own parameters may get their own learning rate.
 """

@@ -8,10 +8,10 @@ to `budgeted_soft_top_k` (rows of the relaxation sum to k_sel and the gradient r
 
     loss = - mean over (b, h, query block i) of  sum_j m_ij(S_c) * mass_ij
 
-Why not the design's soft-routing MSE against full attention: measured per layer on the embedded model
-at 0.97 (one clip to fit on, alpha refitted afterwards, mean hard-routing error on that clip / on three
-others), the MSE with lambda constant in the backward gives 0.535 / 0.567, worse than not training the
-router (0.476 / 0.518); with lambda differentiated 0.453 / 0.500; this objective 0.420 / 0.474, next to
+Why not the soft-routing MSE against full attention (docs/method.md, section 7): measured per layer on the
+embedded model at 0.97 (one clip to fit on, alpha refitted afterwards, mean hard-routing error on that clip /
+on three others), the MSE with lambda constant in the backward gives 0.535 / 0.567, worse than not training
+the router (0.476 / 0.518); with lambda differentiated 0.453 / 0.500; this objective 0.420 / 0.474, next to
 routing by the true top-k blocks (0.420 / 0.434), at a tenth of the cost: it needs only block means
 and block masses, so a step over all captured calls of a layer costs next to nothing.
 """
