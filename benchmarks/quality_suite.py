@@ -52,9 +52,9 @@ from sla2cli.embedded.shipped_sla2 import add_shipped_measurements, load_shipped
 from sla2cli.errors import UserError
 from sla2cli.files import atomic_path
 from sla2cli.integration.conversion import sla2_layers
-from sla2cli.integration.recipes import get_recipe
+from sla2cli.integration.recipes import EMBEDDED_RECIPE, get_recipe
+from sla2cli.ops.geometry import DEFAULT_SPARSITIES
 from sla2cli.report.inputs import embedded_samples, family_inputs, forward_inputs
-from sla2cli.sources.locate import EMBEDDED_RECIPE
 from sla2cli.training.calibration import (
     CalibrationSettings,
     calibrate_layers,
@@ -86,7 +86,6 @@ EXTRA_COLUMNS = ["status", "val_loss_converted", "val_loss_converted_16f", "val_
                  "learning_rate", "clip", "clip_16f", "samples_per_second", "train_minutes", "wall_minutes",
                  "peak_memory_gb", "torch", "triton", "error"]
 DEFAULT_CSV = Path(__file__).resolve().parent / "results" / "quality_embedded.csv"
-DEFAULT_SPARSITIES = (0.9, 0.95, 0.97)
 MATRICES = ("full", "acceptance")
 TRAINED_METHODS = tuple(method for method in METHODS if method != DENSE)
 DENSE_SPARSITY = 0.0  # the dense reference's row: full attention

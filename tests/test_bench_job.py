@@ -8,7 +8,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from sla2cli.bench.cases import CPU_DEFAULT_SHAPES, DEFAULT_SPARSITIES, MODES
+from sla2cli.bench.cases import CPU_DEFAULT_SHAPES, MODES
 from sla2cli.bench.job import (
     CPU_TIME_BUDGET_S,
     CPU_WARMUP,
@@ -20,6 +20,7 @@ from sla2cli.bench.job import (
 from sla2cli.bench.kernel_mode import KernelBenchPlan
 from sla2cli.bench.model_mode import ModelBenchPlan
 from sla2cli.bench.records import FAILED, OK, Measurement
+from sla2cli.ops.geometry import DEFAULT_SPARSITIES
 
 
 def test_cpu_defaults_of_kernel_mode():

@@ -15,7 +15,6 @@ FORWARD = "fwd"
 FORWARD_BACKWARD = "fwd+bwd"
 MODES = (FORWARD, FORWARD_BACKWARD)
 
-DEFAULT_SPARSITIES = (0.90, 0.95, 0.97)
 
 
 @dataclass(frozen=True)

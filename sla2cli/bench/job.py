@@ -14,7 +14,6 @@ from rich.console import Console
 
 from sla2cli.bench.cases import (
     CPU_DEFAULT_SHAPES,
-    DEFAULT_SPARSITIES,
     GPU_DEFAULT_SHAPES,
     MODES,
     check_mode,
@@ -33,6 +32,7 @@ from sla2cli.bench.timing import TimingPlan
 from sla2cli.devices import resolve_device, resolve_dtype
 from sla2cli.errors import UserError
 from sla2cli.files import check_output_file
+from sla2cli.ops.geometry import DEFAULT_SPARSITIES
 from sla2cli.ops.validation import check_sparsity
 from sla2cli.progress import StepProgress, progress_bar
 

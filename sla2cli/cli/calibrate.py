@@ -16,8 +16,7 @@ import typer
 from rich.console import Console
 
 from sla2cli.cli.sample_options import DeviceOption, InputsOption, QuietOption, ResolutionOption
-from sla2cli.integration.recipes import get_recipe
-from sla2cli.sources.locate import EMBEDDED_RECIPE
+from sla2cli.integration.recipes import EMBEDDED_RECIPE, get_recipe
 from sla2cli.training.calibrate_job import CalibrationRequest, run_calibration_job
 
 EMBEDDED_DEFAULTS = get_recipe(EMBEDDED_RECIPE).calibration

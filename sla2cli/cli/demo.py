@@ -13,8 +13,9 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from sla2cli.demo.measure import DEFAULT_SPARSITIES, check_options, run_demo
+from sla2cli.demo.measure import check_options, run_demo
 from sla2cli.demo.output import render_table, write_csv_atomically
+from sla2cli.ops.geometry import DEFAULT_SPARSITIES
 from sla2cli.progress import progress_bar
 
 

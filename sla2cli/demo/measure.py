@@ -21,7 +21,6 @@ from sla2cli.ops.validation import check_head_dim, check_positive_int, check_spa
 from sla2cli.report.metrics import captured_mass, true_block_mass
 
 MIN_TOKENS = 256
-DEFAULT_SPARSITIES = [0.9, 0.95, 0.97]
 
 
 @dataclass(frozen=True)

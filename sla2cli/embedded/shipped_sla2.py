@@ -30,11 +30,8 @@ from sla2cli.embedded.config import ASSETS_DIR
 from sla2cli.embedded.loading import build_embedded_model, keep_precision_sensitive_parts_fp32
 from sla2cli.errors import UserError
 from sla2cli.files import atomic_path, write_json_file
-from sla2cli.integration.conversion import convert_component, model_settings, sla2_layers
-from sla2cli.integration.recipes import get_recipe
+from sla2cli.integration.conversion import convert_embedded, model_settings, sla2_layers
 from sla2cli.ops.quantization import QUANT_NONE
-from sla2cli.sources.base import BaseModelRef
-from sla2cli.sources.locate import EMBEDDED_RECIPE
 
 SHIPPED_WEIGHTS_FILENAME = "embedded_wan_sla2.safetensors"
 SHIPPED_ATTENTION_FILENAME = "embedded_wan_sla2_attention.safetensors"
@@ -43,7 +40,6 @@ SHIPPED_FILENAMES = (SHIPPED_WEIGHTS_FILENAME, SHIPPED_ATTENTION_FILENAME, SHIPP
 SHIPPED_FORMAT = "sla2-embedded-shipped"
 SHIPPED_FORMAT_VERSION = 1
 SHIPPED_DTYPE = torch.bfloat16
-COMPONENT = "transformer"
 
 
 def shipped_dir(assets_dir: Path | str | None = None) -> Path:
@@ -161,9 +157,8 @@ def load_shipped_sla2(
     if dtype != torch.float32:
         model = model.to(dtype=dtype)
         keep_precision_sensitive_parts_fp32(model)
-    convert_component(
-        model, get_recipe(EMBEDDED_RECIPE), component=COMPONENT, base=BaseModelRef(source="embedded"),
-        sparsity=float(record["sparsity"]), block_q=int(record["block_q"]), block_k=int(record["block_k"]),
+    convert_embedded(
+        model, sparsity=float(record["sparsity"]), block_q=int(record["block_q"]), block_k=int(record["block_k"]),
         quant=quant,
     )
     _load_attention(model, folder / SHIPPED_ATTENTION_FILENAME)

@@ -19,7 +19,7 @@ from torch import nn
 from sla2cli.errors import UserError
 from sla2cli.flops import LayerAttention
 from sla2cli.integration.processors import PROCESSORS, SLA2Processor
-from sla2cli.integration.recipes import Recipe
+from sla2cli.integration.recipes import EMBEDDED_RECIPE, Recipe, get_recipe
 from sla2cli.module import SLA2Attention
 from sla2cli.ops.quantization import QUANT_NONE, check_quant
 from sla2cli.ops.validation import check_head_dim
@@ -118,6 +118,14 @@ def convert_component(
     info = ConversionInfo(recipe=recipe.name, component=component, base=base, converted_modules=tuple(chosen))
     setattr(model, INFO_ATTRIBUTE, info)
     return info
+
+
+def convert_embedded(model: nn.Module, *, sparsity: float, block_q: int, block_k: int, quant: str) -> ConversionInfo:
+    """Convert the embedded model's transformer in place with its own recipe (its base is the embedded model)."""
+    return convert_component(
+        model, get_recipe(EMBEDDED_RECIPE), component="transformer", base=BaseModelRef(source="embedded"),
+        sparsity=sparsity, block_q=block_q, block_k=block_k, quant=quant,
+    )
 
 
 def convert_with_recipe(

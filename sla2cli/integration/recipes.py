@@ -25,6 +25,7 @@ from sla2cli.ops.validation import check_timestep
 RECIPE_VERSION = 1
 RECIPES_PACKAGE = "sla2cli.recipes"
 EMBEDDED_SOURCE = "embedded"  # a recipe whose model ships with sla2 (no Hub id)
+EMBEDDED_RECIPE = "embedded"  # the name of the embedded default model's recipe
 SOURCES = ("hub", EMBEDDED_SOURCE)
 PROCESSOR_KINDS = ("wan", "cogvideox")
 REQUIRED_KEYS = (

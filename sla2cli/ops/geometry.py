@@ -12,6 +12,8 @@ DEFAULT_BLOCK_Q = 128
 DEFAULT_BLOCK_K = 64
 SUPPORTED_HEAD_DIMS = (64, 128)
 LINEAR_EPS = 1e-6
+# The sparsity levels that bench, demo and the quality suite measure when none are given.
+DEFAULT_SPARSITIES = (0.90, 0.95, 0.97)
 
 
 def num_blocks(length: int, block: int) -> int:

@@ -13,9 +13,9 @@ from sla2cli import api
 from sla2cli.checkpoint.format import CONFIG_FILE
 from sla2cli.errors import UserError
 from sla2cli.integration.conversion import conversion_info
-from sla2cli.integration.recipes import get_recipe
+from sla2cli.integration.recipes import EMBEDDED_RECIPE, get_recipe
 from sla2cli.report.runner import ReportTarget
-from sla2cli.sources.locate import EMBEDDED_RECIPE, locate
+from sla2cli.sources.locate import locate
 from sla2cli.sources.spec import parse_model_spec
 
 

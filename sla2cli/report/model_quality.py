@@ -23,14 +23,11 @@ from torch import nn
 
 from sla2cli.checkpoint.storage import split_state
 from sla2cli.embedded.loading import load_embedded_model
-from sla2cli.integration.conversion import convert_component, model_quant, model_settings
-from sla2cli.integration.recipes import get_recipe
+from sla2cli.integration.conversion import convert_embedded, model_quant, model_settings
 from sla2cli.module import SLA2Attention
 from sla2cli.report.capture import dense_attention
 from sla2cli.report.inputs import CleanSample, ForwardInput
 from sla2cli.report.summary import Row
-from sla2cli.sources.base import BaseModelRef
-from sla2cli.sources.locate import EMBEDDED_RECIPE
 from sla2cli.training.objectives import validation_loss
 
 MODEL_QUALITY_NAMES = ("output_rel_l2_error", "val_loss", "dense_val_loss", "val_loss_ratio", "shipped_dense_val_loss",
@@ -87,10 +84,7 @@ def embedded_reference_losses(
     use_autocast = device.type == "cuda"
     dense = validation_loss(reference, clean, text, use_autocast)
     sparsity, block_q, block_k = model_settings(model)
-    convert_component(
-        reference, get_recipe(EMBEDDED_RECIPE), component="transformer", base=BaseModelRef(source="embedded"),
-        sparsity=sparsity, block_q=block_q, block_k=block_k, quant=model_quant(model),
-    )
+    convert_embedded(reference, sparsity=sparsity, block_q=block_q, block_k=block_k, quant=model_quant(model))
     return dense, validation_loss(reference, clean, text, use_autocast)
 
 

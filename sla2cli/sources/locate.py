@@ -16,15 +16,13 @@ import torch
 from sla2cli.checkpoint.format import CHECKPOINT_FILES
 from sla2cli.embedded.loading import load_embedded_model
 from sla2cli.errors import UserError
-from sla2cli.integration.recipes import Recipe, get_recipe, recipe_for_architecture, recipe_for_hub_id
+from sla2cli.integration.recipes import EMBEDDED_RECIPE, Recipe, get_recipe, recipe_for_architecture, recipe_for_hub_id
 from sla2cli.sources.base import BaseModelRef
 from sla2cli.sources.components import build_skeleton, load_weights
 from sla2cli.sources.folders import Component, FolderContents, inspect_folder
 from sla2cli.sources.hub import HubRepoUnavailable, commit_of, config_patterns, fetch_snapshot, weight_patterns
 from sla2cli.sources.safetensors_check import check_weight_folder
 from sla2cli.sources.spec import ModelSpec
-
-EMBEDDED_RECIPE = "embedded"
 
 
 @dataclass(frozen=True)

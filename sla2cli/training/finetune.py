@@ -18,8 +18,7 @@ from torch import nn
 from sla2cli.embedded.config import DEFAULT_CLIP
 from sla2cli.errors import UserError
 from sla2cli.integration.conversion import conversion_info
-from sla2cli.integration.recipes import Recipe, get_recipe, recipe_for_architecture
-from sla2cli.sources.locate import EMBEDDED_RECIPE
+from sla2cli.integration.recipes import EMBEDDED_RECIPE, Recipe, get_recipe, recipe_for_architecture
 from sla2cli.training.data import ProceduralClips, TrainingData, check_fits, data_from_folder
 from sla2cli.training.distributed import Processes
 from sla2cli.training.interrupt import StopRequest
