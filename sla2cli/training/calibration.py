@@ -33,6 +33,7 @@ from sla2cli.errors import UserError
 from sla2cli.integration.recipes import Recipe
 from sla2cli.module import SLA2Attention
 from sla2cli.ops.geometry import k_selected, num_blocks
+from sla2cli.ops.validation import check_positive_number
 from sla2cli.report.capture import AttentionForward, wrapped_forwards
 from sla2cli.report.inputs import ForwardInput
 from sla2cli.report.metrics import DEFAULT_CHUNK_ELEMENTS, relative_l2_error
@@ -80,11 +81,9 @@ def check_calibration_settings(settings: CalibrationSettings) -> None:
     for option, steps in (("--router-steps", settings.router_steps), ("--alpha-steps", settings.alpha_steps)):
         if steps < 0:
             raise UserError(f"{option} must be 0 or more, got {steps}")
-    for option, rate in (("--router-lr", settings.router_learning_rate), ("--alpha-lr", settings.alpha_learning_rate)):
-        if not (math.isfinite(rate) and rate > 0):
-            raise UserError(f"{option} must be a positive number (e.g. 1e-3), got {rate}")
-    if not (math.isfinite(settings.tau) and settings.tau > 0):
-        raise UserError(f"--tau must be a positive number (e.g. 0.1), got {settings.tau}")
+    check_positive_number(settings.router_learning_rate, "--router-lr", "1e-3")
+    check_positive_number(settings.alpha_learning_rate, "--alpha-lr", "1e-3")
+    check_positive_number(settings.tau, "--tau", "0.1")
     if settings.alpha_steps == 0 and not (settings.train_router and settings.router_steps > 0):
         raise UserError("nothing to train: give --alpha-steps or --router-steps above 0")
 

@@ -7,13 +7,13 @@ depends only on its global index; see `seeding`).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from sla2cli.errors import UserError
 from sla2cli.integration.recipes import Recipe
 from sla2cli.ops.quantization import REQUESTABLE_QUANT_MODES
+from sla2cli.ops.validation import check_positive_number, is_positive_number
 from sla2cli.training.objectives import OBJECTIVES
 from sla2cli.training.schedule import SCHEDULES
 
@@ -92,18 +92,13 @@ def with_overrides(defaults: FinetuneSettings, overrides: dict[str, Any]) -> Fin
     return settings
 
 
-def _positive_number(value: float) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-
-
 def check_settings(settings: FinetuneSettings) -> None:
     """User mistakes, found before any model work; each message names the option to change."""
     if settings.steps < 1:
         raise UserError(f"--steps must be at least 1, got {settings.steps}")
-    if not _positive_number(settings.learning_rate):
-        raise UserError(f"--lr must be a positive number (e.g. 1e-5), got {settings.learning_rate}")
-    if settings.sla2_learning_rate is not None and not _positive_number(settings.sla2_learning_rate):
-        raise UserError(f"--sla2-lr must be a positive number, got {settings.sla2_learning_rate}")
+    check_positive_number(settings.learning_rate, "--lr", "1e-5")
+    if settings.sla2_learning_rate is not None:
+        check_positive_number(settings.sla2_learning_rate, "--sla2-lr", "1e-3")
     if settings.batch_size < 1 or settings.grad_accum < 1:
         raise UserError(f"--batch-size and --grad-accum must be at least 1, got {settings.batch_size} and "
                         f"{settings.grad_accum}")
@@ -115,12 +110,11 @@ def check_settings(settings: FinetuneSettings) -> None:
         raise UserError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {settings.schedule!r}")
     if settings.warmup_steps < 0 or settings.validate_every < 0 or settings.save_every < 0:
         raise UserError("--warmup, --validate-every and --save-every must not be negative (0 turns them off)")
-    if not 0.0 <= settings.min_lr_fraction <= 1.0 or settings.weight_decay < 0 or not _positive_number(
+    if not 0.0 <= settings.min_lr_fraction <= 1.0 or settings.weight_decay < 0 or not is_positive_number(
         settings.grad_clip
     ):
         raise UserError("min_lr_fraction must lie in [0, 1], weight_decay >= 0 and grad_clip > 0")
-    if not _positive_number(settings.shift):
-        raise UserError(f"the timestep shift must be positive, got {settings.shift}")
+    check_positive_number(settings.shift, "the timestep shift")
     if settings.validation_samples < 1:
         raise UserError(f"--validation-samples must be at least 1, got {settings.validation_samples}")
     if settings.clip is not None:
