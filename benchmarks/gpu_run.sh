@@ -17,9 +17,8 @@
 #           fine-tuning steps, and a 100-step quality pilot (every method on CUDA, per-job rates under concurrency)
 #   quality: the same with QUALITY_STEPS steps (required) and QUALITY_MINUTES of budget (default 8): writes
 #           quality_embedded.csv, quality.log and shipped/ (the three files that go into sla2cli/assets/)
-#   final: kernel checksums of the trees in .old/ and .pre/ (earlier commits laid out as .old/ is) and of this tree,
-#           every GPU test, `sla2 bench` fwd and fwd+bwd at 0.97 on both default shapes with this tree and with .pre/,
-#           and 3 full-size Wan2.1-1.3B fine-tuning steps
+#   final: kernel checksums of this tree, .old/ and .speed/ (a candidate kernel change), every GPU test, `sla2 bench`
+#           at 0.97 on both default shapes for this tree and .speed/, and 3 full-size Wan2.1-1.3B fine-tuning steps
 # Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final
 set -uo pipefail
 out=${1:?output folder}
@@ -84,27 +83,35 @@ elif [ "$phase" = quality ]; then
     --time-budget-minutes "${QUALITY_MINUTES:-8}" > "$out/quality.log" 2>&1
   tail -12 "$out/quality.log" >> "$log"
 elif [ "$phase" = final ]; then
-  for tree in old pre; do
+  # kernel checksums of this tree, of .old/ (an earlier commit) and of .speed/ (a candidate kernel change), each tree
+  # laid out as installed (kernels/ as sla2_kernels/, recipes/ inside sla2cli/); every GPU test of this tree and the
+  # kernel GPU tests of .speed/; sla2 bench at 0.97 on both default shapes for this tree and for .speed/, side by side
+  # with FlashAttention2 in each process; 3 full-size Wan2.1-1.3B fine-tuning steps
+  timeout 200 python3 benchmarks/kernel_regression.py --out "$out/regression_new.txt" > /tmp/regression_new.log 2>&1 &
+  for tree in old speed; do
     if [ -d ".$tree" ]; then
       PYTHONPATH="$PWD/.$tree:/tmp/site" SLA2_COMMIT="$tree" timeout 200 python3 benchmarks/kernel_regression.py \
-        --out "$out/regression_$tree.txt" > "/tmp/regression_$tree.log" 2>&1
-    fi
-  done
-  timeout 200 python3 benchmarks/kernel_regression.py --out "$out/regression_new.txt" > /tmp/regression_new.log 2>&1
-  tail -n 2 /tmp/regression_*.log >> "$log"
-  for tree in old pre; do
-    if [ -f "$out/regression_$tree.txt" ]; then
-      diff <(tail -n +2 "$out/regression_$tree.txt") <(tail -n +2 "$out/regression_new.txt") > /dev/null \
-        && echo "kernel checksums: identical to .$tree" | tee -a "$log" || echo "kernel checksums differ from .$tree" | tee -a "$log"
+        --out "$out/regression_$tree.txt" > "/tmp/regression_$tree.log" 2>&1 &
     fi
   done
   timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | grep -v DEBUG | tail -8 | tee -a "$log"
-  timeout 150 python3 -m sla2cli bench --sparsity 0.97 --provider fa2 --provider sla2 --provider sla2-lowbit \
-    --csv "$out/bench_final.csv" >> "$log" 2>&1
-  if [ -d .pre ]; then  # run from inside .pre/ so that its sla2cli, not this tree's, is imported
-    (cd .pre && PYTHONPATH="$PWD:/tmp/site" python3 -c "import sla2cli, sla2_kernels; print('.pre tree:', \
-      sla2cli.__file__, sla2_kernels.__file__)" && PYTHONPATH="$PWD:/tmp/site" timeout 120 python3 -m sla2cli bench \
-      --sparsity 0.97 --provider fa2 --provider sla2 --csv "$out/bench_pre.csv") >> "$log" 2>&1
+  wait
+  tail -n 2 /tmp/regression_*.log >> "$log"
+  for tree in old speed; do
+    if [ -f "$out/regression_$tree.txt" ]; then
+      diff <(tail -n +2 "$out/regression_$tree.txt") <(tail -n +2 "$out/regression_new.txt") > /dev/null \
+        && echo "kernel checksums: identical to .$tree" | tee -a "$log" \
+        || echo "kernel checksums differ from .$tree" | tee -a "$log"
+    fi
+  done
+  timeout 120 python3 -m sla2cli bench --sparsity 0.97 --time-budget 3 --provider fa2 --provider sla2 \
+    --csv "$out/bench_main.csv" >> "$log" 2>&1
+  if [ -d .speed ]; then  # run from inside .speed/ so that its sla2cli, not this tree's, is imported
+    (cd .speed && export PYTHONPATH="$PWD:$PWD/tests:/tmp/site" && python3 -c "import sla2cli, sla2_kernels; \
+      print('.speed tree:', sla2cli.__file__, sla2_kernels.__file__)" && timeout 150 python3 -m pytest -q \
+      -p no:cacheprovider -m gpu tests/test_kernels_gpu.py tests/test_quantization_gpu.py tests/test_linear_branch.py \
+      2>&1 | grep -v DEBUG | tail -6; timeout 120 python3 -m sla2cli bench --sparsity 0.97 --time-budget 3 \
+      --provider fa2 --provider sla2 --csv "$out/bench_speed.csv") 2>&1 | tee -a "$log"
   fi
   timeout 120 python3 benchmarks/finetune_gpu.py --out /tmp/finetune --phases wan --csv "$out/finetune_wan_gpu.csv" \
     >> "$log" 2>&1
