@@ -109,7 +109,8 @@ def measure(
         inputs.clear_grads()
         _free_cached_memory(plan.device)
     row.median_ms, row.min_ms, row.repeats = timing.median_ms, timing.min_ms, timing.repeats
-    row.note = provider.summary if row.quant in (None, QUANT_NONE) else f"{provider.summary}; ran {row.quant}"
+    notes = [provider.summary, *([] if row.quant in (None, QUANT_NONE) else [f"ran {row.quant}"])]
+    row.note = "; ".join([*notes, *filter(None, [provider.decision_note(inputs)])])
     _fill_rates(row, provider, shape)
     return row
 

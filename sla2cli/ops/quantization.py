@@ -10,7 +10,11 @@ Then P.V is either
 - `int8`: in the input's precision, as the unquantised kernel does it; or
 - `int8-fp8`: FP8 e4m3 (V scaled per channel, P by FP8_E4M3_MAX so that 1 maps to the format's top),
   which needs FP8 tensor cores (compute capability 8.9+). It measured no faster than `int8` and, with
-  3 mantissa bits, about 3.7% off the bf16 output on random inputs, so `auto` picks `int8`.
+  3 mantissa bits, about 3.7% off the bf16 output on random inputs, so `auto` never picks it.
+
+`auto` is resolved per call from recorded measurements (ops.lowbit_speed): `int8` only on a GPU, head
+dim, shape class and pass (forward or training) where it was measured faster than bf16; bf16 elsewhere,
+unknown GPUs and CPUs included (choose_auto_quant says why in one line).
 The router and the linear branch keep the input precision. The backward is the unquantised one
 (straight-through): fine-tuning through the low-bit forward is quantisation-aware training.
 
@@ -22,6 +26,8 @@ rounded after the subtraction of that running maximum.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -30,6 +36,7 @@ from sla2_kernels.numerics import FP8_E4M3_MAX, INT8_MAX, LOG2E, TINY_SCALE
 from sla2cli.ops.blockwise import blockwise_sla2, to_blocks
 from sla2cli.ops.complement import complement_map
 from sla2cli.ops.geometry import num_blocks
+from sla2cli.ops.lowbit_speed import find_measurement, shape_class
 from sla2cli.ops.reference import attention_from_block_weights, expand_block_values
 
 # The concrete modes (QUANT_NONE, QUANT_INT8, QUANT_INT8_FP8) and their kernel codes live in
@@ -42,6 +49,13 @@ LEGACY_QUANT_NAMES = {"int8-fp16": QUANT_INT8}
 
 FP8_CAPABILITY = (8, 9)
 INT8_CAPABILITY = (8, 0)
+
+
+class AutoQuant(NamedTuple):
+    """What `auto` runs for one call and the one line that says why (printed by the CLI)."""
+
+    mode: str
+    reason: str
 
 
 def supported_quant_modes(device: torch.device | str) -> tuple[str, ...]:
@@ -58,6 +72,12 @@ def supported_quant_modes(device: torch.device | str) -> tuple[str, ...]:
     return tuple(modes)
 
 
+def runnable_lowbit_mode(device: torch.device | str) -> str:
+    """The low-bit mode this device runs whatever its speed (int8; none where it has none): what the
+    bench times and the report compares. FP8 P.V measured no faster and less exact (module docstring)."""
+    return QUANT_INT8 if QUANT_INT8 in supported_quant_modes(device) else QUANT_NONE
+
+
 def check_quant(mode: str) -> str:
     """A requestable mode in lower case; which ones a GPU runs is decided at call time."""
     if not isinstance(mode, str) or mode.lower() not in REQUESTABLE_QUANT_MODES:
@@ -65,18 +85,73 @@ def check_quant(mode: str) -> str:
     return mode.lower()
 
 
-def resolve_quant_mode(mode: str | None, device: torch.device | str) -> str:
-    """The concrete mode to run: `auto` is int8 where the device runs it; errors name the options."""
+def check_runnable(mode: str | None, device: torch.device | str) -> str:
+    """The requested mode (lower case, None -> none), or an error naming what this GPU runs; `auto` always runs."""
     requested = QUANT_NONE if mode is None else check_quant(mode)
     supported = supported_quant_modes(device)
-    if requested == QUANT_AUTO:
-        return QUANT_INT8 if QUANT_INT8 in supported else QUANT_NONE
-    if requested not in supported:
+    if requested != QUANT_AUTO and requested not in supported:
         raise ValueError(
             f"quant {requested!r} needs a GPU this one is not ({_describe(torch.device(device))}); "
             f"it supports: {', '.join(supported)} (or auto)"
         )
     return requested
+
+
+def needs_backward(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call on these tensors records a graph: `auto` decides from training measurements then."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def choose_auto_quant(device: torch.device | str, shape: Sequence[int], training: bool) -> AutoQuant:
+    """`auto` for a (B, H, L, D) call: a low-bit mode only where ops.lowbit_speed holds a measurement on
+    this GPU (by name), head dim, shape class and pass that found it faster than bf16; bf16 otherwise."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return AutoQuant(QUANT_NONE, f"auto: none (the low-bit modes are emulated on {device.type}, never faster)")
+    name = torch.cuda.get_device_name(device)
+    batch, heads, length, head_dim = shape
+    rows = batch * heads * length
+    entry = find_measurement(name, head_dim, training, rows)
+    if entry is None:
+        what = "forward + backward" if training else "forward"
+        return AutoQuant(QUANT_NONE, (
+            f"auto: bf16 (no recorded measurement of a low-bit mode against bf16 on {name} for head dim "
+            f"{head_dim}, {shape_class(rows)}, {what}; see benchmarks/results/)"
+        ))
+    measured = (
+        f"{entry.lowbit:g} vs {entry.bf16:g} {entry.metric} at {entry.shape}{' fwd+bwd' if training else ''}; "
+        f"measured in {entry.source}"
+    )
+    if entry.lowbit_faster and entry.mode in supported_quant_modes(device):
+        return AutoQuant(entry.mode, f"auto: {entry.mode} ({entry.mode} is faster than bf16 on {name} at this "
+                                     f"shape: {measured})")
+    return AutoQuant(QUANT_NONE, f"auto: bf16 ({entry.mode} is not faster on {name} at this shape: {measured})")
+
+
+AUTO_RULE = (
+    "auto: a low-bit mode only where a recorded measurement (benchmarks/results/) found it faster than bf16 on "
+    "that GPU, head dim and shape; bf16 elsewhere"
+)
+
+
+def describe_auto_quant(shape: Sequence[int], training: bool) -> str:
+    """The CLI's line on `auto` for a (B, H, L, D) call on this machine's GPU; the rule itself without one."""
+    if not torch.cuda.is_available():
+        return f"{AUTO_RULE} (no CUDA GPU here to decide for)"
+    return choose_auto_quant("cuda", shape, training).reason
+
+
+def resolve_quant_mode(
+    mode: str | None, device: torch.device | str, shape: Sequence[int] | None = None, training: bool = False
+) -> str:
+    """The concrete mode a (B, H, L, D) call runs: `auto` as choose_auto_quant decides (it needs the shape);
+    an explicit mode as asked, or an error naming the options."""
+    requested = check_runnable(mode, device)
+    if requested != QUANT_AUTO:
+        return requested
+    if shape is None:
+        raise ValueError("quant 'auto' is resolved per call and needs the attention shape (B, H, L, D)")
+    return choose_auto_quant(device, shape, training).mode
 
 
 def _describe(device: torch.device) -> str:

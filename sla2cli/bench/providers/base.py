@@ -62,6 +62,10 @@ class Provider(ABC):
         """The SLA2 quantisation mode the provider runs on `device` (its row's `quant`); None if not SLA2."""
         return None
 
+    def decision_note(self, inputs: AttentionInputs) -> str | None:
+        """A line the row's note adds about what the library would choose at this case; none by default."""
+        return None
+
     def accuracy(
         self, inputs: AttentionInputs, sparsity: float | None, call: Callable[[], torch.Tensor]
     ) -> dict[str, float]:

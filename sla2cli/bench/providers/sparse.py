@@ -30,7 +30,12 @@ from sla2cli.bench.providers.base import ROUTING, SPARSE, Provider
 from sla2cli.ops import route, sla2_attention
 from sla2cli.ops.blockwise import blockwise_sla2
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
-from sla2cli.ops.quantization import QUANT_AUTO, QUANT_NONE, resolve_quant_mode, sla2_lowbit_reference
+from sla2cli.ops.quantization import (
+    QUANT_NONE,
+    choose_auto_quant,
+    runnable_lowbit_mode,
+    sla2_lowbit_reference,
+)
 from sla2cli.ops.reference import router_scores
 
 GRADIENT_NAMES = ("dq", "dk", "dv", "dalpha")
@@ -95,26 +100,29 @@ class Sla2(BlockSparseProvider):
 
 
 class Sla2Lowbit(BlockSparseProvider):
-    """The SLA2 op with quant=auto: the low-bit sparse branch this GPU runs (int8: INT8 Q K^T, P V in the
-    input's precision); skipped where the GPU has none."""
+    """The SLA2 op with the low-bit sparse branch this GPU runs (int8: INT8 Q K^T, P V in the input's
+    precision), whatever its speed, so that its row is the measurement `auto` decides from (ops.lowbit_speed);
+    the row's note says what `auto` runs at that shape. Skipped where the GPU has no low-bit mode."""
 
     name = "sla2-lowbit"
-    summary = "SLA2 op, low-bit sparse branch (quant=auto): routing + INT8 sparse branch + linear branch + mix"
+    summary = "SLA2 op, low-bit sparse branch: routing + INT8 sparse branch + linear branch + mix"
     mixes_linear_branch = True
 
     def quant_mode(self, device: torch.device) -> str:
-        return resolve_quant_mode(QUANT_AUTO, device)
+        return runnable_lowbit_mode(device)
 
     def unsupported(self, device: torch.device, dtype: torch.dtype, mode: str) -> str | None:
         if self.quant_mode(device) == QUANT_NONE:
             return "this GPU runs no low-bit mode (INT8 tensor cores need compute capability 8.0+)"
         return super().unsupported(device, dtype, mode)
 
+    def decision_note(self, inputs: AttentionInputs) -> str | None:
+        return choose_auto_quant(inputs.q.device, inputs.shape.dims, training=training(inputs)).reason
+
     def build(self, inputs: AttentionInputs, sparsity: float | None) -> Callable[[], torch.Tensor]:
         level = _require_sparsity(sparsity)
-        return lambda: sla2_attention(
-            inputs.q, inputs.k, inputs.v, sparsity=level, alpha=inputs.alpha, quant=QUANT_AUTO
-        )
+        mode = self.quant_mode(inputs.q.device)
+        return lambda: sla2_attention(inputs.q, inputs.k, inputs.v, sparsity=level, alpha=inputs.alpha, quant=mode)
 
     def reference_output(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor,
