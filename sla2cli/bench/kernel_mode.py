@@ -21,7 +21,7 @@ from sla2cli.bench.records import FAILED, OK, OUT_OF_MEMORY, SKIPPED, Measuremen
 from sla2cli.bench.timing import CacheFlusher, TimingPlan, peak_extra_memory_mb, time_call
 from sla2cli.ops.quantization import QUANT_NONE
 
-ACCURACY_COLUMNS = ("rel_l2_vs_sla2",)  # on every kernel row (empty where it means nothing): fixed columns
+ACCURACY_COLUMNS = ("rel_l2_vs_sla2", "checked_on")  # on every kernel row (empty where it means nothing): fixed columns
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ def measure(
         row.quant = provider.quant_mode(plan.device)
         call = provider.build(inputs, sparsity)
         provider.verify(inputs, sparsity, call)
+        row.extra["checked_on"] = provider.checked_on(inputs)
         row.extra.update(provider.accuracy(inputs, sparsity, call))
         step: Callable[[], object] = call if mode == FORWARD else forward_backward(call, inputs)
         timing = time_call(step, plan.device, plan.timing, flusher)

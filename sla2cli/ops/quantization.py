@@ -38,6 +38,15 @@ from sla2cli.ops.complement import complement_map
 from sla2cli.ops.geometry import num_blocks
 from sla2cli.ops.lowbit_speed import find_measurement, shape_class
 from sla2cli.ops.reference import attention_from_block_weights, expand_block_values
+from sla2cli.ops.sampled_reference import (
+    KEY_CHUNK,
+    QueryBlockSample,
+    chunk_starts,
+    from_query_blocks,
+    gather_key_rows,
+    sample_query_blocks,
+    to_query_blocks,
+)
 
 # The concrete modes (QUANT_NONE, QUANT_INT8, QUANT_INT8_FP8) and their kernel codes live in
 # sla2_kernels.modes; `auto` is a request, resolved per device below.
@@ -222,39 +231,67 @@ def to_fp8(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------- the oracle
 
 
+def key_statistics(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean over the sequence, channel gains g), each (B, H, 1, D) float32, in passes of KEY_CHUNK tokens so
+    that no float32 copy of K is made (smooth_keys and channel_gains, computed without holding K - mean)."""
+    length = k.shape[2]
+    total = torch.zeros(*k.shape[:2], 1, k.shape[3], dtype=torch.float64, device=k.device)
+    for start in chunk_starts(length):
+        total += k[:, :, start:start + KEY_CHUNK].double().sum(dim=2, keepdim=True)
+    mean = (total / length).float()
+    largest = torch.zeros_like(mean)
+    for start in chunk_starts(length):
+        chunk = (k[:, :, start:start + KEY_CHUNK].float() - mean).abs().amax(dim=2, keepdim=True)
+        largest = torch.maximum(largest, chunk)
+    return mean, largest.clamp_min(TINY_SCALE).sqrt()
+
+
+def value_channel_scales_chunked(v: torch.Tensor) -> torch.Tensor:
+    """value_channel_scales in passes of KEY_CHUNK tokens (max is exact in any order)."""
+    largest = torch.zeros(*v.shape[:2], v.shape[3], dtype=torch.float32, device=v.device)
+    for start in chunk_starts(v.shape[2]):
+        largest = torch.maximum(largest, v[:, :, start:start + KEY_CHUNK].float().abs().amax(dim=2))
+    return largest.clamp_min(TINY_SCALE) / FP8_E4M3_MAX
+
+
 def lowbit_sparse_branch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor, block_q: int, block_k: int, mode: str
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor, block_q: int, block_k: int, mode: str,
+    sample: QueryBlockSample | None = None,
 ) -> torch.Tensor:
-    """The quantised sparse branch alone, (B, H, L, D) float32: online softmax over the LUT's blocks in order."""
+    """The quantised sparse branch alone, float32: online softmax over the LUT's blocks in order.
+
+    Returns (B, H, L, D), or with `sample` only its rows (B, H, R, D), computed from those query blocks
+    alone: each key block is quantised where it is used (its INT8 scale is its own; the mean and channel
+    gains come from a chunked pass over K), so memory does not grow with L beyond the selected keys.
+    """
     if mode not in (QUANT_INT8_FP8, QUANT_INT8):
         raise ValueError(f"lowbit_sparse_branch needs a low-bit mode, got {mode!r}")
-    batch, heads, length, dim = q.shape
-    k_sel = lut.shape[-1]
-    q_int, q_scale, k_int, k_scale = quantize_queries_keys(q, k, block_k)
-    q_int = to_blocks(q_int, block_q)  # (B, H, Tm, bq, D)
-    q_scale = to_blocks(q_scale[..., None], block_q)[..., 0]  # (B, H, Tm, bq)
-    if mode == QUANT_INT8_FP8:
-        v_scale = value_channel_scales(v)
-        v_q = to_fp8(v.float() / v_scale[:, :, None, :])
-    else:
-        v_scale = None
-        v_q = v.float()
-    v_blocks = to_blocks(v_q, block_k)  # (B, H, Tn, bk, D)
-    key_valid = (torch.arange(num_blocks(length, block_k) * block_k, device=q.device) < length).view(-1, block_k)
+    length, dim = q.shape[2], q.shape[3]
+    if sample is None:
+        sample = sample_query_blocks(length, block_q, num_blocks(length, block_q), q.device)
+    mean, gains = key_statistics(k)
+    q_int, q_scale = quantize_int8_rows(q.index_select(2, sample.rows).float() * gains)
+    q_int = to_query_blocks(q_int, sample, block_q)  # (B, H, n, bq, D)
+    q_scale = to_query_blocks(q_scale[..., None], sample, block_q)[..., 0]  # (B, H, n, bq)
+    v_scale = value_channel_scales_chunked(v) if mode == QUANT_INT8_FP8 else None
     logit_scale = LOG2E / math.sqrt(dim)
 
-    index = lut.long()
+    lut_rows = lut.index_select(2, sample.blocks)
     row_max = torch.full(q_int.shape[:-1], float("-inf"), device=q.device)
     row_sum = torch.zeros_like(row_max)
     acc = torch.zeros(q_int.shape, device=q.device)
-    for t in range(k_sel):
-        block_index = index[..., t]  # (B, H, Tm)
-        gather = block_index[..., None, None].expand(-1, -1, -1, block_k, dim)
-        k_t = torch.gather(k_int, 2, gather)
-        v_t = torch.gather(v_blocks, 2, gather)
-        step_scale = q_scale * logit_scale * torch.gather(k_scale, 2, block_index)[..., None]  # (B, H, Tm, bq)
+    for t in range(lut.shape[-1]):
+        step = lut_rows[..., t : t + 1]  # (B, H, n, 1): one key block per query block
+        keys, key_valid = gather_key_rows(k, step, block_k)  # (B, H, n, bk, D), (B, H, n, bk)
+        smoothed = (keys.float() - mean[:, :, None]) * (1.0 / gains)[:, :, None] * key_valid[..., None]
+        k_scale = smoothed.abs().amax(dim=(-1, -2)).clamp_min(TINY_SCALE) / INT8_MAX  # (B, H, n)
+        k_t = round_half_away(smoothed * (1.0 / k_scale)[..., None, None])
+        v_t = gather_key_rows(v, step, block_k)[0].float()
+        if v_scale is not None:
+            v_t = to_fp8(v_t / v_scale[:, :, None, None, :])
+        step_scale = q_scale * logit_scale * k_scale[..., None]  # (B, H, n, bq)
         raw = torch.matmul(q_int.double(), k_t.double().transpose(-1, -2)).float()  # INT32 products, exact
-        raw = raw.masked_fill(~key_valid[block_index][..., None, :], float("-inf"))
+        raw = raw.masked_fill(~key_valid[..., None, :], float("-inf"))
         new_max = torch.maximum(row_max, raw.amax(dim=-1) * step_scale)
         probs = torch.exp2(torch.addcmul(-new_max[..., None], raw, step_scale[..., None]))
         rescale = torch.exp2(row_max - new_max)
@@ -268,7 +305,7 @@ def lowbit_sparse_branch(
     out = acc / row_sum[..., None]
     if v_scale is not None:
         out = out * (v_scale / FP8_E4M3_MAX)[:, :, None, None, :]
-    return out.reshape(batch, heads, -1, dim)[:, :, :length]
+    return from_query_blocks(out, sample)
 
 
 def sla2_lowbit_reference(
