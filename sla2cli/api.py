@@ -3,7 +3,7 @@
     import sla2cli
     pipe.transformer = ...                      # any supported diffusers transformer, or the pipeline
     sla2cli.convert(pipe, sparsity=0.97)        # in place; converts transformer_2 too for Wan2.2 A14B
-    sla2cli.convert(pipe, quant="auto")         # low-bit sparse-branch forward (best mode the GPU runs)
+    sla2cli.convert(pipe, quant="auto")         # low-bit sparse-branch forward where measured faster
     sla2cli.save(pipe, "wan-sla2")              # sla2_config.json + sla2_attention.safetensors + README.md
     model = sla2cli.load("wan-sla2")            # base weights from the Hub cache, SLA2 layers from the folder
     summary = sla2cli.finetune(model, "latents/", steps=2000)   # stage 2 in memory (see sla2cli.training)
@@ -98,7 +98,8 @@ def convert(
 
     The recipe is found from the model's Hub id or architecture unless named. Sparsity and block sizes
     default to the recipe's. `quant` runs the sparse branch's forward in low precision (none, int8-fp8,
-    int8, or auto: the best the GPU supports, resolved when the model runs); the backward stays
+    int8, or auto: per call, int8 only where a recorded measurement found it faster than bf16 on that GPU,
+    head dim and shape, else bf16; see ops.quantization.choose_auto_quant); the backward stays
     unquantised. Returns the object it was given.
     """
     quant = check_quant(quant)

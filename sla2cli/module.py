@@ -11,7 +11,7 @@ from torch import nn
 
 from sla2cli.ops import Routing, route, sla2_attention_routed
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
-from sla2cli.ops.quantization import QUANT_NONE, check_quant, resolve_quant_mode
+from sla2cli.ops.quantization import QUANT_NONE, check_quant, needs_backward, resolve_quant_mode
 from sla2cli.ops.reference import block_token_counts
 from sla2cli.ops.soft import DEFAULT_TAU, SoftRouting, soft_routing, soft_sla2_routed
 from sla2cli.ops.validation import (
@@ -114,9 +114,11 @@ class SLA2Attention(nn.Module):
     def quant(self, value: str) -> None:
         self._quant = check_quant(value)
 
-    def resolved_quant(self, device: torch.device) -> str:
-        """The concrete mode a call on `device` runs (`auto` -> the best it supports, maybe `none`)."""
-        return resolve_quant_mode(self.quant, device)
+    def resolved_quant(self, q: torch.Tensor) -> str:
+        """The concrete mode a call with these queries runs (`auto`: what was measured fastest on this GPU
+        at this shape, for training when the call records a graph through q or this layer)."""
+        training = needs_backward(q, *self.parameters())
+        return resolve_quant_mode(self.quant, q.device, q.shape, training=training)
 
     def extra_repr(self) -> str:
         return (
@@ -189,7 +191,7 @@ class SLA2Attention(nn.Module):
         alpha = None if routing.all_selected else self.predict_alpha(routing, q.shape[2])
         return sla2_attention_routed(
             q, k, v, routing.lut, alpha=alpha, block_q=self.block_q, block_k=self.block_k,
-            quant=self.resolved_quant(q.device),
+            quant=self.resolved_quant(q),
         )
 
     def forward_bshd(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

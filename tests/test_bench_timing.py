@@ -32,3 +32,18 @@ def test_cpu_timing_is_the_median_of_the_timed_calls(monkeypatch):
     measured = time_call(call, CPU, TimingPlan(warmup=2, repeats=5, budget_s=10.0), CacheFlusher(CPU))
     assert measured.repeats == 5 and len(calls) == 7
     assert measured.median_ms == pytest.approx(3.0) and measured.min_ms == pytest.approx(1.0)
+
+
+def test_warm_up_stops_once_it_has_taken_the_budget(monkeypatch):
+    """A call slower than the whole budget is warmed up once, not plan.warmup times (minutes at 14B)."""
+    clock = [0.0]
+    calls = []
+
+    def call() -> None:
+        calls.append(1)
+        clock[0] += 2.0  # 2 s per call, budget 1.5 s
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    measured = time_call(call, CPU, TimingPlan(warmup=3, repeats=20, budget_s=1.5), CacheFlusher(CPU))
+    assert measured.repeats == 5 and len(calls) == 1 + 5
+    assert measured.median_ms == pytest.approx(2000.0)

@@ -329,6 +329,9 @@ def test_quantisation_mode_round_trips_through_a_checkpoint(tmp_path, quant):
     def rel(x: torch.Tensor) -> float:
         return float((x - expected).norm() / expected.norm())
 
+    if quant == "auto":  # stored as asked, resolved per call: on a CPU that is the unquantised op
+        assert torch.equal(again, plain) and torch.equal(again, expected)
+        return
     # The reloaded model differs by float noise that low-bit rounding amplifies a little; the mode
     # itself moves the output an order of magnitude more.
     assert rel(again) < 0.2 * rel(plain)

@@ -180,6 +180,16 @@ def test_qat_and_distillation_and_gradient_checkpointing(converted, tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
 
 
+def test_quant_auto_says_what_it_runs_and_is_stored_as_asked(converted, tmp_path, capsys):
+    out = tmp_path / "auto"
+    code, stdout, err = run_cli(["finetune", str(converted), "--out", str(out), "--steps", "1", "--quant", "auto",
+                                 "--batch-size", "2", "--validation-samples", "2", "--clip", "2,16,16",
+                                 "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "auto: none (the low-bit modes are emulated on cpu" in " ".join(stdout.split())
+    assert read_config(out).quantization == "auto"  # resolved per call on whatever GPU loads it
+
+
 def test_python_api_trains_a_dense_baseline_and_chosen_parameters(converted):
     dense = load_embedded_model()  # the shipped weights, not converted
     summary = sla2cli.finetune(dense, steps=2, batch_size=2, clip=(2, 16, 16), validation_samples=2)

@@ -5,6 +5,8 @@ type) against the oracle, and the straight-through gradients."""
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +14,14 @@ from kernel_cases import random_alpha, random_qkv, rel_l2
 
 from sla2cli.ops import num_blocks, route, sla2_attention
 from sla2cli.ops.attention import sla2_attention_routed
+from sla2cli.ops.lowbit_speed import MEASUREMENTS, find_measurement
 from sla2cli.ops.quantization import (
     QUANT_INT8,
     QUANT_INT8_FP8,
     channel_gains,
+    choose_auto_quant,
     lowbit_sparse_branch,
+    needs_backward,
     quantize_int8_blocks,
     quantize_int8_rows,
     quantize_queries_keys,
@@ -52,22 +57,87 @@ def test_rounding_helpers():
     assert torch.allclose(gains**2, smooth_keys(v).abs().amax(dim=2, keepdim=True))
 
 
+def _fake_gpu(monkeypatch, name: str, capability: tuple[int, int]) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+
+
+SMALL_D128 = (1, 12, 32760, 128)  # Wan2.1-1.3B at 480p
+LARGE_D128 = (1, 40, 75600, 128)  # Wan2.1-14B at 720p
+
+
 def test_mode_resolution_and_errors(monkeypatch):
     assert supported_quant_modes("cpu") == ("none", "int8", "int8-fp8")
-    assert resolve_quant_mode("auto", "cpu") == "int8"
+    assert resolve_quant_mode("auto", "cpu", SMALL_D128) == "none"  # emulated on a CPU: never faster
+    assert resolve_quant_mode("int8", "cpu") == "int8"
     assert resolve_quant_mode(None, "cpu") == "none"
     with pytest.raises(ValueError, match="one of none, int8, int8-fp8, auto"):
         resolve_quant_mode("int4", "cpu")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "A100")
-    assert resolve_quant_mode("auto", "cuda") == "int8"
-    with pytest.raises(ValueError, match=r"int8-fp8.*A100, compute capability 8.0.*supports: none, int8"):
+    with pytest.raises(ValueError, match="needs the attention shape"):
+        resolve_quant_mode("auto", "cpu")
+    _fake_gpu(monkeypatch, "NVIDIA A100-SXM4-80GB", (8, 0))
+    assert resolve_quant_mode("int8", "cuda") == "int8"
+    with pytest.raises(ValueError, match=r"int8-fp8.*A100-SXM4-80GB, compute capability 8.0.*supports: none, int8"):
         resolve_quant_mode("int8-fp8", "cuda")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert resolve_quant_mode("auto", "cuda") == "int8"  # FP8 P.V is no faster on an H100, and less exact
-    assert resolve_quant_mode("int8-fp8", "cuda") == "int8-fp8"
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    assert resolve_quant_mode("auto", "cuda") == "none"
+    _fake_gpu(monkeypatch, "NVIDIA H100 80GB HBM3", (9, 0))
+    assert resolve_quant_mode("int8-fp8", "cuda") == "int8-fp8"  # explicit requests run as asked
+    assert resolve_quant_mode("int8", "cuda", SMALL_D128) == "int8"
+    _fake_gpu(monkeypatch, "Tesla T4", (7, 5))
+    with pytest.raises(ValueError, match="supports: none"):
+        resolve_quant_mode("int8", "cuda")
+
+
+@pytest.mark.parametrize(
+    ("gpu", "shape", "training", "mode"),
+    [
+        ("NVIDIA H100 80GB HBM3", LARGE_D128, False, "int8"),  # the one measured win: 16.49 vs 17.46 ms
+        ("NVIDIA H100 80GB HBM3", (2, 20, 75600, 128), False, "int8"),  # same shape class
+        ("NVIDIA H100 80GB HBM3", SMALL_D128, False, "none"),
+        ("NVIDIA H100 80GB HBM3", SMALL_D128, True, "none"),
+        ("NVIDIA H100 80GB HBM3", LARGE_D128, True, "none"),  # training at 14B: not measured
+        ("NVIDIA H100 80GB HBM3", (1, 24, 32760, 64), False, "none"),
+        ("NVIDIA H200", SMALL_D128, False, "none"),
+        ("NVIDIA H200", SMALL_D128, True, "none"),
+        ("NVIDIA H200", LARGE_D128, False, "none"),  # not measured there
+        ("NVIDIA B200", LARGE_D128, False, "none"),  # unknown GPU
+    ],
+)
+def test_auto_follows_the_recorded_measurements(monkeypatch, gpu, shape, training, mode):
+    _fake_gpu(monkeypatch, gpu, (9, 0))
+    decision = choose_auto_quant("cuda", shape, training)
+    assert decision.mode == mode
+    assert resolve_quant_mode("auto", "cuda", shape, training=training) == mode
+    assert decision.reason.startswith(f"auto: {'bf16' if mode == 'none' else mode} (") and gpu in decision.reason
+    entry = find_measurement(gpu, shape[3], training, shape[0] * shape[1] * shape[2])
+    if entry is None:
+        assert "no recorded measurement" in decision.reason
+    else:
+        assert entry.source in decision.reason and (entry.mode == mode) == entry.lowbit_faster
+
+
+def test_auto_never_picks_a_mode_the_gpu_cannot_run(monkeypatch):
+    _fake_gpu(monkeypatch, "NVIDIA H100 (capability reported low)", (7, 5))
+    assert choose_auto_quant("cuda", LARGE_D128, training=False).mode == "none"
+
+
+def test_every_measurement_names_an_existing_csv_that_holds_its_numbers():
+    root = Path(__file__).resolve().parents[1]
+    for entry in MEASUREMENTS:
+        text = (root / entry.source).read_text()
+        assert entry.shape in text and entry.gpu in text, entry
+        numbers = [float(x) for x in re.findall(r"\d+\.\d+", text)]
+        for value in (entry.lowbit, entry.bf16):  # the entry rounds a number of its CSV
+            assert any(abs(number - value) <= 1e-4 * value for number in numbers), (entry, value)
+    keys = [(e.gpu, e.head_dim, e.training, e.shape_class) for e in MEASUREMENTS]
+    assert len(keys) == len(set(keys))  # one entry decides each case
+
+
+def test_training_means_a_call_that_records_a_graph():
+    q = torch.zeros(1)
+    assert not needs_backward(q, None)
+    assert needs_backward(q.requires_grad_(True))
+    with torch.no_grad():
+        assert not needs_backward(q)
 
 
 def test_unknown_mode_is_refused_by_the_op():

@@ -21,7 +21,7 @@ from sla2cli.bench.records import FAILED, OK, OUT_OF_MEMORY, SKIPPED, Measuremen
 from sla2cli.bench.timing import CacheFlusher, TimingPlan, peak_extra_memory_mb, time_call
 from sla2cli.ops.quantization import QUANT_NONE
 
-ACCURACY_COLUMNS = ("rel_l2_vs_sla2",)  # on every kernel row (empty where it means nothing): fixed columns
+ACCURACY_COLUMNS = ("rel_l2_vs_sla2", "checked_on")  # on every kernel row (empty where it means nothing): fixed columns
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ def measure(
         row.quant = provider.quant_mode(plan.device)
         call = provider.build(inputs, sparsity)
         provider.verify(inputs, sparsity, call)
+        row.extra["checked_on"] = provider.checked_on(inputs)
         row.extra.update(provider.accuracy(inputs, sparsity, call))
         step: Callable[[], object] = call if mode == FORWARD else forward_backward(call, inputs)
         timing = time_call(step, plan.device, plan.timing, flusher)
@@ -109,7 +110,8 @@ def measure(
         inputs.clear_grads()
         _free_cached_memory(plan.device)
     row.median_ms, row.min_ms, row.repeats = timing.median_ms, timing.min_ms, timing.repeats
-    row.note = provider.summary if row.quant in (None, QUANT_NONE) else f"{provider.summary}; ran {row.quant}"
+    notes = [provider.summary, *([] if row.quant in (None, QUANT_NONE) else [f"ran {row.quant}"])]
+    row.note = "; ".join([*notes, *filter(None, [provider.decision_note(inputs)])])
     _fill_rates(row, provider, shape)
     return row
 

@@ -31,7 +31,7 @@ from sla2cli.bench.records import OK, OUT_OF_MEMORY, Measurement
 from sla2cli.bench.timing import CacheFlusher, TimingPlan, peak_extra_memory_mb, time_call
 from sla2cli.errors import UserError
 from sla2cli.integration.conversion import dense_processors, model_quant
-from sla2cli.ops.quantization import resolve_quant_mode
+from sla2cli.ops.quantization import QUANT_AUTO, choose_auto_quant, resolve_quant_mode
 
 FA2, SDPA, SLA2 = "fa2", "sdpa", "sla2"
 
@@ -191,7 +191,7 @@ def _row(
     environment: Environment, common: dict[str, object], error: float,
 ) -> Measurement:
     is_sla2 = name == SLA2
-    quant = _resolved_quant(bench, plan.device) if is_sla2 else None
+    quant, decision = _resolved_quant(bench, plan.device, shape, mode) if is_sla2 else (None, None)
     what = "training step (forward + backward)" if mode == FORWARD_BACKWARD else "forward"
     if is_sla2:
         attention = f"SLA2 self-attention at sparsity {bench.sparsity:g}, output {error:.3g} from dense (rel. L2)"
@@ -202,7 +202,7 @@ def _row(
         shape=shape.label,
         sparsity=bench.sparsity if is_sla2 else None,
         mode=mode,
-        note=f"{bench.description}: one transformer {what}, {attention}",
+        note="; ".join(filter(None, [f"{bench.description}: one transformer {what}, {attention}", decision])),
         **block_budget(shape, bench.sparsity if is_sla2 else None)._asdict(),
         dtype=str(plan.dtype).removeprefix("torch."),
         quant=quant,
@@ -216,9 +216,16 @@ def _row(
     )
 
 
-def _resolved_quant(bench: BenchModel, device: torch.device) -> str:
-    """The sparse-branch mode the converted model runs here (a checkpoint may ask for a low-bit one)."""
-    return resolve_quant_mode(model_quant(bench.model), device)
+def _resolved_quant(
+    bench: BenchModel, device: torch.device, shape: AttentionShape, mode: str
+) -> tuple[str, str | None]:
+    """The sparse-branch mode the converted model runs here (a checkpoint may ask for a low-bit one), and for
+    `auto` the line that says why."""
+    request = model_quant(bench.model)
+    if request == QUANT_AUTO:
+        decision = choose_auto_quant(device, shape.dims, training=mode == FORWARD_BACKWARD)
+        return decision.mode, decision.reason
+    return resolve_quant_mode(request, device), None
 
 
 def _fill_speedup_vs_dense(rows: list[Measurement]) -> None:

@@ -22,7 +22,7 @@ from sla2cli.embedded.loading import build_embedded_model, embedded_example_inpu
 from sla2cli.errors import UserError
 from sla2cli.integration.conversion import conversion_info, model_settings, sla2_layers
 from sla2cli.integration.recipes import EMBEDDED_SOURCE, Recipe, Resolution, get_recipe, recipe_for_hub_id
-from sla2cli.sources.random_models import build_random_model, example_inputs
+from sla2cli.sources.random_models import build_random_model, creation_defaults, example_inputs
 
 PIXELS = re.compile(r"(?P<height>\d+)x(?P<width>\d+)")
 
@@ -71,22 +71,10 @@ def clip_size(recipe: Recipe, resolution: str | None, frames: int | None) -> Res
     return Resolution(int(match["height"]), int(match["width"]), frames or recipe.resolution().frames)
 
 
-@contextmanager
-def _creating_in(dtype: torch.dtype, device: torch.device) -> Iterator[None]:
-    """New parameters are made directly in `dtype` on `device` (no float32 CPU copy first)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
 def _random_model(request: ModelRequest, recipe: Recipe) -> nn.Module:
     if recipe.source == EMBEDDED_SOURCE:
         torch.manual_seed(request.seed)
-        with _creating_in(request.dtype, request.device):
+        with creation_defaults(request.dtype, request.device):
             model = build_embedded_model().eval().requires_grad_(False)
         if request.dtype != torch.float32:
             keep_precision_sensitive_parts_fp32(model)

@@ -82,10 +82,18 @@ def _event_times_ms(fn: Callable[[], object], repeats: int, flush: CacheFlusher)
 def time_call(
     fn: Callable[[], object], device: torch.device, plan: TimingPlan, flush: CacheFlusher
 ) -> Timing:
-    """Median time of fn() in milliseconds after plan.warmup untimed calls."""
-    estimate_ms = math.inf
+    """Median time of fn() in milliseconds after up to plan.warmup untimed calls.
+
+    Warming up stops early once the warm-up calls have taken budget_s: compilation, autotuning and the
+    allocator's growth happen in the first call, and a call that slow (a 14B model's forward at 720p
+    takes about 17 s with dense attention) gains nothing from more untimed runs but minutes.
+    """
+    estimate_ms, spent_ms = math.inf, 0.0
     for _ in range(max(1, plan.warmup)):
         estimate_ms = _wall_ms(fn, device)
+        spent_ms += estimate_ms
+        if spent_ms >= plan.budget_s * 1e3:
+            break
     repeats = repeats_within_budget(plan, estimate_ms)
     if device.type == "cuda":
         times = _event_times_ms(fn, repeats, flush)

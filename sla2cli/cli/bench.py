@@ -56,7 +56,8 @@ def bench(
         metavar="auto|cuda|cpu", help="auto (CUDA when present), cuda or cpu."
     )] = "auto",
     warmup: Annotated[int | None, typer.Option(
-        min=0, help=f"Untimed calls before timing each case. Default: {GPU_WARMUP} on GPU, {CPU_WARMUP} on CPU."
+        min=0, help="Untimed calls before timing each case (fewer once they have taken --time-budget seconds). "
+        f"Default: {GPU_WARMUP} on GPU, {CPU_WARMUP} on CPU."
     )] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Timed calls per case (the median is reported).")] = 20,
     time_budget: Annotated[float | None, typer.Option(

@@ -19,7 +19,9 @@ from sla2cli.ops.quantization import REQUESTABLE_QUANT_MODES
 QUANT_HELP = (
     "Low-bit forward of the sparse (exact) branch: int8 (INT8 Q K^T, P V in the model's own precision; "
     "GPUs of compute capability 8.0+), int8-fp8 (INT8 Q K^T, FP8 P V: no faster on an H100 and about "
-    "3.7% off on random inputs; 8.9+), none, or auto (int8 where the GPU runs it). The backward "
+    "3.7% off on random inputs; 8.9+), none, or auto (per call: int8 only where benchmarks/results/ "
+    "measured it faster than bf16 on that GPU, head dim and shape; bf16 elsewhere, and the summary says "
+    "which). The backward "
     "stays unquantised (straight through), so fine-tuning with it is quantisation-aware. Default: "
     "none, or the checkpoint's own when re-converting one."
 )

@@ -43,7 +43,9 @@ def finetune(
     objective: Annotated[str | None, Opt(help="flow (velocity loss) or distill (MSE to the frozen dense model).",
                                          show_default=False)] = None,
     quant: Annotated[str | None, Opt(help=f"Sparse-branch forward while training ({', '.join(REQUESTABLE_QUANT_MODES)}"
-                                     "): quantisation-aware training; stored in the output. Default: the "
+                                     "): quantisation-aware training; stored in the output (auto as auto: int8 "
+                                     "only where measured faster than bf16 for training on that GPU, and the "
+                                     "run says which). Default: the "
                                      "checkpoint's.", show_default=False)] = None,
     schedule: Annotated[str | None, Opt(help="cosine (to 10% of the peak) or constant, after the warm-up.")] = None,
     warmup: Annotated[int | None, Opt(help="Linear warm-up steps.")] = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from rich import box
 from rich.console import Console
 from rich.table import Table
@@ -12,7 +13,9 @@ from torch import nn
 from sla2cli.checkpoint.storage import flop_estimate
 from sla2cli.integration.conversion import sla2_layers
 from sla2cli.integration.recipes import Recipe, all_recipes
+from sla2cli.module import SLA2Attention
 from sla2cli.ops.geometry import describe_rounding, num_blocks, sparsity_is_rounded
+from sla2cli.ops.quantization import QUANT_AUTO, describe_auto_quant
 
 SHIPPED = "(ships with sla2)"  # the hub id cell of a recipe whose model comes with the package
 UNLIMITED_WIDTH = 10_000  # to measure the width a table needs to show every cell whole
@@ -89,6 +92,14 @@ def sparsity_summary(sparsity: float, key_blocks: int) -> str:
     return f"{describe_rounding(key_blocks, sparsity)} at the default resolution"
 
 
+def quant_summary(layer: SLA2Attention, tokens: int) -> str:
+    """The layers' mode; for `auto`, what it runs on this machine's GPU at the default resolution (forward)."""
+    if layer.quant != QUANT_AUTO:
+        return layer.quant
+    line = describe_auto_quant((1, layer.num_heads, tokens, layer.head_dim), training=False)
+    return f"{line}; resolved per call, at the default resolution here" if torch.cuda.is_available() else line
+
+
 def summary_table(
     components: dict[str, nn.Module], recipe: Recipe, source: str, out: Path, seconds: float, weights: str | None = None
 ) -> Table:
@@ -112,7 +123,7 @@ def summary_table(
         ("layers kept dense by the recipe", ", ".join(map(str, recipe.dense_layers)) or "none"),
         ("parameters added", f"{added:,} ({added * 4 / 1e6:.2f} MB float32)"),
         ("sparsity", sparsity_summary(any_layer.sparsity, num_blocks(estimate.length, any_layer.block_k))),
-        ("sparse-branch quantisation", any_layer.quant),
+        ("sparse-branch quantisation", quant_summary(any_layer, estimate.length)),
         ("blocks (query, key)", f"{any_layer.block_q}, {any_layer.block_k}"),
         ("default resolution", f"{recipe.default_resolution}: {size.width}x{size.height}, {size.frames} frames, "
                                f"{estimate.length:,} tokens"),

@@ -8,7 +8,7 @@ from sla2_kernels.modes import kernel_code
 from sla2cli.ops.backend import triton_enabled
 from sla2cli.ops.blockwise import blockwise_sla2
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
-from sla2cli.ops.quantization import QUANT_NONE, emulated_lowbit, resolve_quant_mode
+from sla2cli.ops.quantization import QUANT_NONE, emulated_lowbit, needs_backward, resolve_quant_mode
 from sla2cli.ops.routing import route
 from sla2cli.ops.triton_op import triton_sla2
 from sla2cli.ops.validation import check_attention_inputs
@@ -28,9 +28,10 @@ def sla2_attention_routed(
     """SLA2 attention for a given block look-up table (B, H, T_m, k_sel) from `route`.
 
     quant: None/"none", "int8-fp8", "int8" or "auto" (see sla2cli.ops.quantization): a low-bit
-    forward of the sparse branch with the unquantised gradients (straight-through).
+    forward of the sparse branch with the unquantised gradients (straight-through). `auto` is decided
+    for this call's shape, and for training when it records a graph.
     """
-    mode = resolve_quant_mode(quant, q.device)
+    mode = resolve_quant_mode(quant, q.device, q.shape, training=needs_backward(q, k, v, alpha))
     if triton_enabled(q):
         return triton_sla2(q, k, v, lut, alpha, block_q, block_k, kernel_code(mode))
     out = blockwise_sla2(q, k, v, lut, alpha, block_q, block_k)

@@ -82,7 +82,7 @@ def capture_metrics(
                 block_k=layer.block_k,
                 max_chunk_elements=max_chunk_elements,
                 output=out,
-                quant=layer.resolved_quant(q.device),
+                quant=layer.resolved_quant(q),
                 lowbit_quant=lowbit_quant,
             )
             accumulator.add(name, values)

@@ -19,7 +19,13 @@ from sla2cli.errors import UserError
 from sla2cli.integration.conversion import sla2_layers
 from sla2cli.integration.recipes import Recipe
 from sla2cli.module import SLA2Attention
-from sla2cli.ops.quantization import QUANT_AUTO, QUANT_NONE, REQUESTABLE_QUANT_MODES, resolve_quant_mode
+from sla2cli.ops.quantization import (
+    QUANT_AUTO,
+    QUANT_NONE,
+    REQUESTABLE_QUANT_MODES,
+    check_runnable,
+    runnable_lowbit_mode,
+)
 from sla2cli.ops.validation import check_sparsity, check_timestep
 from sla2cli.report.capture import capture_metrics, overridden_sparsity
 from sla2cli.report.inputs import (
@@ -127,8 +133,13 @@ def check_settings(settings: ReportSettings) -> None:
 
 
 def lowbit_mode(settings: ReportSettings, device: torch.device) -> tuple[str, list[str]]:
-    """The concrete mode to compare (none: no column) and a warning when `auto` finds none on this GPU."""
-    mode = resolve_quant_mode(settings.quant, device)
+    """The concrete mode to compare (none: no column) and a warning when `auto` finds none on this GPU.
+
+    The report measures accuracy, not speed, so `auto` here is the low-bit mode this GPU runs even where
+    the model's own `auto` runs bf16 because that mode is not faster there."""
+    mode = check_runnable(settings.quant, device)
+    if mode == QUANT_AUTO:
+        mode = runnable_lowbit_mode(device)
     if settings.quant == QUANT_AUTO and mode == QUANT_NONE:
         return mode, ["this GPU runs no low-bit mode, so lowbit_rel_l2_vs_sla2 is left out"]
     return mode, []

@@ -53,8 +53,9 @@ def scaled_down_config(recipe: Recipe | str) -> dict[str, Any]:
 
 
 @contextmanager
-def _creation_defaults(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
-    """Create parameters directly in `dtype` on `device`: a 14B model need not pass through fp32 on CPU."""
+def creation_defaults(dtype: torch.dtype, device: torch.device | str) -> Iterator[None]:
+    """Modules built inside create their parameters and buffers directly in `dtype` on `device` (their own
+    initialisers run there): a 14B model never passes through float32 on the CPU, nor through a copy."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
@@ -79,12 +80,14 @@ def build_random_model(
     full_size: bool = True,
     seed: int = 0,
 ) -> diffusers.ModelMixin:
-    """The recipe's transformer with random weights (full size, or scaled down), in eval mode."""
+    """The recipe's transformer with random weights (full size, or scaled down), in eval mode, built on
+    `device` in `dtype` (the modules diffusers keeps in float32 in float32); the same seed gives the same
+    weights on the same device."""
     recipe = get_recipe(recipe_name)
     config = _require_architecture(recipe) if full_size else scaled_down_config(recipe)
     cls = model_class(recipe.model_class)
     torch.manual_seed(seed)
-    with _creation_defaults(dtype, device):
+    with creation_defaults(dtype, device):
         model = cls.from_config(config)
     if dtype != torch.float32:
         _keep_fp32_modules_fp32(model)

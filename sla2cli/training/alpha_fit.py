@@ -56,7 +56,7 @@ def mix_coefficients(
         q, k, sparsity=layer.sparsity, proj_q=layer.proj_q, proj_k=layer.proj_k,
         block_q=layer.block_q, block_k=layer.block_k,
     )
-    quant = layer.resolved_quant(q.device)
+    quant = layer.resolved_quant(q)
     kwargs = dict(block_q=layer.block_q, block_k=layer.block_k, quant=quant)
     sparse = sla2_attention_routed(q, k, v, routing.lut, alpha=None, **kwargs).float()
     zeros = torch.zeros(routing.lut.shape[:3], dtype=torch.float32, device=q.device)

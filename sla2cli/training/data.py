@@ -10,6 +10,7 @@ Either way a sample depends on its global index only: see `seeding`.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,7 @@ from sla2cli.embedded.synthetic import (
     validation_clips,
 )
 from sla2cli.errors import UserError
+from sla2cli.integration.conversion import sla2_layers
 from sla2cli.integration.recipes import IMAGE_ARGUMENT
 from sla2cli.training.latent_format import (
     IMAGE_EMBEDS,
@@ -166,6 +168,14 @@ class LatentData(TrainingData):
 def _patch(model: nn.Module) -> tuple[int, int, int]:
     patch = model.config.patch_size
     return tuple(patch) if isinstance(patch, (list, tuple)) else (1, patch, patch)
+
+
+def attention_shape(data: TrainingData, model: nn.Module, batch: int) -> tuple[int, int, int, int]:
+    """(B, H, L, D) of the model's self-attention calls on this data's clips: L is the latent grid over the patch."""
+    layer = next(iter(sla2_layers(model).values()))
+    _, *grid = data.shapes()[LATENTS]
+    length = math.prod(size // step for size, step in zip(grid, _patch(model), strict=True))
+    return batch, layer.num_heads, length, layer.head_dim
 
 
 def check_fits(data: TrainingData, model: nn.Module) -> None:

@@ -21,9 +21,9 @@ from sla2cli.checkpoint.storage import write_checkpoint
 from sla2cli.errors import UserError
 from sla2cli.files import check_output_folder
 from sla2cli.integration.recipes import get_recipe
-from sla2cli.ops.quantization import resolve_quant_mode
+from sla2cli.ops.quantization import QUANT_AUTO, check_runnable, choose_auto_quant
 from sla2cli.training import distributed, state
-from sla2cli.training.data import TrainingData, check_fits
+from sla2cli.training.data import TrainingData, attention_shape, check_fits
 from sla2cli.training.finetune import FinetuneSummary, check_family, make_data, resolve_clip, summarize
 from sla2cli.training.interrupt import graceful_stop
 from sla2cli.training.loop import LoopResult, Trainer, run_loop, validate
@@ -144,7 +144,7 @@ def check_request(request: FinetuneRequest) -> tuple[CheckpointConfig, FinetuneS
         raise UserError("--out must differ from CHECKPOINT: the checkpoint stays the run's starting point")
     settings = prepare_settings(request, config)
     try:
-        resolve_quant_mode(settings.quant, request.device)  # a mode this GPU cannot run fails before any work
+        check_runnable(settings.quant, request.device)  # a mode this GPU cannot run fails before any work
     except ValueError as error:
         raise UserError(f"--quant: {error}") from None
     if request.resume:
@@ -210,6 +210,9 @@ def _run(request: FinetuneRequest, config: CheckpointConfig, settings: FinetuneS
                    if record is not None else frozen_dense_teacher(model, teacher_dtype))
     trainable = prepare_for_training(model, device=device, quant=settings.quant, train=TRAIN_ALL,
                                      gradient_checkpointing=settings.gradient_checkpointing)
+    if settings.quant == QUANT_AUTO and processes.is_main and not request.quiet:
+        console.print(choose_auto_quant(device, attention_shape(data, model, micro_batch), training=True).reason,
+                      highlight=False)
     validation = data.validation_set(device)
     if record is None:
         before, dense = start_figures(model, validation, use_autocast)

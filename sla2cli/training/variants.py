@@ -88,7 +88,7 @@ class SparseOnlyLayer(SLA2Attention):
         )
         return sla2_attention_routed(
             q, k, v, routing.lut, alpha=None, block_q=self.block_q, block_k=self.block_k,
-            quant=self.resolved_quant(q.device),
+            quant=self.resolved_quant(q),
         )
 
 
@@ -104,7 +104,7 @@ class SLAProjLayer(SLA2Attention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         routing = route(q, k, sparsity=self.sparsity, block_q=self.block_q, block_k=self.block_k)
-        kwargs = dict(block_q=self.block_q, block_k=self.block_k, quant=self.resolved_quant(q.device))
+        kwargs = dict(block_q=self.block_q, block_k=self.block_k, quant=self.resolved_quant(q))
         sparse = sla2_attention_routed(q, k, v, routing.lut, alpha=None, **kwargs)
         if routing.all_selected:
             return sparse
@@ -139,7 +139,7 @@ class OracleRouterLayer(SLA2Attention):
         alpha = None if routing.all_selected else self.predict_alpha(routing, q.shape[2])
         return sla2_attention_routed(
             q, k, v, routing.lut, alpha=alpha, block_q=self.block_q, block_k=self.block_k,
-            quant=self.resolved_quant(q.device),
+            quant=self.resolved_quant(q),
         )
 
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 import torch
 
 from sla2cli.bench.cases import FORWARD_BACKWARD
-from sla2cli.bench.checks import FORWARD_TOLERANCE
+from sla2cli.bench.checks import FORWARD_TOLERANCE, check_sample, describe_sample
 from sla2cli.bench.inputs import AttentionInputs
 
 DENSE = "dense"  # full attention: sparsity does not apply, measured once per shape and mode
@@ -60,6 +60,14 @@ class Provider(ABC):
 
     def quant_mode(self, device: torch.device) -> str | None:
         """The SLA2 quantisation mode the provider runs on `device` (its row's `quant`); None if not SLA2."""
+        return None
+
+    def checked_on(self, inputs: AttentionInputs) -> str:
+        """The row's `checked_on` cell: what the correctness check compared (sampled heads and rows)."""
+        return describe_sample(inputs, check_sample(inputs).query.rows.numel())
+
+    def decision_note(self, inputs: AttentionInputs) -> str | None:
+        """A line the row's note adds about what the library would choose at this case; none by default."""
         return None
 
     def accuracy(

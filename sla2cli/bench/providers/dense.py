@@ -16,10 +16,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sla2cli.bench.checks import (
     BACKWARD_FACTOR,
-    CHECK_ROWS,
     GRAD_CHECK_LENGTH,
     KernelMismatch,
+    check_sample,
     dense_attention_float32,
+    dense_rows_float32,
     fresh_leaves,
     head_slice,
     output_and_grads,
@@ -45,12 +46,12 @@ class DenseProvider(Provider):
     def verify(
         self, inputs: AttentionInputs, sparsity: float | None, call: Callable[[], torch.Tensor]
     ) -> None:
-        heads = head_slice(inputs)
-        rows = slice(0, min(CHECK_ROWS, inputs.shape.length))
+        sample = check_sample(inputs)
+        heads, rows = sample.heads, sample.query.rows
         with torch.no_grad():
             out = call()
             q_rows, k, v = inputs.q[:, heads, rows], inputs.k[:, heads], inputs.v[:, heads]
-            reference = dense_attention_float32(q_rows, k, v)
+            reference = dense_rows_float32(q_rows, k, v)
         tolerance = self.tolerance(inputs.dtype)
         require_close(self.name, "output", out[:, heads, rows], reference, tolerance)
         if training(inputs):

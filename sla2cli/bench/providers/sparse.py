@@ -18,20 +18,28 @@ from sla2cli.bench.cases import FORWARD_BACKWARD
 from sla2cli.bench.checks import (
     BACKWARD_FACTOR,
     KernelMismatch,
+    check_sample,
+    describe_sample,
     fresh_leaves,
     head_slice,
     output_and_grads,
     relative_error,
     require_close,
+    sampled_grad_out,
     training,
 )
 from sla2cli.bench.inputs import AttentionInputs
 from sla2cli.bench.providers.base import ROUTING, SPARSE, Provider
 from sla2cli.ops import route, sla2_attention
-from sla2cli.ops.blockwise import blockwise_sla2
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q
-from sla2cli.ops.quantization import QUANT_AUTO, QUANT_NONE, resolve_quant_mode, sla2_lowbit_reference
+from sla2cli.ops.quantization import (
+    QUANT_NONE,
+    choose_auto_quant,
+    lowbit_sparse_branch,
+    runnable_lowbit_mode,
+)
 from sla2cli.ops.reference import router_scores
+from sla2cli.ops.sampled_reference import QueryBlockSample, sla2_sampled
 
 GRADIENT_NAMES = ("dq", "dk", "dv", "dalpha")
 
@@ -43,7 +51,7 @@ def _require_sparsity(sparsity: float | None) -> float:
 
 
 class BlockSparseProvider(Provider):
-    """A provider whose output equals blockwise_sla2 with the router's look-up table (same heads)."""
+    """A provider whose output equals SLA2's (or its sparse branch's) with the router's look-up table."""
 
     kind = SPARSE
     mixes_linear_branch: bool  # True: SLA2 output (both branches, alpha); False: sparse branch only
@@ -51,34 +59,51 @@ class BlockSparseProvider(Provider):
     def verify(
         self, inputs: AttentionInputs, sparsity: float | None, call: Callable[[], torch.Tensor]
     ) -> None:
-        heads = head_slice(inputs)
-        grad_out = inputs.grad_out
+        """Output and gradients on the sampled heads and query blocks (checks.check_sample) against
+        ops.sampled_reference with the router's look-up table; the upstream gradient is zero elsewhere."""
+        sample = check_sample(inputs)
+        heads, rows = sample.heads, sample.query.rows
+        grad_out = sampled_grad_out(inputs, sample)
         out, grads = output_and_grads(call, inputs.leaves, grad_out)
         lut = route(inputs.q, inputs.k, sparsity=_require_sparsity(sparsity)).lut[:, heads]
-        leaves = fresh_leaves([t[:, heads].float() for t in inputs.leaves], requires_grad=training(inputs))
+        q_rows = inputs.q[:, heads].index_select(2, rows)
+        leaves = fresh_leaves(
+            [q_rows.float(), inputs.k[:, heads].float(), inputs.v[:, heads].float(), inputs.alpha[:, heads].float()],
+            requires_grad=training(inputs),
+        )
         q, k, v, alpha = leaves
         mix = alpha if self.mixes_linear_branch else None
-        expected_out, expected = output_and_grads(
-            lambda: blockwise_sla2(q, k, v, lut, mix, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K),
-            leaves,
-            None if grad_out is None else grad_out[:, heads].float(),
-        )
-        expected_out = self.reference_output(q.detach(), k.detach(), v.detach(), lut, mix, expected_out)
+        grad_rows = None if grad_out is None else grad_out[:, heads].index_select(2, rows).float()
+        with torch.no_grad():
+            sparse_rows = self.sparse_rows(inputs.q[:, heads], inputs.k[:, heads], inputs.v[:, heads], lut,
+                                           sample.query)
+            expected_out = sla2_sampled(
+                q, k, v, lut, mix, sample.query, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K, sparse_rows=sparse_rows
+            )
         tolerance = self.tolerance(inputs.dtype)
-        require_close(self.name, "output", out[:, heads], expected_out, tolerance)
+        require_close(self.name, "output", out[:, heads].index_select(2, rows), expected_out, tolerance)
+        if grad_rows is None:
+            return
+        # the exact op's gradients, which a low-bit forward keeps too (its backward is straight-through)
+        _, expected = output_and_grads(
+            lambda: sla2_sampled(q, k, v, lut, mix, sample.query, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K), leaves, grad_rows
+        )
+        dq, *others = grads
+        if dq is None:
+            raise KernelMismatch(f"{self.name}: returned no gradient for q")
+        grads = [dq[:, heads].index_select(2, rows), *(None if g is None else g[:, heads] for g in others)]
         for name, grad, reference in zip(GRADIENT_NAMES, grads, expected, strict=False):
             if reference is None:
                 continue
             if grad is None:
                 raise KernelMismatch(f"{self.name}: returned no gradient for {name[1:]}")
-            require_close(self.name, name, grad[:, heads], reference, tolerance * BACKWARD_FACTOR)
+            require_close(self.name, name, grad, reference, tolerance * BACKWARD_FACTOR)
 
-    def reference_output(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor,
-        alpha: torch.Tensor | None, unquantised: torch.Tensor,
-    ) -> torch.Tensor:
-        """The forward the provider must match; the unquantised block-gather result unless overridden."""
-        return unquantised
+    def sparse_rows(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor, sample: QueryBlockSample
+    ) -> torch.Tensor | None:
+        """The sparse branch's output on the sampled rows when it is not the exact one (low-bit), else None."""
+        return None
 
 
 class Sla2(BlockSparseProvider):
@@ -95,33 +120,36 @@ class Sla2(BlockSparseProvider):
 
 
 class Sla2Lowbit(BlockSparseProvider):
-    """The SLA2 op with quant=auto: the low-bit sparse branch this GPU runs (int8: INT8 Q K^T, P V in the
-    input's precision); skipped where the GPU has none."""
+    """The SLA2 op with the low-bit sparse branch this GPU runs (int8: INT8 Q K^T, P V in the input's
+    precision), whatever its speed, so that its row is the measurement `auto` decides from (ops.lowbit_speed);
+    the row's note says what `auto` runs at that shape. Skipped where the GPU has no low-bit mode."""
 
     name = "sla2-lowbit"
-    summary = "SLA2 op, low-bit sparse branch (quant=auto): routing + INT8 sparse branch + linear branch + mix"
+    summary = "SLA2 op, low-bit sparse branch: routing + INT8 sparse branch + linear branch + mix"
     mixes_linear_branch = True
 
     def quant_mode(self, device: torch.device) -> str:
-        return resolve_quant_mode(QUANT_AUTO, device)
+        return runnable_lowbit_mode(device)
 
     def unsupported(self, device: torch.device, dtype: torch.dtype, mode: str) -> str | None:
         if self.quant_mode(device) == QUANT_NONE:
             return "this GPU runs no low-bit mode (INT8 tensor cores need compute capability 8.0+)"
         return super().unsupported(device, dtype, mode)
 
+    def decision_note(self, inputs: AttentionInputs) -> str | None:
+        return choose_auto_quant(inputs.q.device, inputs.shape.dims, training=training(inputs)).reason
+
     def build(self, inputs: AttentionInputs, sparsity: float | None) -> Callable[[], torch.Tensor]:
         level = _require_sparsity(sparsity)
-        return lambda: sla2_attention(
-            inputs.q, inputs.k, inputs.v, sparsity=level, alpha=inputs.alpha, quant=QUANT_AUTO
-        )
+        mode = self.quant_mode(inputs.q.device)
+        return lambda: sla2_attention(inputs.q, inputs.k, inputs.v, sparsity=level, alpha=inputs.alpha, quant=mode)
 
-    def reference_output(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor,
-        alpha: torch.Tensor | None, unquantised: torch.Tensor,
+    def sparse_rows(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor, sample: QueryBlockSample
     ) -> torch.Tensor:
+        """The fake-quant oracle's sparse branch on the sampled rows (same rounding, step by step)."""
         mode = self.quant_mode(q.device)
-        return sla2_lowbit_reference(q, k, v, lut, mode=mode, alpha=None if alpha is None else alpha.detach())
+        return lowbit_sparse_branch(q, k, v, lut, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K, mode, sample)
 
     def accuracy(
         self, inputs: AttentionInputs, sparsity: float | None, call: Callable[[], torch.Tensor]
@@ -205,6 +233,9 @@ class Sla2Routing(Provider):
     def build(self, inputs: AttentionInputs, sparsity: float | None) -> Callable[[], torch.Tensor]:
         level = _require_sparsity(sparsity)
         return lambda: route(inputs.q, inputs.k, sparsity=level).lut
+
+    def checked_on(self, inputs: AttentionInputs) -> str:
+        return describe_sample(inputs, None)  # block scores are T_m x T_n per head: every query block
 
     def verify(
         self, inputs: AttentionInputs, sparsity: float | None, call: Callable[[], torch.Tensor]
