@@ -19,10 +19,12 @@
 #           quality_embedded.csv, quality.log and shipped/ (the three files that go into sla2cli/assets/)
 #   final: kernel checksums of this tree, .old/ and .speed/ (a candidate kernel change), every GPU test, `sla2 bench`
 #           at 0.97 on both default shapes for this tree and .speed/, and 3 full-size Wan2.1-1.3B fine-tuning steps
-# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final
+#   speed: every GPU test, `sla2 bench` with sla2-lowbit at 0.97 on both default shapes, the forward's and backward's
+#           stages timed alone (gpu_suite.py --parts), and the Wan2.1-14B 720p model bench with random weights
+# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final|speed
 set -uo pipefail
 out=${1:?output folder}
-phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot, quality or final}
+phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot, quality, final or speed}
 mkdir -p /tmp/site "$out"
 log="$out/all.log"
 source benchmarks/gpu_packages.sh
@@ -115,6 +117,16 @@ elif [ "$phase" = final ]; then
   fi
   timeout 120 python3 benchmarks/finetune_gpu.py --out /tmp/finetune --phases wan --csv "$out/finetune_wan_gpu.csv" \
     >> "$log" 2>&1
+elif [ "$phase" = speed ]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | grep -v DEBUG | tail -4 | tee -a "$log"
+  timeout 120 python3 -m sla2cli bench --sparsity 0.97 --time-budget 3 --provider fa2 --provider sla2 \
+    --provider sla2-lowbit --csv "$out/lowbit_bench.csv" >> "$log" 2>&1
+  timeout 100 python3 benchmarks/gpu_suite.py --csv "$out/parts.csv" --shapes 1,12,32760,128 1,40,75600,128 \
+    --sparsities 0.97 --modes fwd --parts --rep-ms 60 >> "$log" 2>&1
+  start=$(date +%s)
+  timeout 200 python3 -m sla2cli bench --model wan2.1-t2v-14b --random-weights --resolution 720p \
+    --csv "$out/model_wan2.1-14b_720p.csv" >> "$log" 2>&1
+  echo "14B 720p model bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$log"
 elif [ "$phase" = qat ]; then
   timeout 500 python3 benchmarks/finetune_gpu.py --out "$out/finetune" --phases qat --csv finetune_qat_gpu.csv \
     >> "$log" 2>&1
