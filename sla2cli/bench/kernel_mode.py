@@ -18,7 +18,7 @@ from sla2cli.bench.flops import block_budget, shape_flops, sparse_share, tflops
 from sla2cli.bench.inputs import AttentionInputs, forward_backward, make_inputs
 from sla2cli.bench.providers import BASELINE, DENSE, ROUTING, Provider, ProviderUnavailable
 from sla2cli.bench.records import FAILED, OK, OUT_OF_MEMORY, SKIPPED, Measurement
-from sla2cli.bench.timing import CacheFlusher, TimingPlan, peak_extra_memory_mb, time_call
+from sla2cli.bench.timing import CacheFlusher, TimingPlan, time_call
 from sla2cli.ops.quantization import QUANT_NONE
 
 ACCURACY_COLUMNS = ("rel_l2_vs_sla2", "checked_on")  # on every kernel row (empty where it means nothing): fixed columns
@@ -92,9 +92,9 @@ def measure(
         row.extra["checked_on"] = provider.checked_on(inputs)
         row.extra.update(provider.accuracy(inputs, sparsity, call))
         step: Callable[[], object] = call if mode == FORWARD else forward_backward(call, inputs)
-        timing = time_call(step, plan.device, plan.timing, flusher)
+        timing = time_call(step, plan.device, plan.timing, flusher, before_each=inputs.clear_grads)
         inputs.clear_grads()
-        row.peak_mem_mb = peak_extra_memory_mb(step, plan.device)
+        row.peak_mem_mb = timing.peak_extra_mb
     except ProviderUnavailable as error:
         row.status, row.note = SKIPPED, str(error)
         return row

@@ -28,7 +28,7 @@ from sla2cli.bench.model_setup import (
     run_forward,
 )
 from sla2cli.bench.records import OK, OUT_OF_MEMORY, Measurement
-from sla2cli.bench.timing import CacheFlusher, TimingPlan, peak_extra_memory_mb, time_call
+from sla2cli.bench.timing import CacheFlusher, TimingPlan, time_call
 from sla2cli.errors import UserError
 from sla2cli.integration.conversion import dense_processors, model_quant
 from sla2cli.ops.quantization import QUANT_AUTO, choose_auto_quant, resolve_quant_mode
@@ -121,6 +121,11 @@ def _step(bench: BenchModel, mode: str, grad_out: torch.Tensor) -> Callable[[], 
     return forward_backward
 
 
+def _drop_gradients(bench: BenchModel) -> None:
+    """Frees the model's gradients, as a training step's optimizer.zero_grad(set_to_none=True) does."""
+    bench.model.zero_grad(set_to_none=True)
+
+
 def _time_model(
     bench: BenchModel,
     mode: str,
@@ -131,14 +136,13 @@ def _time_model(
 ) -> None:
     step = _step(bench, mode, grad_out)
     try:
-        timing = time_call(step, plan.device, plan.timing, flusher)
-        bench.model.zero_grad(set_to_none=True)
-        row.peak_mem_mb = peak_extra_memory_mb(step, plan.device)
+        timing = time_call(step, plan.device, plan.timing, flusher, before_each=lambda: _drop_gradients(bench))
+        row.peak_mem_mb = timing.peak_extra_mb
     except torch.OutOfMemoryError:
         row.status, row.note = OUT_OF_MEMORY, "out of GPU memory"
         return
     finally:
-        bench.model.zero_grad(set_to_none=True)
+        _drop_gradients(bench)
         if plan.device.type == "cuda":
             torch.cuda.empty_cache()
     row.median_ms, row.min_ms, row.repeats = timing.median_ms, timing.min_ms, timing.repeats

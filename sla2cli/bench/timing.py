@@ -17,6 +17,9 @@ import torch
 
 FLUSH_BYTES = 256 * 1024 * 1024
 MIN_REPEATS = 5
+# A call longer than the whole budget (a 14B model's dense forward at 720p: about 17 s) gets this many: its
+# run-to-run spread is far below its length, and two more such calls cost half a minute.
+MIN_REPEATS_SLOW = 3
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,13 @@ class TimingPlan:
 
 @dataclass(frozen=True)
 class Timing:
+    """peak_extra_mb: memory a timed call allocates on top of what was allocated before it (its outputs,
+    workspace and autograd buffers), the most over the timed calls; None on CPU, which keeps no such count."""
+
     median_ms: float
     min_ms: float
     repeats: int
+    peak_extra_mb: float | None = None
 
 
 def synchronize(device: torch.device) -> None:
@@ -54,9 +61,11 @@ class CacheFlusher:
 
 
 def repeats_within_budget(plan: TimingPlan, estimate_ms: float) -> int:
-    """At least MIN_REPEATS (or plan.repeats if smaller), at most plan.repeats, about budget_s in total."""
+    """About budget_s in total, at most plan.repeats, and at least MIN_REPEATS (MIN_REPEATS_SLOW for a call
+    longer than the whole budget; plan.repeats if that is smaller)."""
     affordable = math.floor(plan.budget_s * 1e3 / max(estimate_ms, 1e-6))
-    return max(min(MIN_REPEATS, plan.repeats), min(plan.repeats, affordable))
+    floor = MIN_REPEATS_SLOW if estimate_ms >= plan.budget_s * 1e3 else MIN_REPEATS
+    return max(min(floor, plan.repeats), min(plan.repeats, affordable))
 
 
 def _wall_ms(fn: Callable[[], object], device: torch.device) -> float:
@@ -67,10 +76,13 @@ def _wall_ms(fn: Callable[[], object], device: torch.device) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _event_times_ms(fn: Callable[[], object], repeats: int, flush: CacheFlusher) -> list[float]:
+def _event_times_ms(
+    fn: Callable[[], object], repeats: int, flush: CacheFlusher, before_each: Callable[[], object]
+) -> list[float]:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     for start, end in zip(starts, ends, strict=True):
+        before_each()
         flush()
         start.record()
         fn()
@@ -79,37 +91,44 @@ def _event_times_ms(fn: Callable[[], object], repeats: int, flush: CacheFlusher)
     return [start.elapsed_time(end) for start, end in zip(starts, ends, strict=True)]
 
 
+def _nothing() -> None:
+    return None
+
+
 def time_call(
-    fn: Callable[[], object], device: torch.device, plan: TimingPlan, flush: CacheFlusher
+    fn: Callable[[], object],
+    device: torch.device,
+    plan: TimingPlan,
+    flush: CacheFlusher,
+    before_each: Callable[[], object] = _nothing,
 ) -> Timing:
-    """Median time of fn() in milliseconds after up to plan.warmup untimed calls.
+    """Median time of fn() in milliseconds after up to plan.warmup untimed calls, and its peak extra memory.
 
     Warming up stops early once the warm-up calls have taken budget_s: compilation, autotuning and the
-    allocator's growth happen in the first call, and a call that slow (a 14B model's forward at 720p
-    takes about 17 s with dense attention) gains nothing from more untimed runs but minutes.
+    allocator's growth happen in the first call, and a call that slow gains nothing from more untimed runs
+    but minutes. The memory peak is read over the timed calls, after the warm-up has allocated what stays
+    (workspaces, caches), so that it needs no call of its own. before_each runs untimed before every call:
+    a training step passes what drops its gradients, so that each call allocates them as a training step
+    does and the peak counts them.
     """
     estimate_ms, spent_ms = math.inf, 0.0
     for _ in range(max(1, plan.warmup)):
+        before_each()
         estimate_ms = _wall_ms(fn, device)
         spent_ms += estimate_ms
         if spent_ms >= plan.budget_s * 1e3:
             break
     repeats = repeats_within_budget(plan, estimate_ms)
-    if device.type == "cuda":
-        times = _event_times_ms(fn, repeats, flush)
-    else:
-        times = [_wall_ms(fn, device) for _ in range(repeats)]
-    return Timing(median_ms=statistics.median(times), min_ms=min(times), repeats=repeats)
-
-
-def peak_extra_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Memory one call allocates on top of what was already allocated (its outputs, workspace and
-    autograd buffers), in MB; None on CPU, where PyTorch keeps no such statistic."""
     if device.type != "cuda":
-        return None
+        times = []
+        for _ in range(repeats):
+            before_each()
+            times.append(_wall_ms(fn, device))
+        return Timing(median_ms=statistics.median(times), min_ms=min(times), repeats=repeats)
+    before_each()
     synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     baseline = torch.cuda.memory_allocated(device)
-    fn()
-    synchronize(device)
-    return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+    times = _event_times_ms(fn, repeats, flush, before_each)
+    peak_extra_mb = (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
+    return Timing(statistics.median(times), min(times), repeats, peak_extra_mb)

@@ -17,6 +17,7 @@ from sla2cli.bench.job import (
     run_bench_job,
 )
 from sla2cli.bench.providers import provider_names
+from sla2cli.bench.timing import MIN_REPEATS, MIN_REPEATS_SLOW
 
 HELP = (
     "Time SLA2 against FlashAttention2, cuDNN, FlexAttention, SageAttention and flash-attn.\n\n"
@@ -61,7 +62,8 @@ def bench(
     )] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Timed calls per case (the median is reported).")] = 20,
     time_budget: Annotated[float | None, typer.Option(
-        min=0.0, help="Seconds of timed calls per case: slow cases use fewer repeats (never fewer than 5). "
+        min=0.0, help="Seconds of timed calls per case: slow cases use fewer repeats (never fewer than "
+        f"{MIN_REPEATS}; {MIN_REPEATS_SLOW} for a call longer than the whole budget). "
         f"Default: {GPU_TIME_BUDGET_S:g} on GPU, {CPU_TIME_BUDGET_S:g} on CPU.",
     )] = None,
     seed: Annotated[int, typer.Option(help="Seed of the random inputs.")] = 0,
