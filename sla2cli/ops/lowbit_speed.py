@@ -53,8 +53,10 @@ MEASUREMENTS: tuple[LowbitMeasurement, ...] = (
     LowbitMeasurement("H100", 128, False, LARGE, "1x40x75600x128", QUANT_INT8, 16.4930, 17.4601, MS, _H100_OP_14B),
     LowbitMeasurement("H100", 128, True, SMALL, "1x12x32760x128", QUANT_INT8, 7.5732, 6.8666, MS, _H100_OP),
     LowbitMeasurement("H100", 64, False, SMALL, "1x24x32760x64", QUANT_INT8, 0.8722, 0.6978, MS, _H100_D64),
-    LowbitMeasurement("H200", 128, False, SMALL, "1x12x32760x128", QUANT_INT8, 2.04, 1.27, MS, _H200_BENCH),
-    LowbitMeasurement("H200", 128, True, SMALL, "1x12x32760x128", QUANT_INT8, 10.32, 11.39, SPEEDUP, _H200_BENCH),
+    LowbitMeasurement("H200", 128, False, SMALL, "1x12x32760x128", QUANT_INT8, 1.8961, 1.2789, MS, _H200_BENCH),
+    LowbitMeasurement("H200", 128, True, SMALL, "1x12x32760x128", QUANT_INT8, 6.9315, 6.2855, MS, _H200_BENCH),
+    LowbitMeasurement("H200", 128, False, LARGE, "1x40x75600x128", QUANT_INT8, 16.0881, 17.6035, MS, _H200_BENCH),
+    LowbitMeasurement("H200", 128, True, LARGE, "1x40x75600x128", QUANT_INT8, 97.1391, 88.2527, MS, _H200_BENCH),
 )
 
 
