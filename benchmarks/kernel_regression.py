@@ -30,7 +30,7 @@ from sla2cli.bench.environment import git_commit
 from sla2cli.module import SLA2Attention
 from sla2cli.ops import num_blocks, sla2_attention, sla2_attention_bshd
 from sla2cli.ops.quantization import QUANT_MODES, QUANT_NONE, supported_quant_modes
-from sla2cli.report.output import atomic_path
+from sla2cli.report.output import atomic_path  # this path (not sla2cli.files) also exists in earlier trees
 
 BATCH, HEADS = 2, 2
 SPARSITIES = (0.9, 0.97)
