@@ -20,8 +20,7 @@ from sla2_kernels.modes import QUANT_INT8
 LARGE_SHAPE_ROWS = 1_000_000
 SMALL, LARGE = "below 1M rows x heads", "at least 1M rows x heads"
 
-MS = "median ms"  # lower is faster
-SPEEDUP = "speedup vs FA2"  # higher is faster
+UNIT = "median ms"  # every entry's two numbers
 
 
 class LowbitMeasurement(NamedTuple):
@@ -33,14 +32,13 @@ class LowbitMeasurement(NamedTuple):
     shape_class: str  # SMALL or LARGE
     shape: str  # the measured B x H x L x D
     mode: str  # the low-bit mode timed
-    lowbit: float
-    bf16: float
-    metric: str  # MS or SPEEDUP
+    lowbit: float  # UNIT
+    bf16: float  # UNIT
     source: str  # the CSV the two numbers come from
 
     @property
     def lowbit_faster(self) -> bool:
-        return self.lowbit < self.bf16 if self.metric == MS else self.lowbit > self.bf16
+        return self.lowbit < self.bf16
 
 
 _H100_OP = "benchmarks/results/h100_lowbit_operator.csv"  # CUDA graph replay rows (fwd-graph), fwd+bwd rows
@@ -49,14 +47,14 @@ _H100_D64 = "benchmarks/results/h100_lowbit_parts_d64.csv"  # forward kernel cal
 _H200_BENCH = "benchmarks/results/h200_lowbit_bench.csv"
 
 MEASUREMENTS: tuple[LowbitMeasurement, ...] = (
-    LowbitMeasurement("H100", 128, False, SMALL, "1x12x32760x128", QUANT_INT8, 1.3131, 1.2912, MS, _H100_OP),
-    LowbitMeasurement("H100", 128, False, LARGE, "1x40x75600x128", QUANT_INT8, 16.4930, 17.4601, MS, _H100_OP_14B),
-    LowbitMeasurement("H100", 128, True, SMALL, "1x12x32760x128", QUANT_INT8, 7.5732, 6.8666, MS, _H100_OP),
-    LowbitMeasurement("H100", 64, False, SMALL, "1x24x32760x64", QUANT_INT8, 0.8722, 0.6978, MS, _H100_D64),
-    LowbitMeasurement("H200", 128, False, SMALL, "1x12x32760x128", QUANT_INT8, 1.8961, 1.2789, MS, _H200_BENCH),
-    LowbitMeasurement("H200", 128, True, SMALL, "1x12x32760x128", QUANT_INT8, 6.9315, 6.2855, MS, _H200_BENCH),
-    LowbitMeasurement("H200", 128, False, LARGE, "1x40x75600x128", QUANT_INT8, 16.0881, 17.6035, MS, _H200_BENCH),
-    LowbitMeasurement("H200", 128, True, LARGE, "1x40x75600x128", QUANT_INT8, 97.1391, 88.2527, MS, _H200_BENCH),
+    LowbitMeasurement("H100", 128, False, SMALL, "1x12x32760x128", QUANT_INT8, 1.3131, 1.2912, _H100_OP),
+    LowbitMeasurement("H100", 128, False, LARGE, "1x40x75600x128", QUANT_INT8, 16.4930, 17.4601, _H100_OP_14B),
+    LowbitMeasurement("H100", 128, True, SMALL, "1x12x32760x128", QUANT_INT8, 7.5732, 6.8666, _H100_OP),
+    LowbitMeasurement("H100", 64, False, SMALL, "1x24x32760x64", QUANT_INT8, 0.8722, 0.6978, _H100_D64),
+    LowbitMeasurement("H200", 128, False, SMALL, "1x12x32760x128", QUANT_INT8, 1.8961, 1.2789, _H200_BENCH),
+    LowbitMeasurement("H200", 128, True, SMALL, "1x12x32760x128", QUANT_INT8, 6.9315, 6.2855, _H200_BENCH),
+    LowbitMeasurement("H200", 128, False, LARGE, "1x40x75600x128", QUANT_INT8, 16.0881, 17.6035, _H200_BENCH),
+    LowbitMeasurement("H200", 128, True, LARGE, "1x40x75600x128", QUANT_INT8, 97.1391, 88.2527, _H200_BENCH),
 )
 
 

@@ -36,7 +36,7 @@ from sla2_kernels.numerics import FP8_E4M3_MAX, INT8_MAX, LOG2E, TINY_SCALE
 from sla2cli.ops.blockwise import blockwise_sla2, to_blocks
 from sla2cli.ops.complement import complement_map
 from sla2cli.ops.geometry import num_blocks
-from sla2cli.ops.lowbit_speed import find_measurement, shape_class
+from sla2cli.ops.lowbit_speed import UNIT, find_measurement, shape_class
 from sla2cli.ops.reference import attention_from_block_weights, expand_block_values
 from sla2cli.ops.sampled_reference import (
     KEY_CHUNK,
@@ -128,7 +128,7 @@ def choose_auto_quant(device: torch.device | str, shape: Sequence[int], training
             f"{head_dim}, {shape_class(rows)}, {what}; see benchmarks/results/)"
         ))
     measured = (
-        f"{entry.lowbit:g} vs {entry.bf16:g} {entry.metric} at {entry.shape}{' fwd+bwd' if training else ''}; "
+        f"{entry.lowbit:g} vs {entry.bf16:g} {UNIT} at {entry.shape}{' fwd+bwd' if training else ''}; "
         f"measured in {entry.source}"
     )
     if entry.lowbit_faster and entry.mode in supported_quant_modes(device):

@@ -30,10 +30,6 @@ from sla2cli.report.inputs import CleanSample, ForwardInput
 from sla2cli.report.summary import Row
 from sla2cli.training.objectives import validation_loss
 
-MODEL_QUALITY_NAMES = ("output_rel_l2_error", "val_loss", "dense_val_loss", "val_loss_ratio", "shipped_dense_val_loss",
-                       "untrained_val_loss", "val_loss_vs_shipped_dense")
-"""Keys of the model-quality figures, in the order the CSV and JSON show them."""
-
 
 def output_relative_error(output: torch.Tensor, dense: torch.Tensor) -> float:
     """||output - dense|| / ||dense|| over the whole tensor, in float32."""

@@ -23,6 +23,7 @@ import torch
 from sla2cli.module import SLA2Attention
 from sla2cli.ops import Routing, route, sla2_attention_routed
 from sla2cli.ops.blockwise import to_blocks
+from sla2cli.training.full_batch import adam_full_batch
 
 
 @dataclass(frozen=True)
@@ -97,20 +98,8 @@ def fit_alpha(
 ) -> None:
     """Full-batch Adam on the alpha predictor's parameters (w_h, b_h, t_h) against the exact error; their
     requires_grad flags end as they were."""
-    parameters = [layer.alpha_weight, layer.alpha_bias, layer.alpha_log_temperature]
-    trained_before = [parameter.requires_grad for parameter in parameters]
-    for parameter in parameters:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.Adam(parameters, lr=learning_rate)
-    try:
-        for _ in range(steps):
-            loss = mean_relative_error(layer, coefficients)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if on_step is not None:
-                on_step()
-    finally:
-        for parameter, flag in zip(parameters, trained_before, strict=True):
-            parameter.requires_grad_(flag)
-            parameter.grad = None
+    adam_full_batch(
+        [layer.alpha_weight, layer.alpha_bias, layer.alpha_log_temperature],
+        lambda: mean_relative_error(layer, coefficients),
+        steps=steps, learning_rate=learning_rate, on_step=on_step,
+    )

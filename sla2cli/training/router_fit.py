@@ -29,6 +29,7 @@ from sla2cli.ops.pooling import pooled_means
 from sla2cli.ops.routing import pooled_scores, select_blocks
 from sla2cli.ops.soft import budgeted_soft_top_k
 from sla2cli.report.metrics import captured_mass, true_block_mass
+from sla2cli.training.full_batch import adam_full_batch
 
 
 @dataclass(frozen=True)
@@ -89,20 +90,7 @@ def train_router(
 ) -> None:
     """Adam on proj_q and proj_k only, full batch over the layer's calls; alpha is fitted afterwards. Their
     requires_grad flags end as they were."""
-    parameters = [layer.proj_q, layer.proj_k]
-    trained_before = [parameter.requires_grad for parameter in parameters]
-    for parameter in parameters:
-        parameter.requires_grad_(True)
-    optimizer = torch.optim.Adam(parameters, lr=learning_rate)
-    try:
-        for _ in range(steps):
-            loss = soft_mass_loss(layer, targets, tau)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            if on_step is not None:
-                on_step()
-    finally:
-        for parameter, flag in zip(parameters, trained_before, strict=True):
-            parameter.requires_grad_(flag)
-            parameter.grad = None
+    adam_full_batch(
+        [layer.proj_q, layer.proj_k], lambda: soft_mass_loss(layer, targets, tau),
+        steps=steps, learning_rate=learning_rate, on_step=on_step,
+    )
