@@ -16,17 +16,18 @@ pytestmark = pytest.mark.gpu
 BF16_TOLERANCE = 2e-2
 
 
-def _compare(batch, heads, length, head_dim, sparsity, seed):
+def _compare(batch, heads, length, head_dim, sparsity, seed, block_q=128, block_k=64):
     q, k, v = random_qkv(batch, heads, length, head_dim, torch.bfloat16, seed, device="cuda")
-    alpha = random_alpha(batch, heads, num_blocks(length, 128), seed, device="cuda")
-    out = sla2_attention(q, k, v, sparsity=sparsity, alpha=alpha)
+    alpha = random_alpha(batch, heads, num_blocks(length, block_q), seed, device="cuda")
+    blocks = dict(block_q=block_q, block_k=block_k)
+    out = sla2_attention(q, k, v, sparsity=sparsity, alpha=alpha, **blocks)
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v, alpha), grad)
-    expected = sla2_reference(q, k, v, sparsity=sparsity, alpha=alpha)
+    expected = sla2_reference(q, k, v, sparsity=sparsity, alpha=alpha, **blocks)
     expected_grads = torch.autograd.grad(expected, (q, k, v, alpha), grad, allow_unused=True)
     errors = [rel_l2(a.float(), e.float() if e is not None else None)
               for a, e in zip((out, *grads), (expected, *expected_grads), strict=True)]
-    print(f"L={length} D={head_dim} s={sparsity} errors(out,dq,dk,dv,dalpha)=" +
+    print(f"L={length} D={head_dim} s={sparsity} blocks={block_q}x{block_k} errors(out,dq,dk,dv,dalpha)=" +
           ",".join(f"{e:.2e}" for e in errors))
     assert max(errors) <= BF16_TOLERANCE, errors
 
@@ -40,6 +41,13 @@ def test_bf16_matches_reference_4096(head_dim, sparsity):
 @pytest.mark.parametrize("sparsity", [0.9, 0.97])
 def test_bf16_matches_reference_32760(sparsity):
     _compare(1, 1, 32760, 128, sparsity, seed=12)
+
+
+@pytest.mark.parametrize("sparsity", [0.9, 0.97])
+def test_bf16_matches_reference_in_the_embedded_models_small_blocks(sparsity):
+    # The embedded recipe's 32 x 16 blocks at its clip length (8192 tokens) and head dim, plus a partial block.
+    _compare(2, 2, 8192, 64, sparsity, seed=13, block_q=32, block_k=16)
+    _compare(1, 2, 4001, 64, sparsity, seed=14, block_q=32, block_k=16)
 
 
 def test_bshd_layout_without_copies():

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sla2cli.embedded.config import MODEL_KWARGS
-from sla2cli.integration.recipes import get_recipe
+from sla2cli.integration.recipes import EMBEDDED_RECIPE, get_recipe
 from sla2cli.module import SLA2Attention
 from sla2cli.ops import k_selected
 from sla2cli.ops.geometry import ROUNDING_NOTE, num_blocks
@@ -29,8 +29,10 @@ REQUIRED_COLUMNS = {
     "rel_l2_error", "cosine", "heuristic_rel_l2_error",
 }
 EMBEDDED_HEADS = MODEL_KWARGS["num_layers"] * MODEL_KWARGS["num_attention_heads"]
-SMALL_CLIP = "2x32x32"  # latent frames x height x width: 2 * 16 * 16 = 512 tokens, 8 key blocks
+SMALL_CLIP = "2x32x32"  # latent frames x height x width: 2 * 16 * 16 = 512 tokens
 SMALL_TOKENS = 512
+EMBEDDED_BLOCK_K = get_recipe(EMBEDDED_RECIPE).block_k  # 16: the small clip has 32 key blocks
+SMALL_KEY_BLOCKS = num_blocks(SMALL_TOKENS, EMBEDDED_BLOCK_K)
 
 
 @pytest.fixture(autouse=True)
@@ -171,7 +173,7 @@ def test_report_writes_csv_json_and_heatmap(embedded_model, tmp_path, capsys):
         (str(layer), str(head))
         for layer in range(MODEL_KWARGS["num_layers"]) for head in range(MODEL_KWARGS["num_attention_heads"])
     }
-    k_sel = k_selected(num_blocks(SMALL_TOKENS, 64), 0.97)
+    k_sel = k_selected(SMALL_KEY_BLOCKS, 0.97)
     for row in rows:
         assert int(row["k_sel"]) == k_sel
         assert int(row["samples"]) == 2  # one clip at two timesteps
@@ -229,7 +231,7 @@ def test_model_quality_matches_the_unconverted_model(embedded_model):
     text = torch.cat([sample.text for sample in samples])
     assert quality["dense_val_loss"] == pytest.approx(validation_loss(original, clean, text, False), rel=1e-4)
     assert quality["val_loss"] == pytest.approx(validation_loss(target.main, clean, text, False), rel=1e-5)
-    assert quality["val_loss"] > quality["dense_val_loss"]  # 97% at 512 tokens keeps one key block of eight
+    assert quality["val_loss"] > quality["dense_val_loss"]  # 97% at 512 tokens keeps one key block of 32
 
 
 def test_alias_and_sparsity_override(embedded_model, tmp_path, capsys):
@@ -243,14 +245,14 @@ def test_alias_and_sparsity_override(embedded_model, tmp_path, capsys):
     assert "model output" not in stdout
     rows = _read_csv(out_csv, model_row=False)
     assert "lowbit_rel_l2_vs_sla2" not in rows[0]
-    assert {int(row["k_sel"]) for row in rows} == {k_selected(num_blocks(SMALL_TOKENS, 64), 0.5)}
+    assert {int(row["k_sel"]) for row in rows} == {k_selected(SMALL_KEY_BLOCKS, 0.5)}
     assert all(float(row["sparsity"]) == pytest.approx(0.5) for row in rows)
     assert all(float(row["effective_sparsity"]) == float(row["requested_sparsity"]) == 0.5 for row in rows)
-    assert "note:" not in stdout  # 0.5 of 8 key blocks is exactly 4: nothing was rounded
+    assert "note:" not in stdout  # 0.5 of 32 key blocks is exactly 16: nothing was rounded
 
 
 def test_rounded_sparsity_is_shown_and_said_once(embedded_model, tmp_path, capsys, monkeypatch):
-    """At 512 tokens (8 key blocks) 0.9 keeps one block: the effective sparsity is 0.875, not 0.9."""
+    """At 512 tokens (32 key blocks) 0.9 keeps 3: the effective sparsity is 0.906, not 0.9."""
     monkeypatch.setenv("COLUMNS", "80")
     out_csv, out_json = tmp_path / "r.csv", tmp_path / "r.json"
     code, stdout, err = run_cli(
@@ -259,15 +261,15 @@ def test_rounded_sparsity_is_shown_and_said_once(embedded_model, tmp_path, capsy
         capsys,
     )
     assert code == 0, err
-    kept = k_selected(num_blocks(SMALL_TOKENS, 64), 0.9)
-    effective = 1 - kept / num_blocks(SMALL_TOKENS, 64)
+    kept = k_selected(SMALL_KEY_BLOCKS, 0.9)
+    effective = 1 - kept / SMALL_KEY_BLOCKS
     for row in _read_csv(out_csv):
         assert float(row["requested_sparsity"]) == pytest.approx(0.9)
         assert float(row["effective_sparsity"]) == pytest.approx(effective)
-        assert (int(row["k_sel"]), int(row["key_blocks"])) == (kept, num_blocks(SMALL_TOKENS, 64))
+        assert (int(row["k_sel"]), int(row["key_blocks"])) == (kept, SMALL_KEY_BLOCKS)
     notes = [line for line in stdout.splitlines() if line.startswith("note:")]
     assert notes == [
-        f"note: {ROUNDING_NOTE}: 0.9 keeps {kept} of 8 key blocks (effective_sparsity {effective:.3f})"
+        f"note: {ROUNDING_NOTE}: 0.9 keeps {kept} of {SMALL_KEY_BLOCKS} key blocks (effective_sparsity {effective:.3f})"
     ]
     assert json.loads(out_json.read_text())["notes"] == [notes[0].removeprefix("note: ")]
     model_line = next(line for line in stdout.splitlines() if line.startswith("│ model"))
