@@ -16,7 +16,8 @@
 #           if present) and this tree's, every GPU test, `sla2 bench` at 32760 tokens, 3 full-size Wan2.1-1.3B
 #           fine-tuning steps, and a 100-step quality pilot (every method on CUDA, per-job rates under concurrency)
 #   quality: the same with QUALITY_STEPS steps (required) and QUALITY_MINUTES of budget (default 8): writes
-#           quality_embedded.csv, quality.log and shipped/ (the three files that go into sla2cli/assets/)
+#           quality_embedded.csv, quality.log and shipped/ (the three files that go into sla2cli/assets/);
+#           QUALITY_METHODS=sla2 runs dense and sla2 at every sparsity only (4 jobs: more steps in the same time)
 #   final: kernel checksums of this tree, .old/ and .speed/ (a candidate kernel change), every GPU test, `sla2 bench`
 #           at 0.97 on both default shapes for this tree and .speed/, and 3 full-size Wan2.1-1.3B fine-tuning steps
 #   speed: every GPU test, `sla2 bench` with sla2-lowbit at 0.97 on both default shapes, the forward's and backward's
@@ -80,7 +81,11 @@ elif [ "$phase" = quality-pilot ]; then
     > "$out/quality_pilot.log" 2>&1
   tail -12 "$out/quality_pilot.log" >> "$log"
 elif [ "$phase" = quality ]; then
-  timeout 575 python3 benchmarks/quality_suite.py --matrix acceptance --jobs 9 --steps "${QUALITY_STEPS:?}" \
+  # QUALITY_METHODS (e.g. sla2) runs those methods at every sparsity, beside the dense reference, instead of the
+  # acceptance matrix: fewer jobs at once, so more steps fit in the same minutes.
+  matrix=(--matrix acceptance)
+  [ -n "${QUALITY_METHODS:-}" ] && matrix=(--matrix full --methods "$QUALITY_METHODS")
+  timeout 575 python3 benchmarks/quality_suite.py "${matrix[@]}" --jobs 9 --steps "${QUALITY_STEPS:?}" \
     --device cuda --out /tmp/quality --csv "$out/quality_embedded.csv" --ship "$out/shipped" \
     --time-budget-minutes "${QUALITY_MINUTES:-8}" > "$out/quality.log" 2>&1
   tail -12 "$out/quality.log" >> "$log"
