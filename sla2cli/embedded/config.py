@@ -1,8 +1,8 @@
 """The embedded model's architecture, default clip and where its shipped files live.
 
 One place for these numbers so that the trainer, the loader and the tests build the same model.
-The default clip (8 latent frames of 64 x 64, patch 1 x 2 x 2) gives 8 * 32 * 32 = 8192 tokens:
-128 key blocks of 64, so even 97% sparsity keeps floor(0.03 * 128) = 3 key blocks per query block.
+The default clip (8 latent frames of 64 x 64, patch 1 x 2 x 2) gives 8 * 32 * 32 = 8192 tokens: in the
+recipe's key blocks of 16, 512 key blocks, so 97% sparsity keeps floor(0.03 * 512) = 15 per query block.
 """
 
 from __future__ import annotations
