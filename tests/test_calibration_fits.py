@@ -35,6 +35,30 @@ def test_budgeted_soft_top_k_has_the_forward_of_the_relaxation_and_keeps_the_bud
         assert grad[index].item() == pytest.approx(numeric, rel=1e-4, abs=1e-8)
 
 
+@pytest.mark.parametrize("spread", [0.1, 3.0, 300.0])
+@pytest.mark.parametrize(("count", "k_sel"), [(40, 1), (512, 15), (512, 511)])
+def test_row_offsets_meet_the_budget_on_flat_spread_and_tied_rows(spread, count, k_sel):
+    """The solve reaches sum_j sigmoid(x_j + lambda) = k_sel on every row, from rows nearly flat to rows whose
+    logits span 1e3 (scores over tau = 0.1), with ties, and gives the weights plain bisection gives. (Where the
+    logits are far apart the count is flat in lambda between them, so lambda itself may differ; the weights,
+    all monotone in lambda, cannot differ by more than the counts do.)"""
+    generator = torch.Generator().manual_seed(count + k_sel)
+    logits = spread * torch.randn(3, 7, count, generator=generator, dtype=torch.float64)
+    logits[0, 0] = 0.0  # every logit tied
+    logits[0, 1, : count // 2] = logits[0, 1, 0]  # half the row tied at one value
+    offsets = solve_row_offsets(logits, k_sel)
+    counts = torch.sigmoid(logits + offsets).sum(dim=-1)
+    assert (counts - k_sel).abs().max().item() <= 1e-10
+    low = torch.full_like(offsets, -1e4)
+    high = torch.full_like(offsets, 1e4)
+    for _ in range(200):  # bisection, the slow way
+        middle = 0.5 * (low + high)
+        too_many = torch.sigmoid(logits + middle).sum(dim=-1, keepdim=True) > k_sel
+        high, low = torch.where(too_many, middle, high), torch.where(too_many, low, middle)
+    bisected = torch.sigmoid(logits + 0.5 * (low + high))
+    torch.testing.assert_close(torch.sigmoid(logits + offsets), bisected, atol=1e-10, rtol=0)
+
+
 def test_constant_lambda_gradient_is_the_one_that_breaks_the_budget():
     """The reason for the budgeted version: with lambda constant every score's gradient raises its m."""
     scores = torch.randn(1, 1, 2, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
