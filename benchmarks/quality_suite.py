@@ -118,6 +118,7 @@ class SuiteSettings:
     validation_samples: int | None = None
     router_steps: int | None = None
     alpha_steps: int | None = None
+    calibration_clips: int | None = None
     deadline: float | None = None  # wall-clock (time.time()) by which every job must be done
     ship: Path | None = None
     ship_sparsity: float | None = None
@@ -188,13 +189,13 @@ def build_jobs(methods: Sequence[str], sparsities: Sequence[float], matrix: str)
 
 
 def calibrate_in_memory(model: torch.nn.Module, settings: CalibrationSettings, clip: Clip, device: torch.device,
-                        seed: int) -> dict[str, float | int]:
+                        seed: int, clips: int | None = None) -> dict[str, float | int]:
     """Stage 1 as `sla2 calibrate` runs it on the embedded model (its calibration clips and timesteps, never
     the validation clips), on a model held in memory; returns the model card's calibration figures."""
     recipe = get_recipe(EMBEDDED_RECIPE)
     layers = sla2_layers(model)
     adapter = family_inputs(model, recipe)
-    samples = embedded_samples(adapter, clip, recipe.calibration.clips, calibration=True)
+    samples = embedded_samples(adapter, clip, clips or recipe.calibration.clips, calibration=True)
     forwards = forward_inputs(adapter, samples, recipe.calibration.timesteps, seed=seed, device=device,
                               dtype=next(model.parameters()).dtype)
     model.requires_grad_(False)
@@ -270,7 +271,8 @@ def run_job(job: Job, settings: SuiteSettings) -> dict[str, Any]:
             recipe, router_steps=settings.router_steps, alpha_steps=settings.alpha_steps,
             train_router=kind == ROUTER_AND_ALPHA)
         check_calibration_settings(calibration_settings)
-        calibration = calibrate_in_memory(model, calibration_settings, settings.clip, device, settings.seed)
+        calibration = calibrate_in_memory(model, calibration_settings, settings.clip, device, settings.seed,
+                                          settings.calibration_clips)
         row["calibrate_steps"] = calibration_settings.steps_per_layer()
         row["calibration_rel_l2_before"] = calibration["calibration_rel_l2_before"]
         row["calibration_rel_l2_after"] = calibration["calibration_rel_l2_after"]
@@ -635,10 +637,12 @@ def settings_from_args(args: argparse.Namespace, jobs: list[Job]) -> SuiteSettin
     batch_size = args.batch_size if args.batch_size is not None else defaults.batch_size
     if steps < 1 or batch_size < 1 or not learning_rate > 0:
         raise UserError("--steps and --batch-size must be at least 1 and --lr positive")
+    if args.calibration_clips is not None and args.calibration_clips < 1:
+        raise UserError("--calibration-clips must be at least 1")
     return SuiteSettings(
         steps=steps, learning_rate=learning_rate, batch_size=batch_size, clip=clip, device=args.device,
         out=args.out.resolve(), seed=args.seed, validation_samples=args.validation_samples,
-        router_steps=args.router_steps, alpha_steps=args.alpha_steps,
+        router_steps=args.router_steps, alpha_steps=args.alpha_steps, calibration_clips=args.calibration_clips,
         deadline=time.time() + budget * 60 if budget is not None else None,
         ship=args.ship.resolve() if args.ship is not None else None, ship_sparsity=ship_sparsity,
         threads=args.threads or max(1, (os.cpu_count() or 1) // min(args.jobs, len(jobs))),
@@ -661,6 +665,8 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--validation-samples", type=int, help="held-out clips (default: the recipe's)")
     options.add_argument("--router-steps", type=int, help="stage-1 router steps per layer (default: the recipe's)")
     options.add_argument("--alpha-steps", type=int, help="stage-1 alpha steps per layer (default: the recipe's)")
+    options.add_argument("--calibration-clips", type=int,
+                         help="stage-1 calibration clips, each at the recipe's timesteps (default: the recipe's)")
     options.add_argument("--seed", type=int, default=0)
     options.add_argument("--jobs", type=int, default=1, help="worker processes at once on the device")
     options.add_argument("--threads", type=int, help="CPU threads per worker (default: cores / jobs)")

@@ -51,6 +51,16 @@ def test_matrices():
         suite.parse_sparsities("0.9,1.2")
 
 
+def test_calibration_clips_come_from_the_command_line_and_must_be_positive(tmp_path):
+    jobs = suite.build_jobs(["sla2"], [0.97], "full")
+    arguments = ["--device", "cpu", "--out", str(tmp_path)]
+    settings = suite.settings_from_args(suite.parser().parse_args([*arguments, "--calibration-clips", "3"]), jobs)
+    assert settings.calibration_clips == 3
+    assert suite.settings_from_args(suite.parser().parse_args(arguments), jobs).calibration_clips is None
+    with pytest.raises(suite.UserError, match="--calibration-clips must be at least 1"):
+        suite.settings_from_args(suite.parser().parse_args([*arguments, "--calibration-clips", "0"]), jobs)
+
+
 def test_suite_writes_one_row_per_job_a_crash_as_failed_and_the_shipped_form(tmp_path):
     jobs = suite.build_jobs(["sla2", "sparse_only"], [0.97], "full")
     settings = _settings(tmp_path, ship=tmp_path / "ship", ship_sparsity=0.97, deadline=time.time() + 600)
