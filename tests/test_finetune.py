@@ -34,7 +34,7 @@ from sla2cli.module import SLA2Attention
 from sla2cli.training import loop as loop_module
 from sla2cli.training.latent_format import latent_folder_writer
 from sla2cli.training.metrics import read_metrics_csv, train_losses, validations
-from sla2cli.training.state import OPTIMIZER_FILE
+from sla2cli.training.state import OPTIMIZER_FILE, STATE_FILE
 
 QUIET = ["--quiet", "--device", "cpu"]
 SMALL = ["--clip", "2,16,16", *QUIET]  # 128 tokens: 1 query block, 2 key blocks
@@ -132,6 +132,18 @@ def straight(converted) -> Path:
     return out
 
 
+def wait_for_first_save(process: subprocess.Popen, out: Path) -> Path:
+    """Block until the fine-tuning run `process` has saved its state in `out` (published whole, so complete once
+    visible); fails if the run ends first or takes over 5 minutes. Returns the state file."""
+    state = out / TRAINING_STATE_DIR / STATE_FILE
+    deadline = time.monotonic() + 300
+    while not state.is_file():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return state
+
+
 def test_run_killed_after_a_save_resumes_to_the_same_result(converted, straight, tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "sla2cli", "finetune", str(converted), "--out", str(out), *RUN8]
@@ -139,11 +151,7 @@ def test_run_killed_after_a_save_resumes_to_the_same_result(converted, straight,
     # bit-identical only under the same split.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-    deadline = time.monotonic() + 300
-    while not (out / TRAINING_STATE_DIR / "state.json").is_file():  # published whole, so it is complete once visible
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for_first_save(process, out)
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert _cli(["finetune", str(converted), "--out", str(out), "--resume", *RUN8]) == 0

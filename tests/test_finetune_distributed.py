@@ -8,16 +8,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_finetune import FAST, WEIGHTS, _cli
+from test_finetune import FAST, WEIGHTS, _cli, wait_for_first_save
 
 import sla2cli
-from sla2cli.checkpoint.format import TRAINING_METRICS_FILE, TRAINING_STATE_DIR, read_config
+from sla2cli.checkpoint.format import TRAINING_METRICS_FILE, read_config
 from sla2cli.training.metrics import read_metrics_csv, train_losses
 
 
@@ -80,17 +79,13 @@ def test_a_rank_killed_after_a_save_resumes_with_the_same_losses(tmp_path):
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     agent = subprocess.Popen([*TORCHRUN_TWO, *args, "--out", str(out)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=environment)
-    deadline = time.monotonic() + 300
-    while not (out / TRAINING_STATE_DIR / "state.json").is_file():  # published whole: complete once visible
-        assert agent.poll() is None, agent.communicate()[1][-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    state = wait_for_first_save(agent, out)
     ranks = _ranks(agent.pid)
     assert len(ranks) == 2, ranks
     os.kill(ranks[1], signal.SIGKILL)
     agent.communicate(timeout=300)
     assert agent.returncode != 0  # the run died before its 12 steps
-    saved_step = json.loads((out / TRAINING_STATE_DIR / "state.json").read_text())["step"]
+    saved_step = json.loads(state.read_text())["step"]
     assert 3 <= saved_step < 12
     saved_rows = read_metrics_csv(out / TRAINING_METRICS_FILE)
     resumed = subprocess.run([*TORCHRUN_TWO, *args, "--out", str(out), "--resume"], capture_output=True, text=True,

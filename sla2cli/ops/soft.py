@@ -67,7 +67,7 @@ class SoftRouting:
 
 
 @torch.no_grad()
-def solve_row_offsets(logits: torch.Tensor, k_sel: int, steps: int = ROOT_STEPS) -> torch.Tensor:
+def solve_row_offsets(logits: torch.Tensor, k_sel: int) -> torch.Tensor:
     """lambda per row (float64, shape (..., 1)) with sum_j sigmoid(logits_j + lambda) = k_sel.
 
     g(lambda) = sum_j sigmoid(logits_j + lambda) - k_sel grows monotonically, and with p = k_sel / T_n the
@@ -89,7 +89,7 @@ def solve_row_offsets(logits: torch.Tensor, k_sel: int, steps: int = ROOT_STEPS)
     # (exact as tau -> 0, and a few Newton steps from the root otherwise), kept inside the bracket.
     kth, next_kth = x.topk(k_sel + 1, dim=-1).values[..., -2:].split(1, dim=-1)
     offsets = torch.minimum(torch.maximum(-0.5 * (kth + next_kth), low), high)
-    for _ in range(steps):
+    for _ in range(ROOT_STEPS):
         weights = torch.sigmoid(x + offsets)
         excess = weights.sum(dim=-1, keepdim=True) - k_sel
         solved = excess.abs() <= ROOT_TOLERANCE
