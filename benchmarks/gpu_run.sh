@@ -85,10 +85,10 @@ elif [ "$phase" = quality ]; then
   # acceptance matrix: fewer jobs at once, so more steps fit in the same minutes.
   matrix=(--matrix acceptance)
   [ -n "${QUALITY_METHODS:-}" ] && matrix=(--matrix full --methods "$QUALITY_METHODS")
-  # Stage 1 on the GPU as the recorded runs did it: 3 calibration clips and 400 router steps (the recipe's defaults
-  # are sized to take under 10 minutes on 2 CPU cores).
+  # Stage 1 on the GPU: QUALITY_CALIBRATION_CLIPS and QUALITY_ROUTER_STEPS, by default 3 and 400 as the raster-order
+  # runs did it (the recipe's defaults are sized to take under 10 minutes on 2 CPU cores).
   timeout 575 python3 benchmarks/quality_suite.py "${matrix[@]}" --jobs 9 --steps "${QUALITY_STEPS:?}" \
-    --calibration-clips 3 --router-steps 400 \
+    --calibration-clips "${QUALITY_CALIBRATION_CLIPS:-3}" --router-steps "${QUALITY_ROUTER_STEPS:-400}" \
     --device cuda --out /tmp/quality --csv "$out/quality_embedded.csv" --ship "$out/shipped" \
     --time-budget-minutes "${QUALITY_MINUTES:-8}" > "$out/quality.log" 2>&1
   tail -12 "$out/quality.log" >> "$log"
