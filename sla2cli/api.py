@@ -115,7 +115,6 @@ def convert(
             model, chosen, component=name, base=base,
             sparsity=chosen.sparsity if sparsity is None else sparsity,
             block_q=block_q or chosen.block_q, block_k=block_k or chosen.block_k, quant=quant,
-            token_tile=chosen.token_tile,
         )
     return model_or_pipeline
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from sla2cli.checkpoint.format import CheckpointConfig
 from sla2cli.flops import FlopEstimate
 from sla2cli.integration.recipes import Recipe
-from sla2cli.integration.token_order import describe_token_tile
 
 
 def _front_matter(config: CheckpointConfig) -> list[str]:
@@ -26,7 +25,6 @@ def _settings_table(config: CheckpointConfig, recipe: Recipe) -> list[str]:
         ("layers kept dense", ", ".join(map(str, recipe.dense_layers)) or "none"),
         ("sparsity", f"{config.sparsity:g}"),
         ("block sizes (query, key)", f"{config.block_q}, {config.block_k}"),
-        ("token order", describe_token_tile(config.token_tile)),
         ("quantisation", config.quantization),
         ("sla2 version", config.sla2_version),
     ]

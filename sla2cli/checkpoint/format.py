@@ -4,8 +4,7 @@ A checkpoint folder holds:
 
 - `sla2_config.json`: schema version, sla2 version, recipe, base model (Hub id + commit, a folder, or the
   embedded model), whether base weights are referenced or included, per component the model class and
-  the converted module names, sparsity, block sizes, token tile order (absent or null: raster), quantisation
-  mode, the sha256 of the attention file,
+  the converted module names, sparsity, block sizes, quantisation mode, the sha256 of the attention file,
   and measurements (optional, filled by later commands).
 - `sla2_attention.safetensors`: router and alpha parameters of every converted layer, keyed
   `<component>.<module>.<parameter>` (e.g. `transformer.blocks.0.attn1.proj_q`), float32.
@@ -24,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 from sla2cli.errors import UserError
-from sla2cli.integration.token_order import TokenTile, check_token_tile
 from sla2cli.ops.quantization import LEGACY_QUANT_NAMES, REQUESTABLE_QUANT_MODES
 from sla2cli.ops.validation import check_sparsity
 from sla2cli.sources.base import BaseModelRef
@@ -66,7 +64,6 @@ class CheckpointConfig:
     block_q: int
     block_k: int
     quantization: str = "none"
-    token_tile: TokenTile | None = None
     attention_sha256: str | None = None
     measurements: dict[str, Any] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
@@ -86,7 +83,6 @@ class CheckpointConfig:
             "block_q": self.block_q,
             "block_k": self.block_k,
             "quantization": self.quantization,
-            "token_tile": None if self.token_tile is None else list(self.token_tile),
             "attention_sha256": self.attention_sha256,
             "measurements": self.measurements,
         }
@@ -140,11 +136,6 @@ def parse_config(data: Any, path: Path) -> CheckpointConfig:
         if isinstance(data[key], bool) or not isinstance(data[key], int):
             raise _bad(path, f"{key} must be an integer")
     try:
-        # Optional: checkpoints written before tile orders existed ran in raster order.
-        token_tile = check_token_tile(data.get("token_tile"), "token_tile")
-    except ValueError as error:
-        raise _bad(path, str(error)) from None
-    try:
         base = BaseModelRef.from_json(data["base_model"])
     except ValueError as error:
         raise _bad(path, str(error)) from None
@@ -161,7 +152,6 @@ def parse_config(data: Any, path: Path) -> CheckpointConfig:
         block_q=data["block_q"],
         block_k=data["block_k"],
         quantization=quantization,
-        token_tile=token_tile,
         attention_sha256=data.get("attention_sha256"),
         measurements=dict(data.get("measurements") or {}),
     )

@@ -44,7 +44,6 @@ from sla2cli.integration.conversion import (
     sla2_layers,
 )
 from sla2cli.integration.recipes import Recipe, get_recipe
-from sla2cli.integration.token_order import TokenTile
 from sla2cli.ops.quantization import QUANT_NONE
 from sla2cli.sources.base import BaseModelRef
 from sla2cli.sources.components import model_class_name
@@ -120,17 +119,15 @@ def flop_estimate(components: dict[str, nn.Module], recipe: Recipe) -> FlopEstim
 
 def describe_components(
     components: dict[str, nn.Module],
-) -> tuple[Recipe, BaseModelRef, tuple[float, int, int, str, TokenTile | None], dict[str, ComponentRecord]]:
-    """Recipe, base record, shared (sparsity, block_q, block_k, quant, token_tile) and per-component records."""
+) -> tuple[Recipe, BaseModelRef, tuple[float, int, int, str], dict[str, ComponentRecord]]:
+    """Recipe, base record, shared (sparsity, block_q, block_k, quant) and per-component records."""
     infos = {name: conversion_info(model) for name, model in components.items()}
     unconverted = [name for name, info in infos.items() if info is None]
     if unconverted:
         raise ValueError(f"{', '.join(unconverted)} is not converted; call sla2cli.convert first")
     recipes = {info.recipe for info in infos.values()}
     bases = {info.base for info in infos.values()}
-    settings = {
-        (*model_settings(model), model_quant(model), infos[name].token_tile) for name, model in components.items()
-    }
+    settings = {(*model_settings(model), model_quant(model)) for model in components.values()}
     if len(recipes) != 1 or len(bases) != 1 or len(settings) != 1:
         raise ValueError("the components were converted from different models or with different settings")
     records = {
@@ -166,7 +163,7 @@ def write_checkpoint(
     `states` are the components' full state dicts when the modules cannot give them (sharded over
     processes); `extra_files(folder)` adds files of the caller's to the folder before it is published.
     """
-    recipe, base, (sparsity, block_q, block_k, quant, token_tile), records = describe_components(components)
+    recipe, base, (sparsity, block_q, block_k, quant), records = describe_components(components)
     check_not_over_base(out, base)
     if not include_base_weights and not base.referencable:
         raise UserError("this model has no Hub id or folder to refer to; save it with include_base_weights=True")
@@ -196,7 +193,6 @@ def write_checkpoint(
             block_q=block_q,
             block_k=block_k,
             quantization=quant,
-            token_tile=token_tile,
             attention_sha256=_sha256(folder / ATTENTION_FILE),
             measurements=dict(measurements or {}),
         )
@@ -303,7 +299,7 @@ def open_checkpoint(
             model, recipe, component=name, base=config.base,
             sparsity=config.sparsity if sparsity is None else sparsity,
             block_q=config.block_q, block_k=config.block_k, modules=record.converted_modules,
-            quant=config.quantization if quant is None else quant, token_tile=config.token_tile,
+            quant=config.quantization if quant is None else quant,
         )
     load_attention_tensors(location.root, config, components)
     return components, config

@@ -7,7 +7,7 @@ checkpoint from them, and falls back to the untrained conversion of the dense mo
   diffusers keeps in float32: norms, time embedding, modulation tables), about half of float32's size;
 - `embedded_wan_sla2_attention.safetensors`: the SLA2 parameters (router, alpha predictor) in float32,
   keyed `<module>.<parameter>`;
-- `embedded_wan_sla2.json`: architecture, sparsity, block sizes and token tile, and `measurements`: how the weights
+- `embedded_wan_sla2.json`: architecture, sparsity and block sizes, and `measurements`: how the weights
   were made and what the suite measured on exactly this rounded form (what users load).
 
 `write_shipped_sla2` and `load_shipped_sla2` are the only writer and reader of the format, so the suite
@@ -30,8 +30,7 @@ from sla2cli.embedded.config import ASSETS_DIR
 from sla2cli.embedded.loading import build_embedded_model, keep_precision_sensitive_parts_fp32
 from sla2cli.errors import UserError
 from sla2cli.files import atomic_path, write_json_file
-from sla2cli.integration.conversion import convert_embedded, model_settings, model_token_tile, sla2_layers
-from sla2cli.integration.token_order import check_token_tile
+from sla2cli.integration.conversion import convert_embedded, model_settings, sla2_layers
 from sla2cli.ops.quantization import QUANT_NONE
 
 SHIPPED_WEIGHTS_FILENAME = "embedded_wan_sla2.safetensors"
@@ -100,20 +99,11 @@ def write_shipped_sla2(model: nn.Module, folder: Path, measurements: dict[str, A
         "sparsity": sparsity,
         "block_q": block_q,
         "block_k": block_k,
-        "token_tile": None if (tile := model_token_tile(model)) is None else list(tile),
         "base_dtype": str(SHIPPED_DTYPE).removeprefix("torch."),
         "measurements": dict(measurements),
     }
     write_json_file(folder / SHIPPED_RECORD_FILENAME, record, sort_keys=True)
     return record
-
-
-def _record_token_tile(record: dict[str, Any], folder: Path) -> tuple[int, int, int] | None:
-    """The record's token tile; absent in records written before tile orders existed (raster)."""
-    try:
-        return check_token_tile(record.get("token_tile"), "token_tile")
-    except ValueError as error:
-        raise UserError(f"{folder / SHIPPED_RECORD_FILENAME}: {error}; reinstall sla2") from None
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -169,7 +159,7 @@ def load_shipped_sla2(
         keep_precision_sensitive_parts_fp32(model)
     convert_embedded(
         model, sparsity=float(record["sparsity"]), block_q=int(record["block_q"]), block_k=int(record["block_k"]),
-        quant=quant, token_tile=_record_token_tile(record, folder),
+        quant=quant,
     )
     _load_attention(model, folder / SHIPPED_ATTENTION_FILENAME)
     return model.eval().requires_grad_(False)

@@ -20,7 +20,6 @@ from sla2cli.errors import UserError
 from sla2cli.flops import LayerAttention
 from sla2cli.integration.processors import PROCESSORS, SLA2Processor
 from sla2cli.integration.recipes import EMBEDDED_RECIPE, Recipe, get_recipe
-from sla2cli.integration.token_order import TokenOrder, TokenTile, check_token_tile
 from sla2cli.module import SLA2Attention
 from sla2cli.ops.quantization import QUANT_NONE, check_quant
 from sla2cli.ops.validation import check_head_dim
@@ -38,7 +37,6 @@ class ConversionInfo:
     component: str
     base: BaseModelRef
     converted_modules: tuple[str, ...]
-    token_tile: TokenTile | None = None
 
 
 def self_attention_modules(model: nn.Module, recipe: Recipe) -> dict[str, tuple[int, nn.Module]]:
@@ -78,19 +76,13 @@ def convert_component(
     block_k: int,
     modules: tuple[str, ...] | None = None,
     quant: str = QUANT_NONE,
-    token_tile: TokenTile | None = None,
 ) -> ConversionInfo:
     """Attach SLA2 processors in place; `modules` (from a checkpoint) names exactly which ones.
 
     Without `modules`, every self-attention layer except the recipe's dense layers is converted.
-    `token_tile` orders the video tokens by tiles for attention (integration.token_order; None: raster).
-    `quant` and `token_tile` are checked before anything changes, so a bad value leaves the model untouched.
+    `quant` is checked before anything changes, so a bad mode leaves the model untouched.
     """
     quant = check_quant(quant)
-    try:
-        token_tile = check_token_tile(token_tile, "token_tile")
-    except ValueError as error:
-        raise UserError(str(error)) from None
     if getattr(model, INFO_ATTRIBUTE, None) is not None:
         raise UserError(f"the {component} is already converted to SLA2; convert the original model instead")
     candidates = self_attention_modules(model, recipe)
@@ -120,27 +112,19 @@ def convert_component(
                 "model before fusing projections or setting other attention processors"
             )
         plans.append((attn, *_head_geometry(attn, name)))
-    token_order = None
-    if token_tile is not None:
-        token_order = TokenOrder(token_tile, processor_class.LATENT_AXES, recipe.video.patch)
-        token_order.attach(model)
     for attn, heads, head_dim in plans:
         sla2 = SLA2Attention(heads, head_dim, sparsity=sparsity, block_q=block_q, block_k=block_k, quant=quant)
-        attn.set_processor(processor_class(sla2.to(_parameter_device(attn)), attn.processor, token_order))
-    info = ConversionInfo(
-        recipe=recipe.name, component=component, base=base, converted_modules=tuple(chosen), token_tile=token_tile
-    )
+        attn.set_processor(processor_class(sla2.to(_parameter_device(attn)), attn.processor))
+    info = ConversionInfo(recipe=recipe.name, component=component, base=base, converted_modules=tuple(chosen))
     setattr(model, INFO_ATTRIBUTE, info)
     return info
 
 
-def convert_embedded(
-    model: nn.Module, *, sparsity: float, block_q: int, block_k: int, quant: str, token_tile: TokenTile | None
-) -> ConversionInfo:
+def convert_embedded(model: nn.Module, *, sparsity: float, block_q: int, block_k: int, quant: str) -> ConversionInfo:
     """Convert the embedded model's transformer in place with its own recipe (its base is the embedded model)."""
     return convert_component(
         model, get_recipe(EMBEDDED_RECIPE), component="transformer", base=BaseModelRef(source="embedded"),
-        sparsity=sparsity, block_q=block_q, block_k=block_k, quant=quant, token_tile=token_tile,
+        sparsity=sparsity, block_q=block_q, block_k=block_k, quant=quant,
     )
 
 
@@ -157,7 +141,7 @@ def convert_with_recipe(
         convert_component(
             model, recipe, component=name, base=base,
             sparsity=recipe.sparsity if sparsity is None else sparsity,
-            block_q=recipe.block_q, block_k=recipe.block_k, quant=quant, token_tile=recipe.token_tile,
+            block_q=recipe.block_q, block_k=recipe.block_k, quant=quant,
         )
 
 
@@ -178,14 +162,6 @@ def sla2_processors(model: nn.Module) -> dict[str, SLA2Processor]:
 def sla2_layers(model: nn.Module) -> dict[str, SLA2Attention]:
     """Converted module name -> its SLA2Attention (what calibration trains and reports read)."""
     return {name: processor.sla2 for name, processor in sla2_processors(model).items()}
-
-
-def model_token_tile(model: nn.Module) -> TokenTile | None:
-    """The tile order the converted model runs its attention in (None: raster)."""
-    info = conversion_info(model)
-    if info is None:
-        raise ValueError("the model is not converted to SLA2")
-    return info.token_tile
 
 
 def model_settings(model: nn.Module) -> tuple[float, int, int]:

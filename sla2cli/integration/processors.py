@@ -6,10 +6,6 @@ train with it) plus the module's original dense processor. Each call re-does the
 q/k normalisation and rotary steps, then runs SLA2 for the attention itself. Calls that are not plain
 self-attention (an attention mask, another sequence for keys and values, extra image keys) go to the
 dense processor unchanged, so behaviour outside self-attention is exactly the model's own.
-
-With a token tile order (integration.token_order), a processor permutes the video tokens before its
-projections and restores their order after its output projection: both work per token, so this is the
-attention in tile order, with one gather in and one out.
 """
 
 from __future__ import annotations
@@ -20,7 +16,6 @@ import torch
 from torch import nn
 
 from sla2cli.integration.rope import rotate_pairs_cogvideox, rotate_pairs_wan
-from sla2cli.integration.token_order import TokenOrder, TokenTile
 from sla2cli.module import SLA2Attention
 
 
@@ -45,35 +40,21 @@ def wan_self_attention_qkv(
 class SLA2Processor(nn.Module):
     """Base: the layer's SLA2Attention and the dense processor for calls SLA2 does not cover.
 
-    The dense processor is a stateless diffusers object (no parameters), kept outside the module tree;
-    so is `token_order`, which all processors of a component share (None: raster order).
+    The dense processor is a stateless diffusers object (no parameters), kept outside the module tree.
     """
 
-    LATENT_AXES: TokenTile
-    """Where frames, height and width sit in the family's transformer input `hidden_states`."""
-
-    def __init__(self, sla2: SLA2Attention, dense_processor: Any, token_order: TokenOrder | None = None) -> None:
+    def __init__(self, sla2: SLA2Attention, dense_processor: Any) -> None:
         super().__init__()
         self.sla2 = sla2
         self.dense_processor = dense_processor
-        self.token_order = token_order
 
     def extra_repr(self) -> str:
-        tile = None if self.token_order is None else self.token_order.tile
-        return f"dense_fallback={type(self.dense_processor).__name__}, token_tile={tile}"
-
-    def tile_indices(self, video: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(order, inverse) over the video tokens of a (B, L, C) tensor, or None in raster order."""
-        if self.token_order is None:
-            return None
-        return self.token_order.indices(video.shape[1], video.device)
+        return f"dense_fallback={type(self.dense_processor).__name__}"
 
 
 class WanSLA2Processor(SLA2Processor):
     """For diffusers' WanAttention self-attention (attn1): projections, RMS q/k norm over all heads,
     interleaved 3D RoPE, SLA2, output projection."""
-
-    LATENT_AXES = (2, 3, 4)  # hidden_states of WanTransformer3DModel: (B, C, F, H, W)
 
     def __call__(
         self,
@@ -96,15 +77,9 @@ class WanSLA2Processor(SLA2Processor):
     ) -> torch.Tensor:
         if encoder_hidden_states is not None or attention_mask is not None or attn.add_k_proj is not None:
             return self.dense_processor(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
-        tiles = self.tile_indices(hidden_states)
-        if tiles is not None:
-            hidden_states = hidden_states.index_select(1, tiles[0])
-            if rotary_emb is not None:
-                rotary_emb = tuple(table.index_select(1, tiles[0]) for table in rotary_emb)
         query, key, value = wan_self_attention_qkv(attn, hidden_states, rotary_emb)
         out = self.sla2.forward_bshd(query, key, value).flatten(2, 3).type_as(query)
-        out = attn.to_out[1](attn.to_out[0](out))
-        return out if tiles is None else out.index_select(1, tiles[1])
+        return attn.to_out[1](attn.to_out[0](out))
 
 
 class CogVideoXSLA2Processor(SLA2Processor):
@@ -112,11 +87,8 @@ class CogVideoXSLA2Processor(SLA2Processor):
 
     Without a mask every token attends to every token of the joint sequence, so queries and keys have
     the same length and SLA2 routes over it like any self-attention; the text tokens simply form the
-    first query and key blocks. RoPE, when the model uses it, rotates the video tokens only. A tile order
-    permutes the video tokens only; the text prefix stays first.
+    first query and key blocks. RoPE, when the model uses it, rotates the video tokens only.
     """
-
-    LATENT_AXES = (1, 3, 4)  # hidden_states of CogVideoXTransformer3DModel: (B, F, C, H, W)
 
     def __call__(
         self,
@@ -142,11 +114,6 @@ class CogVideoXSLA2Processor(SLA2Processor):
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb=image_rotary_emb
             )
         text_length = encoder_hidden_states.shape[1]
-        tiles = self.tile_indices(hidden_states)
-        if tiles is not None:
-            hidden_states = hidden_states.index_select(1, tiles[0])
-            if image_rotary_emb is not None:
-                image_rotary_emb = tuple(table.index_select(0, tiles[0]) for table in image_rotary_emb)
         joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
         query = attn.to_q(joint).unflatten(2, (attn.heads, -1))
         key = attn.to_k(joint).unflatten(2, (attn.heads, -1))
@@ -161,8 +128,6 @@ class CogVideoXSLA2Processor(SLA2Processor):
         out = self.sla2.forward_bshd(query, key, value).flatten(2, 3)
         out = attn.to_out[1](attn.to_out[0](out))
         text_out, video_out = out.split([text_length, out.shape[1] - text_length], dim=1)
-        if tiles is not None:
-            video_out = video_out.index_select(1, tiles[1])
         return video_out, text_out
 
 

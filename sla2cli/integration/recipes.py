@@ -20,7 +20,6 @@ from typing import Any
 
 from sla2cli.embedded.config import MODEL_KWARGS
 from sla2cli.errors import UserError
-from sla2cli.integration.token_order import TokenTile, check_token_tile
 from sla2cli.ops.validation import check_timestep
 
 RECIPE_VERSION = 1
@@ -31,7 +30,7 @@ SOURCES = ("hub", EMBEDDED_SOURCE)
 PROCESSOR_KINDS = ("wan", "cogvideox")
 REQUIRED_KEYS = (
     "recipe_version", "name", "title", "source", "hub_id", "model_class", "components", "attention",
-    "block_q", "block_k", "token_tile", "sparsity", "dense_layers", "video", "resolutions", "default_resolution",
+    "block_q", "block_k", "sparsity", "dense_layers", "video", "resolutions", "default_resolution",
     "calibration", "finetune", "architecture",
 )
 LAYER_WILDCARD = "*"
@@ -149,7 +148,6 @@ class Recipe:
     attention: AttentionLayout
     block_q: int
     block_k: int
-    token_tile: TokenTile | None
     sparsity: float
     dense_layers: tuple[int, ...]
     video: VideoGeometry
@@ -216,7 +214,6 @@ def _parse_recipe(data: dict[str, Any], origin: str) -> Recipe:
         ),
         block_q=int(data["block_q"]),
         block_k=int(data["block_k"]),
-        token_tile=check_token_tile(data["token_tile"], f"recipe {origin}: token_tile"),
         sparsity=float(data["sparsity"]),
         dense_layers=tuple(int(layer) for layer in data["dense_layers"]),
         video=VideoGeometry(

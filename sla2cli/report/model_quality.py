@@ -23,7 +23,7 @@ from torch import nn
 
 from sla2cli.checkpoint.storage import split_state
 from sla2cli.embedded.loading import load_embedded_model
-from sla2cli.integration.conversion import convert_embedded, model_quant, model_settings, model_token_tile
+from sla2cli.integration.conversion import convert_embedded, model_quant, model_settings
 from sla2cli.module import SLA2Attention
 from sla2cli.report.capture import dense_attention
 from sla2cli.report.inputs import CleanSample, ForwardInput
@@ -80,10 +80,7 @@ def embedded_reference_losses(
     use_autocast = device.type == "cuda"
     dense = validation_loss(reference, clean, text, use_autocast)
     sparsity, block_q, block_k = model_settings(model)
-    convert_embedded(
-        reference, sparsity=sparsity, block_q=block_q, block_k=block_k, quant=model_quant(model),
-        token_tile=model_token_tile(model),
-    )
+    convert_embedded(reference, sparsity=sparsity, block_q=block_q, block_k=block_k, quant=model_quant(model))
     return dense, validation_loss(reference, clean, text, use_autocast)
 
 
