@@ -17,7 +17,8 @@
 #           fine-tuning steps, and a 100-step quality pilot (every method on CUDA, per-job rates under concurrency)
 #   quality: the same with QUALITY_STEPS steps (required) and QUALITY_MINUTES of budget (default 8): writes
 #           quality_embedded.csv, quality.log and shipped/ (the three files that go into sla2cli/assets/);
-#           QUALITY_METHODS=sla2 runs dense and sla2 at every sparsity only (4 jobs: more steps in the same time)
+#           QUALITY_METHODS=sla2 runs dense and sla2 at every sparsity only (4 jobs: more steps in the same time; a list
+#           without sla2 writes no shipped/); QUALITY_CALIBRATION_CLIPS, QUALITY_ROUTER_STEPS: stage 1 (3, 400)
 #   final: kernel checksums of this tree, .old/ and .speed/ (a candidate kernel change), every GPU test, `sla2 bench`
 #           at 0.97 on both default shapes for this tree and .speed/, and 3 full-size Wan2.1-1.3B fine-tuning steps
 #   speed: every GPU test, `sla2 bench` with sla2-lowbit at 0.97 on both default shapes, the forward's and backward's
@@ -85,11 +86,14 @@ elif [ "$phase" = quality ]; then
   # acceptance matrix: fewer jobs at once, so more steps fit in the same minutes.
   matrix=(--matrix acceptance)
   [ -n "${QUALITY_METHODS:-}" ] && matrix=(--matrix full --methods "$QUALITY_METHODS")
-  # Stage 1 on the GPU: QUALITY_CALIBRATION_CLIPS and QUALITY_ROUTER_STEPS, by default 3 and 400 as the raster-order
-  # runs did it (the recipe's defaults are sized to take under 10 minutes on 2 CPU cores).
+  # The shipped form comes from the sla2 job at 0.97, so a run without sla2 writes none.
+  ship=(--ship "$out/shipped")
+  [ -n "${QUALITY_METHODS:-}" ] && [[ ",$QUALITY_METHODS," != *,sla2,* ]] && ship=()
+  # Stage 1 on the GPU: QUALITY_CALIBRATION_CLIPS and QUALITY_ROUTER_STEPS, by default 3 and 400 as the README's
+  # first tables were made (the recipe's defaults, 1 and 150, are sized to take under 10 minutes on 2 CPU cores).
   timeout 575 python3 benchmarks/quality_suite.py "${matrix[@]}" --jobs 9 --steps "${QUALITY_STEPS:?}" \
     --calibration-clips "${QUALITY_CALIBRATION_CLIPS:-3}" --router-steps "${QUALITY_ROUTER_STEPS:-400}" \
-    --device cuda --out /tmp/quality --csv "$out/quality_embedded.csv" --ship "$out/shipped" \
+    --device cuda --out /tmp/quality --csv "$out/quality_embedded.csv" "${ship[@]}" \
     --time-budget-minutes "${QUALITY_MINUTES:-8}" > "$out/quality.log" 2>&1
   tail -12 "$out/quality.log" >> "$log"
 elif [ "$phase" = final ]; then
