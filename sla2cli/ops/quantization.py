@@ -218,11 +218,6 @@ def quantize_queries_keys(
     return q_int, q_scale, k_int, k_scale
 
 
-def value_channel_scales(v: torch.Tensor) -> torch.Tensor:
-    """Per (batch, head, channel) FP8 scale: the channel's largest magnitude maps to 448. (B, H, D) float32."""
-    return v.float().abs().amax(dim=2).clamp_min(TINY_SCALE) / FP8_E4M3_MAX
-
-
 def to_fp8(x: torch.Tensor) -> torch.Tensor:
     """Round float32 to FP8 e4m3 (nearest even, as the GPU's conversion) and back to float32."""
     return x.to(torch.float8_e4m3fn).float()
@@ -246,8 +241,9 @@ def key_statistics(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, largest.clamp_min(TINY_SCALE).sqrt()
 
 
-def value_channel_scales_chunked(v: torch.Tensor) -> torch.Tensor:
-    """value_channel_scales in passes of KEY_CHUNK tokens (max is exact in any order)."""
+def value_channel_scales(v: torch.Tensor) -> torch.Tensor:
+    """Per (batch, head, channel) FP8 scale: the channel's largest magnitude maps to 448. (B, H, D) float32,
+    in passes of KEY_CHUNK tokens (a max is exact in any order), so no float32 copy of V is made."""
     largest = torch.zeros(*v.shape[:2], v.shape[3], dtype=torch.float32, device=v.device)
     for start in chunk_starts(v.shape[2]):
         largest = torch.maximum(largest, v[:, :, start:start + KEY_CHUNK].float().abs().amax(dim=2))
@@ -273,7 +269,7 @@ def lowbit_sparse_branch(
     q_int, q_scale = quantize_int8_rows(q.index_select(2, sample.rows).float() * gains)
     q_int = to_query_blocks(q_int, sample, block_q)  # (B, H, n, bq, D)
     q_scale = to_query_blocks(q_scale[..., None], sample, block_q)[..., 0]  # (B, H, n, bq)
-    v_scale = value_channel_scales_chunked(v) if mode == QUANT_INT8_FP8 else None
+    v_scale = value_channel_scales(v) if mode == QUANT_INT8_FP8 else None
     logit_scale = LOG2E / math.sqrt(dim)
 
     lut_rows = lut.index_select(2, sample.blocks)

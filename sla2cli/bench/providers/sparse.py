@@ -74,20 +74,22 @@ class BlockSparseProvider(Provider):
         q, k, v, alpha = leaves
         mix = alpha if self.mixes_linear_branch else None
         grad_rows = None if grad_out is None else grad_out[:, heads].index_select(2, rows).float()
+        # One pass of the exact reference gives its output and, in training, its gradients, which a low-bit
+        # forward keeps too (its backward is straight-through); only a low-bit output needs a second forward.
+        expected_out, expected = output_and_grads(
+            lambda: sla2_sampled(q, k, v, lut, mix, sample.query, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K), leaves, grad_rows
+        )
         with torch.no_grad():
             sparse_rows = self.sparse_rows(inputs.q[:, heads], inputs.k[:, heads], inputs.v[:, heads], lut,
                                            sample.query)
-            expected_out = sla2_sampled(
-                q, k, v, lut, mix, sample.query, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K, sparse_rows=sparse_rows
-            )
+            if sparse_rows is not None:
+                expected_out = sla2_sampled(
+                    q, k, v, lut, mix, sample.query, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K, sparse_rows=sparse_rows
+                )
         tolerance = self.tolerance(inputs.dtype)
         require_close(self.name, "output", out[:, heads].index_select(2, rows), expected_out, tolerance)
         if grad_rows is None:
             return
-        # the exact op's gradients, which a low-bit forward keeps too (its backward is straight-through)
-        _, expected = output_and_grads(
-            lambda: sla2_sampled(q, k, v, lut, mix, sample.query, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K), leaves, grad_rows
-        )
         dq, *others = grads
         if dq is None:
             raise KernelMismatch(f"{self.name}: returned no gradient for q")
