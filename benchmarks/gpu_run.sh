@@ -23,10 +23,12 @@
 #           at 0.97 on both default shapes for this tree and .speed/, and 3 full-size Wan2.1-1.3B fine-tuning steps
 #   speed: every GPU test, `sla2 bench` with sla2-lowbit at 0.97 on both default shapes, the forward's and backward's
 #           stages timed alone (gpu_suite.py --parts), and the Wan2.1-14B 720p model bench with random weights
-# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final|speed
+#   backward: the kernel GPU tests, then fwd+bwd of FA2 and SLA2 at 0.97 on both default shapes with the backward's
+#           stages alone and each backward kernel under every launch setting of gpu_suite.py's sweep
+# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final|speed|backward
 set -uo pipefail
 out=${1:?output folder}
-phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot, quality, final or speed}
+phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot, quality, final, speed or backward}
 mkdir -p /tmp/site "$out"
 log="$out/all.log"
 source benchmarks/gpu_packages.sh
@@ -139,6 +141,11 @@ elif [ "$phase" = speed ]; then
   timeout 200 python3 -m sla2cli bench --model wan2.1-t2v-14b --random-weights --resolution 720p \
     --csv "$out/model_wan2.1-14b_720p.csv" >> "$log" 2>&1
   echo "14B 720p model bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$log"
+elif [ "$phase" = backward ]; then
+  timeout 150 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_kernels_gpu.py 2>&1 \
+    | grep -v DEBUG | grep -E "errors\(|passed|failed|Error" | tee -a "$log"
+  timeout 400 python3 benchmarks/gpu_suite.py --csv "$out/backward_parts.csv" --shapes 1,12,32760,128 \
+    1,40,75600,128 --sparsities 0.97 --modes fwd fwd+bwd --backward-parts --rep-ms 60 >> "$log" 2>&1
 elif [ "$phase" = qat ]; then
   timeout 500 python3 benchmarks/finetune_gpu.py --out "$out/finetune" --phases qat --csv finetune_qat_gpu.csv \
     >> "$log" 2>&1

@@ -3,7 +3,7 @@
 Prints a short table and writes a CSV (one row per measurement) with the device, torch/triton
 versions and commit. Times are medians of triton.testing.do_bench (CUDA events, L2 flushed);
 `-graph` modes replay a CUDA graph of the whole op (GPU time without Python launch overhead).
-Usage: python benchmarks/gpu_suite.py --csv results.csv [--shapes 1,12,32760,128 ...] [--parts]
+Usage: python benchmarks/gpu_suite.py --csv results.csv [--shapes 1,12,32760,128 ...] [--parts | --backward-parts]
        [--quant int8 int8-fp8]  (low-bit sparse branch, rows named sla2-<mode>)
 """
 
@@ -94,15 +94,22 @@ def time_sla2(rec, q, k, v, alpha, grad, sparsity, modes, rep_ms, quant=None):
         rec.add(name, sparsity, "fwd+bwd", median_ms(lambda: op(qg, kg, vg, ag).backward(grad), rep_ms), share)
 
 
+def routed_states(q, k, v, sparsity):
+    """What the main kernels take: routing, its share of key blocks, key-block and complement states."""
+    from sla2_kernels import key_block_states
+
+    routing = route(q, k, sparsity=sparsity)
+    share = routing.k_sel / num_blocks(q.shape[2], 64)
+    states, norms = key_block_states(k, v, 64)
+    return (routing, share, states, norms, *complement_states(routing.lut, states, norms))
+
+
 def time_parts(rec, q, k, v, alpha, sparsity, rep_ms):
     """Each stage of the forward alone, and the main kernel under several launch settings."""
     import sla2_kernels.forward as forward_module
     from sla2_kernels import block_means, key_block_states, sla2_forward
 
-    routing = route(q, k, sparsity=sparsity)
-    share = routing.k_sel / num_blocks(q.shape[2], 64)
-    states, norms = key_block_states(k, v, 64)
-    comp_states, comp_norms = complement_states(routing.lut, states, norms)
+    routing, share, states, norms, comp_states, comp_norms = routed_states(q, k, v, sparsity)
     parts = {
         "pool-q": lambda: block_means(q, 128),
         "pool-k": lambda: block_means(k, 64),
@@ -152,17 +159,32 @@ def time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, s
     }
     for name, fn in parts.items():
         rec.add(f"sla2-{name}", sparsity, "bwd", median_ms(fn, rep_ms), share)
+    sweep_backward_launches(rec, query_side, parts["bwd-key-kernel"], q.shape[-1], share, sparsity, rep_ms)
+
+
+# Backward launch settings swept: warps x pipeline stages x rows per loop step (0 = the whole block).
+QUERY_SWEEP = [Launch(w, s, chunk=c) for c in (0, 32, 16) for w in (4, 8) for s in (1, 2, 3, 4)]
+KEY_SWEEP = [Launch(w, s, chunk=c) for c in (0, 64, 32, 16) for w in (4, 8) for s in (1, 2, 3, 4)]
+
+
+def sweep_backward_launches(rec, query_side, key_side, head_dim, share, sparsity, rep_ms):
+    """Each backward kernel under every setting of its sweep; a setting that fails to compile is noted."""
     import sla2_kernels.backward as backward_module
 
-    head_dim = q.shape[-1]
-    defaults = backward_module.QUERY_LAUNCH[head_dim], backward_module.KEY_LAUNCH[head_dim]
-    for launch in ((4, 1), (4, 2), (8, 2)):
-        backward_module.QUERY_LAUNCH[head_dim] = backward_module.KEY_LAUNCH[head_dim] = Launch(*launch)
-        rec.add("sla2-bwd-query-kernel", sparsity, "bwd", median_ms(query_side, rep_ms), share,
-                note=f"warps,stages={launch}")
-        rec.add("sla2-bwd-key-kernel", sparsity, "bwd", median_ms(parts["bwd-key-kernel"], rep_ms), share,
-                note=f"warps,stages={launch}")
-    backward_module.QUERY_LAUNCH[head_dim], backward_module.KEY_LAUNCH[head_dim] = defaults
+    for name, table, sweep, run in (("query", backward_module.QUERY_LAUNCH, QUERY_SWEEP, query_side),
+                                    ("key", backward_module.KEY_LAUNCH, KEY_SWEEP, key_side)):
+        default = table[head_dim]
+        for launch in sweep:
+            table[head_dim] = launch
+            note = f"warps,stages,chunk=({launch.num_warps}, {launch.num_stages}, {launch.chunk})"
+            try:
+                ms = median_ms(run, rep_ms)
+            except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: note it, sweep on
+                print(f"bwd-{name}-kernel {note}: {type(error).__name__}: {str(error)[:120]}")
+                continue
+            rec.add(f"sla2-bwd-{name}-kernel", sparsity, "bwd", ms, share,
+                    note=note + (" (default)" if launch == default else ""))
+        table[head_dim] = default
 
 
 def run_shape(spec, sparsities, modes, rows, rep_ms, parts, quant_modes=()):
@@ -178,8 +200,11 @@ def run_shape(spec, sparsities, modes, rows, rep_ms, parts, quant_modes=()):
         time_sla2(rec, q, k, v, alpha, grad, sparsity, modes, rep_ms)
         for quant in quant_modes:
             time_sla2(rec, q, k, v, alpha, grad, sparsity, modes, rep_ms, quant)
-        if parts:
+        if parts == "all":
             time_parts(rec, q, k, v, alpha, sparsity, rep_ms)
+        elif parts == "backward":
+            routing, share, _, _, comp_states, comp_norms = routed_states(q, k, v, sparsity)
+            time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms)
     rec.fill_speedups()
 
 
@@ -190,7 +215,9 @@ def main() -> None:
     parser.add_argument("--sparsities", nargs="+", type=float, default=[0.97])
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"])
     parser.add_argument("--rep-ms", type=int, default=300)
-    parser.add_argument("--parts", action="store_true", help="also time each stage and launch settings")
+    parser.add_argument("--parts", action="store_const", const="all", help="also time each stage and launch settings")
+    parser.add_argument("--backward-parts", dest="parts", action="store_const", const="backward",
+                        help="also time the backward's stages and sweep its launch settings (not the forward's)")
     parser.add_argument("--quant", nargs="*", default=[], help="low-bit modes to time beside bf16 SLA2")
     args = parser.parse_args()
     rows: list[dict] = []
