@@ -142,9 +142,9 @@ elif [ "$phase" = speed ]; then
     --csv "$out/model_wan2.1-14b_720p.csv" >> "$log" 2>&1
   echo "14B 720p model bench: exit $?, $(( $(date +%s) - start )) s" | tee -a "$log"
 elif [ "$phase" = backward ]; then
-  timeout 150 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_kernels_gpu.py 2>&1 \
+  timeout 120 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_kernels_gpu.py 2>&1 \
     | grep -v DEBUG | grep -E "errors\(|passed|failed|Error" | tee -a "$log"
-  timeout 400 python3 benchmarks/gpu_suite.py --csv "$out/backward_parts.csv" --shapes 1,12,32760,128 \
+  timeout 330 python3 benchmarks/gpu_suite.py --csv "$out/backward_parts.csv" --shapes 1,12,32760,128 \
     1,40,75600,128 --sparsities 0.97 --modes fwd fwd+bwd --backward-parts --rep-ms 60 >> "$log" 2>&1
 elif [ "$phase" = qat ]; then
   timeout 500 python3 benchmarks/finetune_gpu.py --out "$out/finetune" --phases qat --csv finetune_qat_gpu.csv \

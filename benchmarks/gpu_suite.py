@@ -46,6 +46,7 @@ class Recorder:
         flops = self.forward_flops * (3.5 if mode.startswith("fwd+bwd") else 1.0)
         self.rows.append(dict(provider=provider, shape=self.shape, sparsity=sparsity, mode=mode, median_ms=ms,
                               dense_tflops=flops / ms / 1e9, sparse_tflops=flops * share / ms / 1e9, note=note))
+        print(f"{provider:20s} {self.shape:16s} {sparsity!s:>8s} {mode:9s} {ms:8.3f}  {note}", flush=True)
 
     def fill_speedups(self):
         fa2 = {r["mode"]: r["median_ms"] for r in self.rows if r["shape"] == self.shape and r["provider"] == "fa2"}
@@ -163,8 +164,8 @@ def time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, s
 
 
 # Backward launch settings swept: warps x pipeline stages x rows per loop step (0 = the whole block).
-QUERY_SWEEP = [Launch(w, s, chunk=c) for c in (0, 32, 16) for w in (4, 8) for s in (1, 2, 3, 4)]
-KEY_SWEEP = [Launch(w, s, chunk=c) for c in (0, 64, 32, 16) for w in (4, 8) for s in (1, 2, 3, 4)]
+QUERY_SWEEP = [Launch(w, s, chunk=c) for c in (0, 32, 16) for w in (4, 8) for s in (1, 2, 3)]
+KEY_SWEEP = [Launch(w, s, chunk=c) for c in (0, 64, 32, 16) for w in (4, 8) for s in (1, 2, 3)]
 
 
 def sweep_backward_launches(rec, query_side, key_side, head_dim, share, sparsity, rep_ms):
@@ -221,22 +222,25 @@ def main() -> None:
     parser.add_argument("--quant", nargs="*", default=[], help="low-bit modes to time beside bf16 SLA2")
     args = parser.parse_args()
     rows: list[dict] = []
-    for spec in args.shapes:
-        run_shape(spec, args.sparsities, args.modes, rows, args.rep_ms, args.parts, args.quant)
     meta = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 commit=git_commit())
-    with open(args.csv, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**{c: "" for c in COLUMNS}, **row, **meta})
     print(meta)
+    for spec in args.shapes:  # the CSV is rewritten after each shape: a run cut short keeps what it measured
+        run_shape(spec, args.sparsities, args.modes, rows, args.rep_ms, args.parts, args.quant)
+        write_csv(args.csv, rows, meta)
     print(f"{'provider':20s} {'shape':16s} {'sparsity':>8s} {'mode':9s} {'ms':>8s} {'vs fa2':>7s}  note")
     for row in rows:
         speed = row.get("speedup_vs_fa2")
         print(f"{row['provider']:20s} {row['shape']:16s} {str(row['sparsity']):>8s} {row['mode']:9s} "
               f"{row['median_ms']:8.3f} {'' if speed is None else round(speed, 1)!s:>7s}  {row['note']}")
 
+
+def write_csv(path: str, rows: list[dict], meta: dict) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**{c: "" for c in COLUMNS}, **row, **meta})
 
 if __name__ == "__main__":
     main()
