@@ -163,21 +163,20 @@ def time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, s
     sweep_backward_launches(rec, query_side, parts["bwd-key-kernel"], q.shape[-1], share, sparsity, rep_ms)
 
 
-# Backward launch settings swept: warps x pipeline stages x rows per loop step (0 = the whole block).
-QUERY_SWEEP = [Launch(w, s, chunk=c) for c in (0, 32, 16) for w in (4, 8) for s in (1, 2, 3)]
-KEY_SWEEP = [Launch(w, s, chunk=c) for c in (0, 64, 32, 16) for w in (4, 8) for s in (1, 2, 3)]
+# Backward launch settings swept: warps x pipeline stages (4 stages run out of shared memory at D = 128).
+BACKWARD_SWEEP = [Launch(w, s) for w in (4, 8) for s in (1, 2, 3)]
 
 
 def sweep_backward_launches(rec, query_side, key_side, head_dim, share, sparsity, rep_ms):
     """Each backward kernel under every setting of its sweep; a setting that fails to compile is noted."""
     import sla2_kernels.backward as backward_module
 
-    for name, table, sweep, run in (("query", backward_module.QUERY_LAUNCH, QUERY_SWEEP, query_side),
-                                    ("key", backward_module.KEY_LAUNCH, KEY_SWEEP, key_side)):
+    for name, table, run in (("query", backward_module.QUERY_LAUNCH, query_side),
+                             ("key", backward_module.KEY_LAUNCH, key_side)):
         default = table[head_dim]
-        for launch in sweep:
+        for launch in BACKWARD_SWEEP:
             table[head_dim] = launch
-            note = f"warps,stages,chunk=({launch.num_warps}, {launch.num_stages}, {launch.chunk})"
+            note = f"warps,stages=({launch.num_warps}, {launch.num_stages})"
             try:
                 ms = median_ms(run, rep_ms)
             except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: note it, sweep on

@@ -29,8 +29,9 @@ from sla2_kernels.common import (
     tile_pointers,
 )
 
-# Per head dim for each backward kernel; benchmarks/gpu_suite.py sweeps them.
-QUERY_LAUNCH: dict[int, Launch] = {64: Launch(4, 1), 128: Launch(8, 2)}
+# Per head dim for each backward kernel; benchmarks/gpu_suite.py --backward-parts sweeps them (D = 128 from
+# benchmarks/results/h200_backward_launch_sweep.csv).
+QUERY_LAUNCH: dict[int, Launch] = {64: Launch(4, 1), 128: Launch(8, 3)}
 KEY_LAUNCH: dict[int, Launch] = {64: Launch(4, 1), 128: Launch(8, 1)}
 
 
@@ -41,7 +42,7 @@ def _sla2_backward_query_kernel(
     q_strides, k_strides, v_strides, o_strides, dq_strides,
     heads, length, num_q_blocks, num_k_blocks, k_sel,
     qk_scale_log2, scale, linear_eps,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, KEY_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     q_block = tl.program_id(0)
@@ -49,7 +50,7 @@ def _sla2_backward_query_kernel(
     batch, head = bh // heads, bh % heads
     rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
-    key_offsets = tl.arange(0, KEY_CHUNK)
+    key_offsets = tl.arange(0, BLOCK_N)
     row_valid = rows < length
 
     q = tl.load(tile_pointers(Q, batch, head, rows[:, None], cols[None, :], q_strides),
@@ -73,11 +74,9 @@ def _sla2_backward_query_kernel(
 
     lut_row = Lut + (bh * num_q_blocks + q_block) * k_sel
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # One step per KEY_CHUNK keys of a selected block: the dQ sum over keys splits freely.
-    chunks_per_block = BLOCK_N // KEY_CHUNK
-    for step in range(0, k_sel * chunks_per_block):
-        key_block = tl.load(lut_row + step // chunks_per_block)
-        keys = key_block * BLOCK_N + (step % chunks_per_block) * KEY_CHUNK + key_offsets
+    for t in range(0, k_sel):
+        key_block = tl.load(lut_row + t)
+        keys = key_block * BLOCK_N + key_offsets
         key_valid = keys < length
         k = tl.load(tile_pointers(K, batch, head, keys[:, None], cols[None, :], k_strides),
                     mask=key_valid[:, None], other=0.0)
@@ -126,7 +125,7 @@ def _sla2_backward_key_kernel(
     q_strides, k_strides, v_strides, o_strides, dk_strides, dv_strides,
     heads, length, num_q_blocks, num_k_blocks, rev_len,
     qk_scale_log2, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, QUERY_CHUNK: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     k_block = tl.program_id(0)
@@ -134,7 +133,7 @@ def _sla2_backward_key_kernel(
     batch, head = bh // heads, bh % heads
     keys = k_block * BLOCK_N + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, HEAD_DIM)
-    query_offsets = tl.arange(0, QUERY_CHUNK)
+    query_offsets = tl.arange(0, BLOCK_M)
     key_valid = keys < length
     k = tl.load(tile_pointers(K, batch, head, keys[:, None], cols[None, :], k_strides),
                 mask=key_valid[:, None], other=0.0)
@@ -144,11 +143,9 @@ def _sla2_backward_key_kernel(
     dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
     start = tl.load(RevOffset + bh * (num_k_blocks + 1) + k_block)
     stop = tl.load(RevOffset + bh * (num_k_blocks + 1) + k_block + 1)
-    # One step per QUERY_CHUNK rows of a query block that selected this key block: dK, dV sum over rows.
-    chunks_per_block = BLOCK_M // QUERY_CHUNK
-    for step in range(start * chunks_per_block, stop * chunks_per_block):
-        q_block = tl.load(RevIndex + bh * rev_len + step // chunks_per_block)
-        rows = q_block * BLOCK_M + (step % chunks_per_block) * QUERY_CHUNK + query_offsets
+    for t in range(start, stop):
+        q_block = tl.load(RevIndex + bh * rev_len + t)
+        rows = q_block * BLOCK_M + query_offsets
         row_valid = rows < length
         q = tl.load(tile_pointers(Q, batch, head, rows[:, None], cols[None, :], q_strides),
                     mask=row_valid[:, None], other=0.0)
@@ -242,7 +239,7 @@ def sla2_backward_query(
         row_stride_args(dq),
         heads, length, num_q_blocks, num_k_blocks, lut.shape[-1],
         head_dim**-0.5 * LOG2E, head_dim**-0.5, linear_eps,
-        BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim, KEY_CHUNK=launch.loop_chunk(block_k),
+        BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
         HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
@@ -279,7 +276,7 @@ def sla2_backward_key(
         row_stride_args(dk), row_stride_args(dv),
         heads, length, num_q_blocks, num_k_blocks, rev_index.shape[-1],
         head_dim**-0.5 * LOG2E, head_dim**-0.5,
-        BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim, QUERY_CHUNK=launch.loop_chunk(block_q),
+        BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
         HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )

@@ -16,21 +16,12 @@ class Launch(NamedTuple):
     """How a kernel is launched: the tables of launch settings in each kernel module hold these.
 
     accumulate_linear picks the forward kernel's epilogue (see sla2_kernels.forward); the other
-    kernels have one epilogue and leave it False. chunk is how many rows of the walked block one
-    step of a backward kernel's loop takes (smaller tiles, fewer registers, deeper pipelining,
-    as in FlashAttention-2's backward); 0 takes the whole block.
+    kernels have one epilogue and leave it False.
     """
 
     num_warps: int
     num_stages: int
     accumulate_linear: bool = False
-    chunk: int = 0
-
-    def loop_chunk(self, block: int) -> int:
-        """Rows per loop step over a block of `block` rows: a power of two that divides it."""
-        if self.chunk and self.chunk & (self.chunk - 1):
-            raise ValueError(f"a launch chunk must be a power of two, got {self.chunk}")
-        return min(self.chunk, block) if self.chunk else block
 
 
 def dot_precision(dtype: torch.dtype) -> str:

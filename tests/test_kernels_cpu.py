@@ -170,32 +170,3 @@ def test_compile_fullgraph_traces_without_breaks():
     out.sum().backward()
     assert rel_l2(out, attention(q, k, v, alpha)) <= 1e-6
     assert alpha.grad is not None and q.grad is not None
-
-
-@pytest.mark.parametrize("chunk", [16, 32])
-@pytest.mark.parametrize("length,head_dim,sparsity", [(200, 64, 0.5), (333, 128, 0.9)])
-def test_backward_in_chunks_matches_the_reference(monkeypatch, chunk, length, head_dim, sparsity):
-    """Both backward kernels walking their blocks chunk rows at a time: the same gradients."""
-    import sla2_kernels.backward as backward
-
-    for table in (backward.QUERY_LAUNCH, backward.KEY_LAUNCH):
-        monkeypatch.setitem(table, head_dim, table[head_dim]._replace(chunk=chunk))
-    q, k, v = random_qkv(2, 2, length, head_dim, torch.float32, chunk + length)
-    alpha = random_alpha(2, 2, num_blocks(length, 128), chunk + length)
-    grad = torch.randn(2, 2, length, head_dim, generator=torch.Generator().manual_seed(chunk))
-    actual = _outputs_and_grads(lambda *a: sla2_attention(*a[:3], sparsity=sparsity, alpha=a[3]), q, k, v, alpha, grad)
-    expected = _outputs_and_grads(lambda *a: sla2_reference(*a[:3], sparsity=sparsity, alpha=a[3]),
-                                  q, k, v, alpha, grad)
-    floor = 0.05 * grad.norm().item()
-    for name, a, e in zip(("out", "dq", "dk", "dv", "dalpha"), actual, expected, strict=True):
-        assert rel_l2(a, e, floor=floor) <= 1e-5, name
-
-
-def test_a_launch_chunk_must_be_a_power_of_two():
-    from sla2_kernels.common import Launch
-
-    assert Launch(4, 1).loop_chunk(64) == 64
-    assert Launch(4, 1, chunk=32).loop_chunk(64) == 32
-    assert Launch(4, 1, chunk=128).loop_chunk(64) == 64
-    with pytest.raises(ValueError, match="power of two"):
-        Launch(4, 1, chunk=48).loop_chunk(64)

@@ -50,18 +50,6 @@ def test_bf16_matches_reference_in_the_embedded_models_small_blocks(sparsity):
     _compare(1, 2, 4001, 64, sparsity, seed=14, block_q=32, block_k=16)
 
 
-@pytest.mark.parametrize("chunk", [16, 32])
-def test_bf16_backward_in_chunks(monkeypatch, chunk):
-    """Both backward kernels stepping through their blocks `chunk` rows at a time (the launch sweep's settings)."""
-    import sla2_kernels.backward as backward
-
-    for table in (backward.QUERY_LAUNCH, backward.KEY_LAUNCH):
-        for head_dim in (64, 128):
-            monkeypatch.setitem(table, head_dim, table[head_dim]._replace(chunk=chunk))
-    _compare(1, 2, 4001, 128, 0.97, seed=15)
-    _compare(1, 2, 4001, 64, 0.9, seed=16, block_q=32, block_k=16)
-
-
 def test_bshd_layout_without_copies():
     q, k, v = random_qkv(1, 4, 3000, 128, torch.bfloat16, 3, device="cuda")
     q_bshd, k_bshd, v_bshd = (t.detach().transpose(1, 2).contiguous() for t in (q, k, v))
