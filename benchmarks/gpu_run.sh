@@ -25,10 +25,12 @@
 #           stages timed alone (gpu_suite.py --parts), and the Wan2.1-14B 720p model bench with random weights
 #   backward: the kernel GPU tests, then fwd+bwd of FA2 and SLA2 at 0.97 on both default shapes with the backward's
 #           stages alone and each backward kernel under every launch setting of gpu_suite.py's sweep
-# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final|speed|backward
+#   ab:     every GPU test of this tree, then `sla2 bench` at 0.97 on both default shapes for this tree and for .base/
+#           (an earlier commit's sla2cli/, kernels/ as sla2_kernels/, recipes/ inside sla2cli/), each beside FA2
+# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final|speed|backward|ab
 set -uo pipefail
 out=${1:?output folder}
-phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot, quality, final, speed or backward}
+phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot, quality, final, speed, backward or ab}
 mkdir -p /tmp/site "$out"
 log="$out/all.log"
 source benchmarks/gpu_packages.sh
@@ -146,6 +148,13 @@ elif [ "$phase" = backward ]; then
     | grep -v DEBUG | grep -E "errors\(|passed|failed|Error" | tee -a "$log"
   timeout 330 python3 benchmarks/gpu_suite.py --csv "$out/backward_parts.csv" --shapes 1,12,32760,128 \
     1,40,75600,128 --sparsities 0.97 --modes fwd fwd+bwd --backward-parts --rep-ms 60 >> "$log" 2>&1
+elif [ "$phase" = ab ]; then
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | grep -v DEBUG | tail -6 | tee -a "$log"
+  timeout 150 python3 -m sla2cli bench --sparsity 0.97 --time-budget 3 --provider fa2 --provider sla2 \
+    --csv "$out/bench_new.csv" >> "$log" 2>&1
+  (cd .base && export PYTHONPATH="$PWD:/tmp/site" SLA2_COMMIT="${BASE_COMMIT:-base}" && python3 -c "import sla2cli, sla2_kernels; \
+    print('.base tree:', sla2cli.__file__, sla2_kernels.__file__)" && timeout 150 python3 -m sla2cli bench \
+    --sparsity 0.97 --time-budget 3 --provider fa2 --provider sla2 --csv "$out/bench_base.csv") >> "$log" 2>&1
 elif [ "$phase" = qat ]; then
   timeout 500 python3 benchmarks/finetune_gpu.py --out "$out/finetune" --phases qat --csv finetune_qat_gpu.csv \
     >> "$log" 2>&1

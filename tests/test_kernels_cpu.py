@@ -170,3 +170,23 @@ def test_compile_fullgraph_traces_without_breaks():
     out.sum().backward()
     assert rel_l2(out, attention(q, k, v, alpha)) <= 1e-6
     assert alpha.grad is not None and q.grad is not None
+
+
+def test_backward_reuses_the_forwards_complement_states(monkeypatch):
+    """The complement states are built once per forward and backward, not again in the backward."""
+    import sla2cli.ops.triton_op as triton_op
+
+    calls = []
+    build = triton_op._complement_states
+    monkeypatch.setattr(triton_op, "_complement_states", lambda *args: calls.append(1) or build(*args))
+    q, k, v = random_qkv(1, 2, 300, 64, torch.float32, 17)
+    alpha = random_alpha(1, 2, num_blocks(300, 128), 17)
+    out = sla2_attention(q, k, v, sparsity=0.5, alpha=alpha)
+    grads = torch.autograd.grad(out, (q, k, v, alpha), torch.ones_like(out))
+    assert len(calls) == 1
+    expected = sla2_reference(q, k, v, sparsity=0.5, alpha=alpha)
+    expected_grads = torch.autograd.grad(expected, (q, k, v, alpha), torch.ones_like(out))
+    assert max(rel_l2(a, e) for a, e in zip(grads, expected_grads, strict=True)) <= 1e-5
+    with torch.no_grad():
+        sla2_attention(q, k, v, sparsity=0.5, alpha=alpha)
+    assert len(calls) == 2

@@ -43,8 +43,10 @@ def sla2_forward_op(
     block_k: int,
     save: bool,
     quant: int = NO_QUANT,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (out, lse, out_sparse); the last two are empty unless `save`. quant: a mode's kernel code."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (out, lse, out_sparse, comp_states, comp_norms); all but out are empty unless `save`
+    (the complement states also without a linear branch): the backward reuses them instead of building
+    them again. quant: a mode's kernel code."""
     lut = lut.contiguous()  # compiled graphs may hand over other layouts; kernels index densely
     alpha = _linear_alpha(alpha, lut, q.shape[2], block_k)
     alpha = alpha.contiguous() if alpha is not None else None
@@ -60,18 +62,28 @@ def sla2_forward_op(
         out, _, _ = sla2_kernels.sla2_forward(
             q, k, v, lut, alpha, comp_states, comp_norms, block_q, block_k, False, LINEAR_EPS, quant
         )
-        return out, lse, out_sparse
-    return sla2_kernels.sla2_forward(
-        q, k, v, lut, alpha, comp_states, comp_norms, block_q, block_k, save, LINEAR_EPS, quant
-    )
+    else:
+        out, lse, out_sparse = sla2_kernels.sla2_forward(
+            q, k, v, lut, alpha, comp_states, comp_norms, block_q, block_k, save, LINEAR_EPS, quant
+        )
+    if not save or comp_states is None:
+        comp_states, comp_norms = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
+    return out, lse, out_sparse, comp_states, comp_norms
 
 
 @sla2_forward_op.register_fake
 def _sla2_forward_fake(q, k, v, lut, alpha, block_q, block_k, save, quant=NO_QUANT):
-    batch, heads, length, _ = q.shape
-    if save:
-        return torch.empty_like(q), q.new_empty(batch, heads, length, dtype=torch.float32), torch.empty_like(q)
-    return torch.empty_like(q), q.new_empty(0, dtype=torch.float32), q.new_empty(0)
+    batch, heads, length, head_dim = q.shape
+    no_states = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
+    if not save:
+        return torch.empty_like(q), q.new_empty(0, dtype=torch.float32), q.new_empty(0), *no_states
+    lse, out_sparse = q.new_empty(batch, heads, length, dtype=torch.float32), torch.empty_like(q)
+    if _linear_alpha(alpha, lut, length, block_k) is None:
+        return torch.empty_like(q), lse, out_sparse, *no_states
+    num_q_blocks = num_blocks(length, block_q)
+    return (torch.empty_like(q), lse, out_sparse,
+            q.new_empty(batch, heads, num_q_blocks, head_dim, head_dim),
+            q.new_empty(batch, heads, num_q_blocks, head_dim, dtype=torch.float32))
 
 
 @torch.library.custom_op("sla2::backward", mutates_args=(), device_types=("cuda", "cpu"))
@@ -84,10 +96,14 @@ def sla2_backward_op(
     alpha: torch.Tensor | None,
     out_sparse: torch.Tensor,
     lse: torch.Tensor,
+    comp_states: torch.Tensor,
+    comp_norms: torch.Tensor,
     block_q: int,
     block_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv, dalpha); dalpha is zeros with every block selected, empty without alpha."""
+    """Returns (dq, dk, dv, dalpha); dalpha is zeros with every block selected, empty without alpha.
+
+    comp_states, comp_norms: the forward's complement states (empty without a linear branch)."""
     last_dim_contiguous = sla2_kernels.last_dim_contiguous
     q, k, v = last_dim_contiguous(q), last_dim_contiguous(k), last_dim_contiguous(v)
     lut, lse = lut.contiguous(), lse.contiguous()
@@ -95,9 +111,8 @@ def sla2_backward_op(
     if grad_out.stride() != out_sparse.stride():
         grad_out = torch.empty_like(out_sparse).copy_(grad_out)
     linear_alpha = _linear_alpha(alpha, lut, q.shape[2], block_k)
-    comp_states = comp_norms = None
-    if linear_alpha is not None:
-        comp_states, comp_norms = _complement_states(k, v, lut, block_k)
+    if linear_alpha is None:
+        comp_states = comp_norms = None
     dq, delta, dalpha, dstate_q, dnorm_q = sla2_kernels.sla2_backward_query(
         grad_out, q, k, v, lut, linear_alpha, out_sparse, lse, comp_states, comp_norms,
         block_q, block_k, LINEAR_EPS,
@@ -116,24 +131,25 @@ def sla2_backward_op(
 
 
 @sla2_backward_op.register_fake
-def _sla2_backward_fake(grad_out, q, k, v, lut, alpha, out_sparse, lse, block_q, block_k):
+def _sla2_backward_fake(grad_out, q, k, v, lut, alpha, out_sparse, lse, comp_states, comp_norms, block_q, block_k):
     dalpha = torch.empty_like(alpha) if alpha is not None else q.new_empty(0, dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dalpha
 
 
 def _setup_context(ctx, inputs, output) -> None:
     q, k, v, lut, alpha, block_q, block_k, save, _quant = inputs
-    _, lse, out_sparse = output
-    ctx.save_for_backward(q, k, v, lut, alpha, out_sparse, lse)
+    _, lse, out_sparse, comp_states, comp_norms = output
+    ctx.save_for_backward(q, k, v, lut, alpha, out_sparse, lse, comp_states, comp_norms)
     ctx.blocks = (block_q, block_k)
     ctx.has_alpha = alpha is not None
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_out_sparse):
-    q, k, v, lut, alpha, out_sparse, lse = ctx.saved_tensors
+def _backward(ctx, grad_out, *_grads_of_saved_outputs):
+    q, k, v, lut, alpha, out_sparse, lse, comp_states, comp_norms = ctx.saved_tensors
     block_q, block_k = ctx.blocks
     dq, dk, dv, dalpha = sla2_backward_op(
-        grad_out, q, k, v, lut, alpha if ctx.has_alpha else None, out_sparse, lse, block_q, block_k
+        grad_out, q, k, v, lut, alpha if ctx.has_alpha else None, out_sparse, lse, comp_states, comp_norms,
+        block_q, block_k,
     )
     return dq, dk, dv, None, dalpha if ctx.has_alpha else None, None, None, None, None
 
@@ -175,5 +191,4 @@ def triton_sla2(
     wants_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v, alpha)
     )
-    out, _, _ = sla2_forward_op(q, k, v, lut.contiguous(), alpha, block_q, block_k, wants_grad, quant)
-    return out
+    return sla2_forward_op(q, k, v, lut.contiguous(), alpha, block_q, block_k, wants_grad, quant)[0]
