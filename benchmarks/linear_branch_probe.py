@@ -8,11 +8,14 @@ so the router is out of the picture. Relative L2 against full attention, per hea
     phi_softmax   alpha O_s + (1 - alpha) O_l, the linear branch as SLA2 runs it (phi = softmax over features)
     phi_learned   the same with phi(x) = softmax(x W), one D x D map per head for Q and one for K, fit by Adam
                   on the first clip's calls and measured on the second's
+    coarse_comp   the linear branch replaced by softmax attention over the complement blocks' mean keys (each
+                  weighted by its size) applied to their mean values: a block-level stand-in for the complement
+    coarse_merged the same merged with O_s by the two softmax normalisers instead of alpha
     exact_comp    the linear branch replaced by exact softmax attention over the same complement blocks: the
                   best any linear branch could do when mixed by one alpha per query block
 
 alpha is the best per query block in closed form (least squares, clipped to [0, 1]) in every row, so the
-figures compare branches, not alpha predictors. Runs on a CPU in about 15 minutes for the embedded model.
+figures compare branches, not alpha predictors. Runs on a CPU in about 10 minutes for the embedded model.
 Usage: python benchmarks/linear_branch_probe.py CHECKPOINT --csv probe.csv [--steps 150]
 """
 
@@ -34,7 +37,7 @@ from sla2cli.report.runner import converted_layers
 from sla2cli.training.calibration import collect_calls
 
 TIMESTEPS = (0.9, 0.5, 0.1)
-VARIANTS = ("sparse_only", "phi_softmax", "phi_learned", "exact_comp")
+VARIANTS = ("sparse_only", "phi_softmax", "phi_learned", "coarse_comp", "coarse_merged", "exact_comp")
 COLUMNS = ["checkpoint", "layer", "sparsity", "variant", "rel_l2", "fit_steps", "device", "torch", "commit"]
 QUERY_ROWS_PER_CHUNK = 1024
 
@@ -64,7 +67,30 @@ def exact_branches(q, k, v, selected, block_q, block_k):
     return out_sparse, out_complement
 
 
-def linear_branch(q, k, v, complement, block_q, block_k, map_q=None, map_k=None):
+def coarse_branches(q, k, v, selected, block_q, block_k):
+    """Softmax over the complement blocks' mean keys, weighted by block size, applied to their mean values;
+    and that merged with the exact selected keys under one softmax (normalisers instead of alpha)."""
+    scale = q.shape[-1] ** -0.5
+    key_means, value_means = blocks_of(k, block_k).mean(-2), blocks_of(v, block_k).mean(-2)
+    out_coarse, out_merged = torch.empty_like(q), torch.empty_like(q)
+    for start in range(0, q.shape[2], QUERY_ROWS_PER_CHUNK):
+        stop = min(q.shape[2], start + QUERY_ROWS_PER_CHUNK)
+        kept = selected[:, :, torch.arange(start, stop) // block_q]  # (B, H, rows, T_n)
+        kept_tokens = kept.repeat_interleave(block_k, dim=-1)
+        block_scores = q[:, :, start:stop] @ key_means.transpose(-1, -2) * scale
+        token_scores = q[:, :, start:stop] @ k.transpose(-1, -2) * scale
+        shift = torch.maximum(block_scores.masked_fill(kept, -torch.inf).amax(-1, keepdim=True),
+                              token_scores.masked_fill(~kept_tokens, -torch.inf).amax(-1, keepdim=True))
+        block_weights = torch.exp(block_scores - shift) * ~kept * block_k
+        token_weights = torch.exp(token_scores - shift) * kept_tokens
+        coarse = block_weights @ value_means
+        out_coarse[:, :, start:stop] = coarse / block_weights.sum(-1, keepdim=True).clamp_min(1e-30)
+        out_merged[:, :, start:stop] = (coarse + token_weights @ v) / (
+            block_weights.sum(-1, keepdim=True) + token_weights.sum(-1, keepdim=True))
+    return out_coarse, out_merged
+
+
+def linear_branch(q, k, v, unselected, block_q, block_k, map_q=None, map_k=None):
     """O_l = phi(Q) H_i / (phi(Q) z_i + eps) with H_i, z_i summed over query block i's complement;
     phi(x) = softmax(x W) over features (W = identity: what SLA2 runs)."""
     phi_q = torch.softmax(q if map_q is None else q @ map_q, dim=-1)
@@ -72,6 +98,7 @@ def linear_branch(q, k, v, complement, block_q, block_k, map_q=None, map_k=None)
     key_blocks = blocks_of(phi_k, block_k)
     states = key_blocks.transpose(-1, -2) @ blocks_of(v, block_k)  # h_j: (B, H, T_n, D, D)
     batch, heads, num_k_blocks, dim, _ = states.shape
+    complement = unselected.float()
     comp_states = (complement @ states.reshape(batch, heads, num_k_blocks, dim * dim)).reshape(
         batch, heads, -1, dim, dim)
     comp_norms = complement @ key_blocks.sum(dim=-2)
@@ -97,7 +124,7 @@ def probe_layer(layer, calls, fits: int, steps: int) -> dict[str, float]:
         mass = true_block_mass(q, k, block_q=block_q, block_k=block_k, max_chunk_elements=2**26)
         top = mass.topk(k_selected(mass.shape[-1], layer.sparsity), dim=-1).indices
         selected = torch.zeros_like(mass, dtype=torch.bool).scatter_(-1, top, True)
-        prepared.append((q, k, v, dense, (~selected).float(), *exact_branches(q, k, v, selected, block_q, block_k)))
+        prepared.append((q, k, v, dense, selected, *exact_branches(q, k, v, selected, block_q, block_k)))
     dim, heads = prepared[0][0].shape[-1], prepared[0][0].shape[1]
     map_q = torch.eye(dim).repeat(1, heads, 1, 1).requires_grad_(True)
     map_k = torch.eye(dim).repeat(1, heads, 1, 1).requires_grad_(True)
@@ -105,18 +132,21 @@ def probe_layer(layer, calls, fits: int, steps: int) -> dict[str, float]:
     for _ in range(steps):
         optimizer.zero_grad()
         torch.stack([
-            mixed_error(out_s, linear_branch(q, k, v, comp, block_q, block_k, map_q, map_k), dense, block_q)
-            for q, k, v, dense, comp, out_s, _ in prepared[:fits]
+            mixed_error(out_s, linear_branch(q, k, v, ~selected, block_q, block_k, map_q, map_k), dense, block_q)
+            for q, k, v, dense, selected, out_s, _ in prepared[:fits]
         ]).mean().backward()
         optimizer.step()
     errors: dict[str, list[torch.Tensor]] = {variant: [] for variant in VARIANTS}
     with torch.no_grad():
-        for q, k, v, dense, comp, out_s, out_c in prepared[fits:]:
+        for q, k, v, dense, selected, out_s, out_c in prepared[fits:]:
             errors["sparse_only"].append(relative_error(out_s, dense))
-            errors["phi_softmax"].append(mixed_error(out_s, linear_branch(q, k, v, comp, block_q, block_k),
+            errors["phi_softmax"].append(mixed_error(out_s, linear_branch(q, k, v, ~selected, block_q, block_k),
                                                      dense, block_q))
             errors["phi_learned"].append(mixed_error(
-                out_s, linear_branch(q, k, v, comp, block_q, block_k, map_q, map_k), dense, block_q))
+                out_s, linear_branch(q, k, v, ~selected, block_q, block_k, map_q, map_k), dense, block_q))
+            coarse, merged = coarse_branches(q, k, v, selected, block_q, block_k)
+            errors["coarse_comp"].append(mixed_error(out_s, coarse, dense, block_q))
+            errors["coarse_merged"].append(relative_error(merged, dense))
             errors["exact_comp"].append(mixed_error(out_s, out_c, dense, block_q))
     return {variant: torch.stack(values).mean().item() for variant, values in errors.items()}
 
