@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 
 import torch
 import triton
@@ -235,11 +236,15 @@ def main() -> None:
 
 
 def write_csv(path: str, rows: list[dict], meta: dict) -> None:
-    with open(path, "w", newline="") as handle:
+    """Every row so far, through a temporary file: a run killed mid-write leaves the previous CSV whole."""
+    partial = f"{path}.partial"
+    with open(partial, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         for row in rows:
             writer.writerow({**{c: "" for c in COLUMNS}, **row, **meta})
+    os.replace(partial, path)
+
 
 if __name__ == "__main__":
     main()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 import time
 
 import torch
@@ -180,10 +181,12 @@ def main() -> None:
     means = {variant: sum(r["rel_l2"] for r in rows if r["variant"] == variant) / len(layers) for variant in VARIANTS}
     rows += [dict(meta, layer="mean", sparsity=rows[0]["sparsity"], variant=k, rel_l2=v) for k, v in means.items()]
     print("mean over layers: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
-    with open(args.csv, "w", newline="") as handle:
+    partial = f"{args.csv}.partial"  # written whole, then renamed: no half-written CSV
+    with open(partial, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+    os.replace(partial, args.csv)
 
 
 if __name__ == "__main__":
