@@ -37,6 +37,14 @@ source benchmarks/gpu_packages.sh
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null || exit 1
 export PYTHONPATH="/tmp/site:$PWD:$PWD/tests" PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$log"
+
+# `sla2 bench` at 0.97 on both default shapes, beside FA2, for another tree laid out as installed (kernels/ as
+# sla2_kernels/, recipes/ inside sla2cli/): run from inside it, so that its sla2cli, not this tree's, is imported.
+bench_other_tree() {  # TREE CSV COMMIT
+  (cd "$1" && export PYTHONPATH="$PWD:/tmp/site" SLA2_COMMIT="$3" && python3 -c "import sla2cli, sla2_kernels; \
+    print('$1 tree:', sla2cli.__file__, sla2_kernels.__file__)" && timeout 150 python3 -m sla2cli bench \
+    --sparsity 0.97 --time-budget 3 --provider fa2 --provider sla2 --csv "$2")
+}
 if [ "$phase" = core ]; then
   python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/test_kernels_gpu.py tests/test_convert.py 2>&1 \
     | grep -v DEBUG | grep -E "errors\(|passed|failed|Error" | tee -a "$log"
@@ -124,12 +132,11 @@ elif [ "$phase" = final ]; then
   done
   timeout 120 python3 -m sla2cli bench --sparsity 0.97 --time-budget 3 --provider fa2 --provider sla2 \
     --csv "$out/bench_main.csv" >> "$log" 2>&1
-  if [ -d .speed ]; then  # run from inside .speed/ so that its sla2cli, not this tree's, is imported
-    (cd .speed && export PYTHONPATH="$PWD:$PWD/tests:/tmp/site" && python3 -c "import sla2cli, sla2_kernels; \
-      print('.speed tree:', sla2cli.__file__, sla2_kernels.__file__)" && timeout 150 python3 -m pytest -q \
-      -p no:cacheprovider -m gpu tests/test_kernels_gpu.py tests/test_quantization_gpu.py tests/test_linear_branch.py \
-      2>&1 | grep -v DEBUG | tail -6; timeout 120 python3 -m sla2cli bench --sparsity 0.97 --time-budget 3 \
-      --provider fa2 --provider sla2 --csv "$out/bench_speed.csv") 2>&1 | tee -a "$log"
+  if [ -d .speed ]; then
+    (cd .speed && export PYTHONPATH="$PWD:$PWD/tests:/tmp/site" && timeout 150 python3 -m pytest -q \
+      -p no:cacheprovider -m gpu tests/test_kernels_gpu.py tests/test_quantization_gpu.py 2>&1 | grep -v DEBUG \
+      | tail -6) 2>&1 | tee -a "$log"
+    bench_other_tree .speed "$out/bench_speed.csv" speed 2>&1 | tee -a "$log"
   fi
   timeout 120 python3 benchmarks/finetune_gpu.py --out /tmp/finetune --phases wan --csv "$out/finetune_wan_gpu.csv" \
     >> "$log" 2>&1
@@ -152,9 +159,7 @@ elif [ "$phase" = ab ]; then
   timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | grep -v DEBUG | tail -6 | tee -a "$log"
   timeout 150 python3 -m sla2cli bench --sparsity 0.97 --time-budget 3 --provider fa2 --provider sla2 \
     --csv "$out/bench_new.csv" >> "$log" 2>&1
-  (cd .base && export PYTHONPATH="$PWD:/tmp/site" SLA2_COMMIT="${BASE_COMMIT:-base}" && python3 -c "import sla2cli, sla2_kernels; \
-    print('.base tree:', sla2cli.__file__, sla2_kernels.__file__)" && timeout 150 python3 -m sla2cli bench \
-    --sparsity 0.97 --time-budget 3 --provider fa2 --provider sla2 --csv "$out/bench_base.csv") >> "$log" 2>&1
+  bench_other_tree .base "$out/bench_base.csv" "${BASE_COMMIT:-base}" >> "$log" 2>&1
 elif [ "$phase" = qat ]; then
   timeout 500 python3 benchmarks/finetune_gpu.py --out "$out/finetune" --phases qat --csv finetune_qat_gpu.csv \
     >> "$log" 2>&1

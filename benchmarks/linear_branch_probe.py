@@ -33,7 +33,7 @@ from sla2cli.devices import model_dtype
 from sla2cli.ops.geometry import k_selected
 from sla2cli.report.inputs import embedded_samples, family_inputs, forward_inputs, latent_grid_for, parse_resolution
 from sla2cli.report.loading import load_report_target
-from sla2cli.report.metrics import true_block_mass
+from sla2cli.report.metrics import relative_l2_error, true_block_mass
 from sla2cli.report.runner import converted_layers
 from sla2cli.training.calibration import collect_calls
 
@@ -43,14 +43,14 @@ COLUMNS = ["checkpoint", "layer", "sparsity", "variant", "rel_l2", "fit_steps", 
 QUERY_ROWS_PER_CHUNK = 1024
 
 
+def mean_error(out: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """The report's relative L2 per (batch, head), averaged."""
+    return relative_l2_error(out, dense).mean()
+
+
 def blocks_of(x: torch.Tensor, block: int) -> torch.Tensor:
     """(B, H, L, ...) -> (B, H, L / block, block, ...); L is a whole number of blocks here."""
     return x.reshape(*x.shape[:2], x.shape[2] // block, block, *x.shape[3:])
-
-
-def relative_error(out: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
-    """‖out - dense‖ / ‖dense‖ per (batch, head), averaged."""
-    return ((out - dense).flatten(2).norm(dim=-1) / dense.flatten(2).norm(dim=-1)).mean()
 
 
 def exact_branches(q, k, v, selected, block_q, block_k):
@@ -113,7 +113,7 @@ def mixed_error(out_sparse, out_linear, dense, block_q):
     """Error of alpha O_s + (1 - alpha) O_l with the least-squares alpha of each query block, in [0, 1]."""
     gap, target = blocks_of(out_sparse - out_linear, block_q), blocks_of(dense - out_linear, block_q)
     alpha = ((gap * target).sum((-1, -2)) / (gap * gap).sum((-1, -2)).clamp_min(1e-12)).clamp(0, 1)
-    return relative_error(out_linear + (alpha[..., None, None] * gap).reshape(out_linear.shape), dense)
+    return mean_error(out_linear + (alpha[..., None, None] * gap).reshape(out_linear.shape), dense)
 
 
 def probe_layer(layer, calls, fits: int, steps: int) -> dict[str, float]:
@@ -140,14 +140,14 @@ def probe_layer(layer, calls, fits: int, steps: int) -> dict[str, float]:
     errors: dict[str, list[torch.Tensor]] = {variant: [] for variant in VARIANTS}
     with torch.no_grad():
         for q, k, v, dense, selected, out_s, out_c in prepared[fits:]:
-            errors["sparse_only"].append(relative_error(out_s, dense))
+            errors["sparse_only"].append(mean_error(out_s, dense))
             errors["phi_softmax"].append(mixed_error(out_s, linear_branch(q, k, v, ~selected, block_q, block_k),
                                                      dense, block_q))
             errors["phi_learned"].append(mixed_error(
                 out_s, linear_branch(q, k, v, ~selected, block_q, block_k, map_q, map_k), dense, block_q))
             coarse, merged = coarse_branches(q, k, v, selected, block_q, block_k)
             errors["coarse_comp"].append(mixed_error(out_s, coarse, dense, block_q))
-            errors["coarse_merged"].append(relative_error(merged, dense))
+            errors["coarse_merged"].append(mean_error(merged, dense))
             errors["exact_comp"].append(mixed_error(out_s, out_c, dense, block_q))
     return {variant: torch.stack(values).mean().item() for variant, values in errors.items()}
 

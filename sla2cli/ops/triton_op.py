@@ -27,6 +27,11 @@ def _linear_alpha(alpha: torch.Tensor | None, lut: torch.Tensor, length: int, bl
     return alpha if alpha is not None and lut.shape[-1] < num_blocks(length, block_k) else None
 
 
+def _no_states(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (comp_states, comp_norms) a forward returns when it saves none."""
+    return q.new_empty(0), q.new_empty(0, dtype=torch.float32)
+
+
 def _complement_states(k, v, lut, block_k):
     states, norms = sla2_kernels.key_block_states(k, v, block_k)
     return complement_states(lut, states, norms)
@@ -67,19 +72,18 @@ def sla2_forward_op(
             q, k, v, lut, alpha, comp_states, comp_norms, block_q, block_k, save, LINEAR_EPS, quant
         )
     if not save or comp_states is None:
-        comp_states, comp_norms = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
+        comp_states, comp_norms = _no_states(q)
     return out, lse, out_sparse, comp_states, comp_norms
 
 
 @sla2_forward_op.register_fake
 def _sla2_forward_fake(q, k, v, lut, alpha, block_q, block_k, save, quant=NO_QUANT):
     batch, heads, length, head_dim = q.shape
-    no_states = q.new_empty(0), q.new_empty(0, dtype=torch.float32)
     if not save:
-        return torch.empty_like(q), q.new_empty(0, dtype=torch.float32), q.new_empty(0), *no_states
+        return torch.empty_like(q), q.new_empty(0, dtype=torch.float32), q.new_empty(0), *_no_states(q)
     lse, out_sparse = q.new_empty(batch, heads, length, dtype=torch.float32), torch.empty_like(q)
     if _linear_alpha(alpha, lut, length, block_k) is None:
-        return torch.empty_like(q), lse, out_sparse, *no_states
+        return torch.empty_like(q), lse, out_sparse, *_no_states(q)
     num_q_blocks = num_blocks(length, block_q)
     return (torch.empty_like(q), lse, out_sparse,
             q.new_empty(batch, heads, num_q_blocks, head_dim, head_dim),
