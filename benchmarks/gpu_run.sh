@@ -27,10 +27,11 @@
 #           stages alone and each backward kernel under every launch setting of gpu_suite.py's sweep
 #   ab:     every GPU test of this tree, then `sla2 bench` at 0.97 on both default shapes for this tree and for .base/
 #           (an earlier commit's sla2cli/, kernels/ as sla2_kernels/, recipes/ inside sla2cli/), each beside FA2
-# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final|speed|backward|ab
+#   profile: GPU time of every kernel the op launches at 0.97 on both default shapes, forward and forward+backward
+# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final|speed|backward|ab|profile
 set -uo pipefail
 out=${1:?output folder}
-phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot, quality, final, speed, backward or ab}
+phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot, quality, final, speed, backward, ab or profile}
 mkdir -p /tmp/site "$out"
 log="$out/all.log"
 source benchmarks/gpu_packages.sh
@@ -160,6 +161,8 @@ elif [ "$phase" = ab ]; then
   timeout 150 python3 -m sla2cli bench --sparsity 0.97 --time-budget 3 --provider fa2 --provider sla2 \
     --csv "$out/bench_new.csv" >> "$log" 2>&1
   bench_other_tree .base "$out/bench_base.csv" "${BASE_COMMIT:-base}" >> "$log" 2>&1
+elif [ "$phase" = profile ]; then
+  timeout 300 python3 benchmarks/profile_op.py --csv "$out/op_kernels.csv" >> "$log" 2>&1
 elif [ "$phase" = qat ]; then
   timeout 500 python3 benchmarks/finetune_gpu.py --out "$out/finetune" --phases qat --csv finetune_qat_gpu.csv \
     >> "$log" 2>&1
