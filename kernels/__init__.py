@@ -18,6 +18,7 @@ _ENTRY_POINTS = {
     "key_block_states": "block_stats",
     "last_dim_contiguous": "common",
     "reverse_lut": "backward",
+    "route_blocks": "routing",
     "sla2_backward_key": "backward",
     "sla2_backward_query": "backward",
     "sla2_forward": "forward",

@@ -21,6 +21,18 @@ from sla2_kernels.common import (
 )
 
 
+@triton.jit
+def store_block_mean(X, Out, x_strides, batch, head, out_row, block_id, length,
+                     BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Out[out_row] = mean over the real rows of block `block_id` of X[batch, head] (float32)."""
+    rows = block_id * BLOCK + tl.arange(0, BLOCK)
+    cols = tl.arange(0, HEAD_DIM)
+    x = tl.load(tile_pointers(X, batch, head, rows[:, None], cols[None, :], x_strides),
+                mask=rows[:, None] < length, other=0.0).to(tl.float32)
+    count = tl.minimum(length - block_id * BLOCK, BLOCK).to(tl.float32)
+    tl.store(Out + out_row * HEAD_DIM + cols, tl.sum(x, axis=0) / count)
+
+
 @triton.jit(do_not_specialize=["length", "num_blocks"])
 def _block_mean_kernel(
     X, Out,
@@ -30,14 +42,8 @@ def _block_mean_kernel(
 ):
     block_id = tl.program_id(0)
     bh = tl.program_id(1)
-    batch, head = bh // heads, bh % heads
-    rows = block_id * BLOCK + tl.arange(0, BLOCK)
-    cols = tl.arange(0, HEAD_DIM)
-    x = tl.load(tile_pointers(X, batch, head, rows[:, None], cols[None, :], x_strides),
-                mask=rows[:, None] < length, other=0.0).to(tl.float32)
-    count = tl.minimum(length - block_id * BLOCK, BLOCK).to(tl.float32)
-    mean = tl.sum(x, axis=0) / count
-    tl.store(Out + (bh * num_blocks + block_id) * HEAD_DIM + cols, mean)
+    store_block_mean(X, Out, x_strides, bh // heads, bh % heads, bh * num_blocks + block_id, block_id, length,
+                     BLOCK, HEAD_DIM)
 
 
 @triton.jit(do_not_specialize=["length", "num_blocks"])

@@ -1,8 +1,8 @@
 """Hard routing: which key blocks each query block sends to the exact branch.
 
-The scores use block means of Q and of smoothed K; the means come from the pooling kernel on GPU
-and from PyTorch elsewhere. Top-k runs on the (B, H, T_m, T_n) score map, which is tiny next to
-attention itself (T_n = 512 at 32K tokens).
+The scores use block means of Q and of smoothed K. On the Triton path two kernels pool, score and
+select (sla2_kernels.routing); elsewhere PyTorch does the same math step by step, with top-k on the
+(B, H, T_m, T_n) score map.
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from sla2cli.ops.backend import triton_enabled
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, k_selected, num_blocks, selects_every_block
 from sla2cli.ops.pooling import pooled_means
+from sla2cli.ops.triton_op import route_op
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,17 @@ def pooled_scores(
     return q_pooled @ k_pooled_smoothed.transpose(-1, -2) * q_pooled.shape[-1] ** -0.5
 
 
+def combined_projection(proj_q: torch.Tensor | None, proj_k: torch.Tensor | None) -> torch.Tensor | None:
+    """W = W_q W_k^T (float32): (qbar W_q) . (kbar W_k) = (qbar W) . kbar, one D x D product per query block."""
+    if proj_q is None and proj_k is None:
+        return None
+    proj_q = proj_q.float() if proj_q is not None else None
+    proj_k = proj_k.float() if proj_k is not None else None
+    if proj_k is None:
+        return proj_q
+    return proj_k.t() if proj_q is None else proj_q @ proj_k.t()
+
+
 def select_blocks(scores: torch.Tensor, k_sel: int) -> torch.Tensor:
     """Top k_sel key blocks per row as an ascending int32 look-up table."""
     top = scores.topk(k_sel, dim=-1, sorted=False).indices
@@ -65,7 +78,10 @@ def route(
 ) -> Routing:
     """Hard routing of docs/method.md, section 2 (no gradient: top-k has none)."""
     with torch.no_grad():
+        k_sel = k_selected(num_blocks(q.shape[2], block_k), sparsity)
+        if triton_enabled(q):
+            scores, lut = route_op(q, k, combined_projection(proj_q, proj_k), block_q, block_k, k_sel)
+            return Routing(scores=scores, lut=lut, k_sel=k_sel)
         q_pooled, k_pooled_smoothed = pooled_means(q, k, block_q, block_k)
         scores = pooled_scores(q_pooled, k_pooled_smoothed, proj_q, proj_k)
-        k_sel = k_selected(num_blocks(q.shape[2], block_k), sparsity)
         return Routing(scores=scores, lut=select_blocks(scores, k_sel), k_sel=k_sel)

@@ -173,6 +173,22 @@ def _block_means_fake(x, block):
     return x.new_empty(batch, heads, num_blocks(length, block), head_dim, dtype=torch.float32)
 
 
+@torch.library.custom_op("sla2::route", mutates_args=(), device_types=("cuda", "cpu"))
+def route_op(
+    q: torch.Tensor, k: torch.Tensor, proj: torch.Tensor | None, block_q: int, block_k: int, k_sel: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores float32 (B, H, T_m, T_n), look-up table int32 (B, H, T_m, k_sel)); proj = W_q W_k^T or None."""
+    return sla2_kernels.route_blocks(q, k, proj, block_q, block_k, k_sel)
+
+
+@route_op.register_fake
+def _route_fake(q, k, proj, block_q, block_k, k_sel):
+    batch, heads, length, _ = q.shape
+    num_q_blocks = num_blocks(length, block_q)
+    return (q.new_empty(batch, heads, num_q_blocks, num_blocks(length, block_k), dtype=torch.float32),
+            q.new_empty(batch, heads, num_q_blocks, k_sel, dtype=torch.int32))
+
+
 def triton_sla2(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -1,0 +1,115 @@
+"""The routing kernels (Triton, through the interpreter on CPU) against PyTorch's routing, the reference.
+
+Same look-up tables and scores within float32 rounding, on random inputs at odd lengths, partial blocks,
+batch > 1, both head dims, both block geometries, with and without the router's projections; exactly
+k_sel distinct ascending blocks per row even when scores tie or are NaN.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from kernel_cases import random_qkv
+
+from sla2cli.ops import num_blocks, route
+from sla2cli.ops.geometry import k_selected
+
+LENGTHS = (1, 63, 64, 65, 200, 1000)
+SPARSITIES = (0.0, 0.5, 0.9, 0.97)
+BLOCKS = ((128, 64), (32, 16))
+
+
+def _route_both(monkeypatch, q, k, **kwargs):
+    monkeypatch.setenv("SLA2_BACKEND", "triton")
+    kernel = route(q, k, **kwargs)
+    monkeypatch.setenv("SLA2_BACKEND", "torch")
+    return kernel, route(q, k, **kwargs)
+
+
+def _projections(kind: str, head_dim: int, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    pair = [torch.eye(head_dim) + 0.3 * torch.randn(head_dim, head_dim, generator=generator) for _ in range(2)]
+    return {"none": (None, None), "q": (pair[0], None), "k": (None, pair[1]), "both": tuple(pair)}[kind]
+
+
+def _cases():
+    cases = []
+    for index, (length, head_dim, sparsity) in enumerate(itertools.product(LENGTHS, (64, 128), SPARSITIES)):
+        batch, heads = ((2, 3), (1, 2), (2, 1))[index % 3]
+        blocks = BLOCKS[index % 2]
+        projection = ("none", "both", "q", "k")[index % 4]
+        cases.append(pytest.param(batch, heads, length, head_dim, sparsity, blocks, projection,
+                                  id=f"B{batch}H{heads}L{length}D{head_dim}s{sparsity}-{blocks[0]}x{blocks[1]}-{projection}"))
+    return cases
+
+
+@pytest.mark.parametrize("batch,heads,length,head_dim,sparsity,blocks,projection", _cases())
+def test_kernel_routing_matches_pytorch(monkeypatch, batch, heads, length, head_dim, sparsity, blocks, projection):
+    seed = length + head_dim + int(100 * sparsity)
+    q, k, _ = random_qkv(batch, heads, length, head_dim, torch.float32, seed, requires_grad=False)
+    k = k + 0.7  # a sequence mean far from zero: the smoothing term matters
+    proj_q, proj_k = _projections(projection, head_dim, seed)
+    kernel, expected = _route_both(monkeypatch, q, k, sparsity=sparsity, proj_q=proj_q, proj_k=proj_k,
+                                   block_q=blocks[0], block_k=blocks[1])
+    assert kernel.k_sel == expected.k_sel
+    assert kernel.lut.dtype == torch.int32 and kernel.lut.shape == expected.lut.shape
+    assert torch.equal(kernel.lut, expected.lut)
+    scale = expected.scores.abs().max().clamp_min(1e-6)
+    assert ((kernel.scores - expected.scores).abs().max() / scale).item() <= 1e-5
+
+
+def test_strided_inputs_route_like_contiguous_ones(monkeypatch):
+    q, k, _ = random_qkv(2, 3, 300, 64, torch.float32, 5, requires_grad=False)
+    strided_q, strided_k = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k))
+    kernel, expected = _route_both(monkeypatch, strided_q, strided_k, sparsity=0.9, block_q=32, block_k=16)
+    assert torch.equal(kernel.lut, expected.lut)
+
+
+def _assert_valid_table(lut: torch.Tensor, k_sel: int, num_k_blocks: int) -> None:
+    assert lut.shape[-1] == k_sel
+    assert bool((lut >= 0).all()) and bool((lut < num_k_blocks).all())
+    assert bool((lut[..., 1:] > lut[..., :-1]).all()), "ascending and distinct"
+
+
+def test_equal_scores_take_the_lowest_blocks(monkeypatch):
+    """Constant keys give every key block the same score: the first k_sel blocks, each once."""
+    monkeypatch.setenv("SLA2_BACKEND", "triton")
+    length = 1000
+    q = torch.randn(1, 2, length, 64, generator=torch.Generator().manual_seed(3))
+    k = torch.ones(1, 2, length, 64)
+    routing = route(q, k, sparsity=0.75, block_q=32, block_k=16)
+    num_k_blocks = num_blocks(length, 16)
+    _assert_valid_table(routing.lut, k_selected(num_k_blocks, 0.75), num_k_blocks)
+    assert torch.equal(routing.lut[0, 0, 0], torch.arange(routing.k_sel, dtype=torch.int32))
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets the NaN
+def test_nan_scores_still_give_a_valid_table(monkeypatch):
+    """NaN inputs must not send the attention kernels outside the key blocks."""
+    monkeypatch.setenv("SLA2_BACKEND", "triton")
+    q, k, _ = random_qkv(1, 2, 500, 64, torch.float32, 8, requires_grad=False)
+    k[0, 0, 100:130] = float("nan")
+    q[0, 1, :40] = float("inf")
+    routing = route(q, k, sparsity=0.9, block_q=32, block_k=16)
+    _assert_valid_table(routing.lut, routing.k_sel, num_blocks(500, 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,length,sparsity", [(12, 32760, 0.97), (4, 75600, 0.97), (2, 8192, 0.9)])
+def test_gpu_routing_matches_pytorch_at_video_lengths(monkeypatch, heads, length, sparsity):
+    """bf16 inputs on the GPU: same scores within float32 rounding; a row may differ from PyTorch's only
+    where its k_sel-th and next scores are that close (the kernel's scores come from other float32 sums)."""
+    generator = torch.Generator(device="cuda").manual_seed(length)
+    q, k = (torch.randn(1, heads, length, 128, device="cuda", generator=generator).to(torch.bfloat16)
+            for _ in range(2))
+    kernel, expected = _route_both(monkeypatch, q, k + 0.5, sparsity=sparsity)
+    spread = expected.scores.amax(-1, keepdim=True) - expected.scores.amin(-1, keepdim=True)
+    assert ((kernel.scores - expected.scores).abs() / spread).max().item() <= 1e-5
+    _assert_valid_table(kernel.lut, expected.k_sel, expected.scores.shape[-1])
+    differs = (kernel.lut != expected.lut).any(-1)
+    assert differs.float().mean().item() <= 1e-3
+    kth = expected.scores.topk(expected.k_sel, dim=-1).values[..., -1:]
+    taken = expected.scores.gather(-1, kernel.lut.long())
+    assert bool((taken >= kth - 1e-5 * spread).all())
