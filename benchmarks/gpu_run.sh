@@ -26,7 +26,8 @@
 #   backward: the kernel GPU tests, then fwd+bwd of FA2 and SLA2 at 0.97 on both default shapes with the backward's
 #           stages alone and each backward kernel under every launch setting of gpu_suite.py's sweep
 #   ab:     every GPU test of this tree, then `sla2 bench` at 0.97 on both default shapes for this tree and for .base/
-#           (an earlier commit's sla2cli/, kernels/ as sla2_kernels/, recipes/ inside sla2cli/), each beside FA2
+#           (an earlier commit's sla2cli/, kernels/ as sla2_kernels/, recipes/ inside sla2cli/), each beside FA2,
+#           then this tree's kernel profile (as in profile)
 #   profile: GPU time of every kernel the op launches at 0.97 on both default shapes, forward and forward+backward
 # Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final|speed|backward|ab|profile
 set -uo pipefail
@@ -157,10 +158,13 @@ elif [ "$phase" = backward ]; then
   timeout 330 python3 benchmarks/gpu_suite.py --csv "$out/backward_parts.csv" --shapes 1,12,32760,128 \
     1,40,75600,128 --sparsities 0.97 --modes fwd fwd+bwd --backward-parts --rep-ms 60 >> "$log" 2>&1
 elif [ "$phase" = ab ]; then
-  timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | grep -v DEBUG | tail -6 | tee -a "$log"
+  # AB_TESTS: the GPU test files to run first (default: all of tests/)
+  timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu ${AB_TESTS:-tests} 2>&1 | grep -v DEBUG | tail -6 \
+    | tee -a "$log"
   timeout 150 python3 -m sla2cli bench --sparsity 0.97 --time-budget 3 --provider fa2 --provider sla2 \
     --csv "$out/bench_new.csv" >> "$log" 2>&1
   bench_other_tree .base "$out/bench_base.csv" "${BASE_COMMIT:-base}" >> "$log" 2>&1
+  timeout 150 python3 benchmarks/profile_op.py --csv "$out/op_kernels.csv" >> "$log" 2>&1
 elif [ "$phase" = profile ]; then
   timeout 300 python3 benchmarks/profile_op.py --csv "$out/op_kernels.csv" >> "$log" 2>&1
 elif [ "$phase" = qat ]; then
