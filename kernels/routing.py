@@ -26,7 +26,7 @@ from sla2_kernels.common import dot_precision, last_dim_contiguous, row_stride_a
 ROWS_PER_PROGRAM = 16  # query blocks per route program: the smallest M of tl.dot
 KEYS_PER_STEP = 64  # key blocks per step of the score pass
 SELECT_ELEMENTS = 4096  # rows x padded key blocks that the selection pass holds at once
-FLOAT32_MAX = 3.4028234663852886e38
+FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)  # a constexpr: the only kind of global a kernel may read
 # The scores decide the top-k, so they keep float32 accuracy: three TF32 tensor-core products on a GPU
 # instead of FMA loops (the PyTorch path's float32 GEMM took 0.24 ms at 75600 tokens on an H200).
 GPU_SCORE_PRECISION = "tf32x3"
