@@ -3,7 +3,8 @@
 Prints a short table and writes a CSV (one row per measurement) with the device, torch/triton
 versions and commit. Times are medians of triton.testing.do_bench (CUDA events, L2 flushed);
 `-graph` modes replay a CUDA graph of the whole op (GPU time without Python launch overhead).
-Usage: python benchmarks/gpu_suite.py --csv results.csv [--shapes 1,12,32760,128 ...] [--parts | --backward-parts]
+Usage: python benchmarks/gpu_suite.py --csv results.csv [--shapes 1,12,32760,128 ...]
+       [--parts | --backward-parts | --route-parts]
        [--quant int8 int8-fp8]  (low-bit sparse branch, rows named sla2-<mode>)
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import os
 
 import torch
@@ -136,6 +138,23 @@ def time_parts(rec, q, k, v, alpha, sparsity, rep_ms):
     time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms)
 
 
+def time_route_launches(rec, q, k, sparsity, rep_ms):
+    """The routing kernels under each launch setting, beside PyTorch's routing (pool, GEMM, top-k, sort)."""
+    from sla2_kernels.routing import ROUTE_LAUNCH, RouteLaunch, route_blocks
+
+    k_sel = route(q, k, sparsity=sparsity).k_sel
+    share = k_sel / num_blocks(q.shape[2], 64)
+    os.environ["SLA2_BACKEND"] = "torch"
+    rec.add("sla2-routing-torch", sparsity, "fwd", median_ms(lambda: route(q, k, sparsity=sparsity), rep_ms), share)
+    del os.environ["SLA2_BACKEND"]
+    for rows, elements, warps, by_sort in itertools.product((16, 32), (2048, 4096, 8192), (4, 8), (True, False)):
+        launch = RouteLaunch(rows, elements, warps, by_sort)
+        note = f"rows,select_elements,warps,by_sort={tuple(launch)}" + (" (default)" if launch == ROUTE_LAUNCH else "")
+        rec.add("sla2-routing-kernels", sparsity, "fwd",
+                median_ms(lambda launch=launch: route_blocks(q, k, None, 128, 64, k_sel, launch), rep_ms), share,
+                note=note)
+
+
 def time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms):
     """The backward's stages alone: query kernel, complement GEMM of dH, reverse map, key kernel."""
     from sla2_kernels import reverse_lut, sla2_backward_key, sla2_backward_query, sla2_forward
@@ -203,6 +222,8 @@ def run_shape(spec, sparsities, modes, rows, rep_ms, parts, quant_modes=()):
             time_sla2(rec, q, k, v, alpha, grad, sparsity, modes, rep_ms, quant)
         if parts == "all":
             time_parts(rec, q, k, v, alpha, sparsity, rep_ms)
+        elif parts == "route":
+            time_route_launches(rec, q, k, sparsity, rep_ms)
         elif parts == "backward":
             routing, share, _, _, comp_states, comp_norms = routed_states(q, k, v, sparsity)
             time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms)
@@ -219,6 +240,8 @@ def main() -> None:
     parser.add_argument("--parts", action="store_const", const="all", help="also time each stage and launch settings")
     parser.add_argument("--backward-parts", dest="parts", action="store_const", const="backward",
                         help="also time the backward's stages and sweep its launch settings (not the forward's)")
+    parser.add_argument("--route-parts", dest="parts", action="store_const", const="route",
+                        help="also time the routing kernels under each launch setting beside PyTorch's routing")
     parser.add_argument("--quant", nargs="*", default=[], help="low-bit modes to time beside bf16 SLA2")
     args = parser.parse_args()
     rows: list[dict] = []

@@ -8,13 +8,16 @@ and the look-up table holds, ascending, the k_sel key blocks of largest S_ij in 
 The route kernel takes a tile of query blocks. Its first pass walks the key blocks in chunks: it
 writes the products r_ij = (qbar_i W / sqrt(D)) . (kbar_j - kbar_0) and sums n_j (kbar_j - kbar_0) on
 the way, so kmean comes without another pass; the smoothing term is then one number per row. The
-second pass reloads a few rows at a time, subtracts it, and selects by k_sel rounds of
-argmax (lowest index among equal scores), then writes the chosen blocks in ascending order through a
-prefix sum. Replaces PyTorch's pooling, score GEMM, top-k and sort: about ten launches, and a radix
-sort of the table that cost 0.3 ms at 75600 tokens on an H200.
+second pass reloads a few rows at a time, subtracts it, finds the k_sel-th largest score of each row
+(a bitonic sort, or k_sel rounds of argmax), takes the blocks above it and, among equal scores, the
+lowest ones, then writes the chosen blocks in ascending order through a prefix sum. Replaces PyTorch's
+pooling, score GEMM, top-k and sort: about ten launches, and a radix sort of the table that cost 0.3 ms
+at 75600 tokens on an H200.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import triton
@@ -23,9 +26,21 @@ import triton.language as tl
 from sla2_kernels.block_stats import store_block_mean
 from sla2_kernels.common import dot_precision, last_dim_contiguous, row_stride_args
 
-ROWS_PER_PROGRAM = 16  # query blocks per route program: the smallest M of tl.dot
 KEYS_PER_STEP = 64  # key blocks per step of the score pass
-SELECT_ELEMENTS = 4096  # rows x padded key blocks that the selection pass holds at once
+
+
+class RouteLaunch(NamedTuple):
+    """rows: query blocks per program (>= 16, tl.dot's smallest M); select_elements: rows x padded key
+    blocks that the selection holds at once; by_sort: select through a bitonic sort of each row (else
+    k_sel rounds of argmax)."""
+
+    rows: int
+    select_elements: int
+    num_warps: int
+    by_sort: bool
+
+
+ROUTE_LAUNCH = RouteLaunch(rows=16, select_elements=4096, num_warps=4, by_sort=True)
 FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)  # a constexpr: the only kind of global a kernel may read
 # The scores decide the top-k, so they keep float32 accuracy: three TF32 tensor-core products on a GPU
 # instead of FMA loops (the PyTorch path's float32 GEMM took 0.24 ms at 75600 tokens on an H200).
@@ -58,6 +73,7 @@ def _route_kernel(
     length, num_q_blocks, num_k_blocks, k_sel, scale,
     BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PROJ: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROWS: tl.constexpr, KEYS: tl.constexpr, KEYS_PADDED: tl.constexpr, SELECT_ROWS: tl.constexpr,
+    BY_SORT: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # B*H*T_m*T_n can pass 2^31
@@ -100,21 +116,34 @@ def _route_kernel(
         scores = tl.load(pointers, mask=in_range, other=0.0)
         scores -= tl.load(Shift + bh * num_q_blocks + sel_rows, mask=sel_valid, other=0.0)[:, None]
         tl.store(pointers, scores, mask=in_range)
-        # Candidates are finite (NaN and -inf read as the lowest float), taken ones and padding are -inf:
-        # each round takes a distinct real key block, so a row always gets exactly k_sel of them.
+        # Candidates are finite (NaN and -inf read as the lowest float), padding is -inf: a row always
+        # has k_sel real candidates, and gets exactly k_sel blocks, the lowest ones among equal scores.
         finite = tl.where(scores == scores, tl.maximum(scores, -FLOAT32_MAX), -FLOAT32_MAX)
-        left = tl.where(key_valid[None, :], finite, float("-inf"))
-        for _ in range(k_sel):
-            best = tl.argmax(left, axis=1, tie_break_left=True)
-            left = tl.where(keys[None, :] == best[:, None], float("-inf"), left)
-        chosen = (left == float("-inf")) & key_valid[None, :]
+        candidates = tl.where(key_valid[None, :], finite, float("-inf"))
+        if BY_SORT:
+            # The k_sel-th largest score from a bitonic sort of the row; every score above it, then the
+            # scores equal to it from the lowest block up, until k_sel.
+            ordered = tl.sort(candidates, dim=1, descending=True)
+            kth = tl.max(tl.where(keys[None, :] == k_sel - 1, ordered, float("-inf")), axis=1)
+            above = candidates > kth[:, None]
+            ties = candidates == kth[:, None]
+            places_left = k_sel - tl.sum(above.to(tl.int32), axis=1)
+            chosen = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=1) <= places_left[:, None]))
+        else:
+            # k_sel rounds of "take the largest left" (taken ones become -inf).
+            left = candidates
+            for _ in range(k_sel):
+                best = tl.argmax(left, axis=1, tie_break_left=True)
+                left = tl.where(keys[None, :] == best[:, None], float("-inf"), left)
+            chosen = (left == float("-inf")) & key_valid[None, :]
         slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
         tl.store(Lut + (bh * num_q_blocks + sel_rows[:, None]) * k_sel + slot, keys[None, :] + 0 * slot,
                  mask=chosen & sel_valid[:, None])
 
 
 def route_blocks(
-    q: torch.Tensor, k: torch.Tensor, proj: torch.Tensor | None, block_q: int, block_k: int, k_sel: int
+    q: torch.Tensor, k: torch.Tensor, proj: torch.Tensor | None, block_q: int, block_k: int, k_sel: int,
+    launch: RouteLaunch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores (B, H, T_m, T_n) float32, look-up table (B, H, T_m, k_sel) int32 ascending per row).
 
@@ -135,12 +164,14 @@ def route_blocks(
     lut = torch.empty(batch, heads, num_q_blocks, k_sel, device=q.device, dtype=torch.int32)
     keys_padded = triton.next_power_of_2(num_k_blocks)
     proj_arg = proj.contiguous() if proj is not None else q_means
-    _route_kernel[(triton.cdiv(num_q_blocks, ROWS_PER_PROGRAM), batch * heads)](
+    launch = launch or ROUTE_LAUNCH
+    _route_kernel[(triton.cdiv(num_q_blocks, launch.rows), batch * heads)](
         q_means, k_means, proj_arg, scores, shift, lut,
         length, num_q_blocks, num_k_blocks, k_sel, head_dim**-0.5,
         BLOCK_K=block_k, HEAD_DIM=head_dim, HAS_PROJ=proj is not None,
         DOT_PRECISION=GPU_SCORE_PRECISION if q.is_cuda else dot_precision(torch.float32),
-        ROWS=ROWS_PER_PROGRAM, KEYS=KEYS_PER_STEP, KEYS_PADDED=keys_padded,
-        SELECT_ROWS=max(1, min(ROWS_PER_PROGRAM, SELECT_ELEMENTS // keys_padded)),
+        ROWS=launch.rows, KEYS=KEYS_PER_STEP, KEYS_PADDED=keys_padded,
+        SELECT_ROWS=max(1, min(launch.rows, launch.select_elements // keys_padded)), BY_SORT=launch.by_sort,
+        num_warps=launch.num_warps,
     )
     return scores, lut

@@ -113,3 +113,19 @@ def test_gpu_routing_matches_pytorch_at_video_lengths(monkeypatch, heads, length
     kth = expected.scores.topk(expected.k_sel, dim=-1).values[..., -1:]
     taken = expected.scores.gather(-1, kernel.lut.long())
     assert bool((taken >= kth - 1e-5 * spread).all())
+
+
+@pytest.mark.parametrize("by_sort", [True, False])
+def test_both_selections_agree_with_pytorch(monkeypatch, by_sort):
+    """The two selection methods of the launch table (sort, rounds of argmax), ties included."""
+    from sla2_kernels.routing import RouteLaunch, route_blocks
+
+    q, k, _ = random_qkv(2, 2, 700, 64, torch.float32, 21, requires_grad=False)
+    k[:, :, 320:] = 0.25  # key blocks 20 on share one mean: equal scores
+    _, expected = _route_both(monkeypatch, q, k, sparsity=0.8, block_q=32, block_k=16)
+    launch = RouteLaunch(rows=32, select_elements=128, num_warps=4, by_sort=by_sort)
+    scores, lut = route_blocks(q, k, None, 32, 16, expected.k_sel, launch)
+    assert torch.allclose(scores, expected.scores, atol=1e-6)
+    _assert_valid_table(lut, expected.k_sel, num_blocks(700, 16))
+    kth = expected.scores.topk(expected.k_sel, dim=-1).values[..., -1:]
+    assert bool((expected.scores.gather(-1, lut.long()) >= kth - 1e-6).all())

@@ -11,20 +11,16 @@ from __future__ import annotations
 
 import torch
 
-# cuBLAS runs its Hopper tensor-core GEMMs only on operands whose rows start on 16-byte boundaries. At 75600
-# tokens T_n = 1182 bf16 columns is 2364 bytes: the forward's product fell to an Ampere kernel (3.96 ms on an
-# H200, a quarter of the tensor-core rate) and the backward's too (4.51 ms). So rows are laid out padded.
-MAP_ROW_ALIGNMENT = 8  # elements: 16 bytes of bf16 / fp16
+from sla2_kernels.numerics import stored_state_blocks
 
 
-def complement_map(lut: torch.Tensor, num_k_blocks: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B*H, T_m, T_n) map with 1 where a key block is NOT selected by the query block.
+def complement_map(lut: torch.Tensor, num_columns: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B*H, T_m, num_columns) map with 1 where a key block is NOT selected by the query block.
 
-    A view whose rows are MAP_ROW_ALIGNMENT-padded (stride(1) >= T_n), which matmul takes as it is."""
+    num_columns >= T_n: the columns past T_n (blocks past the sequence, see stored_state_blocks) are 1."""
     batch, heads, num_q_blocks, k_sel = lut.shape
     flat = lut.reshape(batch * heads, num_q_blocks, k_sel).long()
-    row = -(-num_k_blocks // MAP_ROW_ALIGNMENT) * MAP_ROW_ALIGNMENT
-    comp = torch.ones(batch * heads, num_q_blocks, row, dtype=dtype, device=lut.device)[..., :num_k_blocks]
+    comp = torch.ones(batch * heads, num_q_blocks, num_columns, dtype=dtype, device=lut.device)
     return comp.scatter_(2, flat, 0.0)
 
 
@@ -33,8 +29,8 @@ def complement_states(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query block: (sum of h_j, sum of z_j) over its unselected key blocks.
 
-    states: (B, H, T_n, D, D); norms: (B, H, T_n, D) float32. Returns (B, H, T_m, D, D) in the
-    states' dtype and (B, H, T_m, D) float32.
+    states: (B, H, T_s, D, D); norms: (B, H, T_s, D) float32, as key_block_states stores them (zero past
+    T_n). Returns (B, H, T_m, D, D) in the states' dtype and (B, H, T_m, D) float32.
     """
     batch, heads, num_k_blocks, head_dim, _ = states.shape
     num_q_blocks = lut.shape[2]
@@ -52,10 +48,12 @@ def complement_state_grads(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per key block: sums of dH_i and dz_i over the query blocks that did NOT select it.
 
-    grad_states: (B, H, T_m, D, D); grad_norms: (B, H, T_m, D) float32. Returns (B, H, T_n, D, D)
-    in grad_states' dtype and (B, H, T_n, D) float32.
+    grad_states: (B, H, T_m, D, D); grad_norms: (B, H, T_m, D) float32. Returns (B, H, T_s, D, D)
+    in grad_states' dtype and (B, H, T_s, D) float32, T_s = stored_state_blocks(T_n) as the states are
+    stored (aligned extents for cuBLAS); the blocks past T_n are not blocks and their rows mean nothing.
     """
     batch, heads, num_q_blocks, head_dim, _ = grad_states.shape
+    num_k_blocks = stored_state_blocks(num_k_blocks)
     comp_t = complement_map(lut, num_k_blocks, grad_states.dtype).transpose(1, 2)
     summed = torch.bmm(comp_t, grad_states.reshape(batch * heads, num_q_blocks, head_dim * head_dim))
     summed_norms = torch.bmm(comp_t.float(), grad_norms.reshape(batch * heads, num_q_blocks, head_dim))
