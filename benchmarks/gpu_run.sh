@@ -28,11 +28,13 @@
 #   ab:     every GPU test of this tree, then `sla2 bench` at 0.97 on both default shapes for this tree and for .base/
 #           (an earlier commit's sla2cli/, kernels/ as sla2_kernels/, recipes/ inside sla2cli/), each beside FA2,
 #           then this tree's kernel profile (as in profile)
+#   route:  FA2 and SLA2 forwards at 0.97 on both default shapes, PyTorch's routing and the routing kernels under
+#           every launch setting of gpu_suite.py's sweep
 #   profile: GPU time of every kernel the op launches at 0.97 on both default shapes, forward and forward+backward
-# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final|speed|backward|ab|profile
+# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final|speed|backward|ab|route|profile
 set -uo pipefail
 out=${1:?output folder}
-phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot, quality, final, speed, backward, ab or profile}
+phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot, quality, final, speed, backward, ab, route or profile}
 mkdir -p /tmp/site "$out"
 log="$out/all.log"
 source benchmarks/gpu_packages.sh
@@ -165,6 +167,9 @@ elif [ "$phase" = ab ]; then
     --csv "$out/bench_new.csv" >> "$log" 2>&1
   bench_other_tree .base "$out/bench_base.csv" "${BASE_COMMIT:-base}" >> "$log" 2>&1
   timeout 150 python3 benchmarks/profile_op.py --csv "$out/op_kernels.csv" >> "$log" 2>&1
+elif [ "$phase" = route ]; then
+  timeout 300 python3 benchmarks/gpu_suite.py --csv "$out/route_sweep.csv" --shapes 1,12,32760,128 1,40,75600,128 \
+    --modes fwd --route-parts --rep-ms 100 >> "$log" 2>&1
 elif [ "$phase" = profile ]; then
   timeout 300 python3 benchmarks/profile_op.py --csv "$out/op_kernels.csv" >> "$log" 2>&1
 elif [ "$phase" = qat ]; then
