@@ -147,9 +147,9 @@ def time_route_launches(rec, q, k, sparsity, rep_ms):
     os.environ["SLA2_BACKEND"] = "torch"
     rec.add("sla2-routing-torch", sparsity, "fwd", median_ms(lambda: route(q, k, sparsity=sparsity), rep_ms), share)
     del os.environ["SLA2_BACKEND"]
-    for rows, elements, warps, by_sort in itertools.product((16, 32), (2048, 4096, 8192), (4, 8), (True, False)):
-        launch = RouteLaunch(rows, elements, warps, by_sort)
-        note = f"rows,select_elements,warps,by_sort={tuple(launch)}" + (" (default)" if launch == ROUTE_LAUNCH else "")
+    for rows, elements, warps in itertools.product((16, 32), (2048, 4096, 8192), (4, 8)):
+        launch = RouteLaunch(rows, elements, warps)
+        note = f"rows,select_elements,warps={tuple(launch)}" + (" (default)" if launch == ROUTE_LAUNCH else "")
         rec.add("sla2-routing-kernels", sparsity, "fwd",
                 median_ms(lambda launch=launch: route_blocks(q, k, None, 128, 64, k_sel, launch), rep_ms), share,
                 note=note)

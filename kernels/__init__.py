@@ -19,6 +19,7 @@ _ENTRY_POINTS = {
     "last_dim_contiguous": "common",
     "reverse_lut": "backward",
     "route_blocks": "routing",
+    "routes_in_kernel": "routing",
     "sla2_backward_key": "backward",
     "sla2_backward_query": "backward",
     "sla2_forward": "forward",

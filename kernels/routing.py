@@ -8,11 +8,10 @@ and the look-up table holds, ascending, the k_sel key blocks of largest S_ij in 
 The route kernel takes a tile of query blocks. Its first pass walks the key blocks in chunks: it
 writes the products r_ij = (qbar_i W / sqrt(D)) . (kbar_j - kbar_0) and sums n_j (kbar_j - kbar_0) on
 the way, so kmean comes without another pass; the smoothing term is then one number per row. The
-second pass reloads a few rows at a time, subtracts it, finds the k_sel-th largest score of each row
-(a bitonic sort, or k_sel rounds of argmax), takes the blocks above it and, among equal scores, the
-lowest ones, then writes the chosen blocks in ascending order through a prefix sum. Replaces PyTorch's
-pooling, score GEMM, top-k and sort: about ten launches, and a radix sort of the table that cost 0.3 ms
-at 75600 tokens on an H200.
+second pass reloads a few rows at a time, subtracts it, takes the k_sel largest scores of each row in
+k_sel rounds of argmax (the lowest block among equal scores), then writes the chosen blocks in
+ascending order through a prefix sum. It replaces PyTorch's pooling, score GEMM, top-k and sort (about
+ten launches) where that is measured faster: see routes_in_kernel.
 """
 
 from __future__ import annotations
@@ -31,16 +30,28 @@ KEYS_PER_STEP = 64  # key blocks per step of the score pass
 
 class RouteLaunch(NamedTuple):
     """rows: query blocks per program (>= 16, tl.dot's smallest M); select_elements: rows x padded key
-    blocks that the selection holds at once; by_sort: select through a bitonic sort of each row (else
-    k_sel rounds of argmax)."""
+    blocks that the selection holds at once."""
 
     rows: int
     select_elements: int
     num_warps: int
-    by_sort: bool
 
 
-ROUTE_LAUNCH = RouteLaunch(rows=16, select_elements=4096, num_warps=4, by_sort=True)
+# H200 sweep at 1x12x32760x128, 0.97 (benchmarks/results/h200_route_sweep.csv): 0.19-0.23 ms in every
+# setting against 0.98 ms for PyTorch's routing, the same call timed alone; this one ran in the whole-op bench.
+ROUTE_LAUNCH = RouteLaunch(rows=16, select_elements=4096, num_warps=4)
+# The selection's rounds cost k_sel x (T_n rounded up to a power of 2) per row. Measured on an H200: at
+# 32760 tokens and 0.97 (15 x 512) the kernels beat PyTorch's routing (op forward 1.24 against 1.48 ms); at
+# 75600 tokens (35 x 2048) their selection took 3.2 ms of GPU time, where PyTorch's top-k and sort take about
+# 1.1 ms. A bitonic sort of each row instead of rounds was slower at 32760 in every setting (0.30-0.45 ms).
+MAX_SELECTION_WORK = 8192
+
+
+def routes_in_kernel(k_sel: int, num_k_blocks: int) -> bool:
+    """Whether the route kernel's selection is measured cheaper than PyTorch's top-k at this size."""
+    return k_sel * triton.next_power_of_2(num_k_blocks) <= MAX_SELECTION_WORK
+
+
 FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)  # a constexpr: the only kind of global a kernel may read
 # The scores decide the top-k, so they keep float32 accuracy: three TF32 tensor-core products on a GPU
 # instead of FMA loops (the PyTorch path's float32 GEMM took 0.24 ms at 75600 tokens on an H200).
@@ -73,7 +84,6 @@ def _route_kernel(
     length, num_q_blocks, num_k_blocks, k_sel, scale,
     BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PROJ: tl.constexpr, DOT_PRECISION: tl.constexpr,
     ROWS: tl.constexpr, KEYS: tl.constexpr, KEYS_PADDED: tl.constexpr, SELECT_ROWS: tl.constexpr,
-    BY_SORT: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # B*H*T_m*T_n can pass 2^31
@@ -116,26 +126,16 @@ def _route_kernel(
         scores = tl.load(pointers, mask=in_range, other=0.0)
         scores -= tl.load(Shift + bh * num_q_blocks + sel_rows, mask=sel_valid, other=0.0)[:, None]
         tl.store(pointers, scores, mask=in_range)
-        # Candidates are finite (NaN and -inf read as the lowest float), padding is -inf: a row always
-        # has k_sel real candidates, and gets exactly k_sel blocks, the lowest ones among equal scores.
+        # Candidates are finite (NaN and -inf read as the lowest float), padding and taken blocks are -inf:
+        # each round takes a distinct real block (the lowest among equal scores), so a row gets exactly k_sel.
         finite = tl.where(scores == scores, tl.maximum(scores, -FLOAT32_MAX), -FLOAT32_MAX)
         candidates = tl.where(key_valid[None, :], finite, float("-inf"))
-        if BY_SORT:
-            # The k_sel-th largest score from a bitonic sort of the row; every score above it, then the
-            # scores equal to it from the lowest block up, until k_sel.
-            ordered = tl.sort(candidates, dim=1, descending=True)
-            kth = tl.max(tl.where(keys[None, :] == k_sel - 1, ordered, float("-inf")), axis=1)
-            above = candidates > kth[:, None]
-            ties = candidates == kth[:, None]
-            places_left = k_sel - tl.sum(above.to(tl.int32), axis=1)
-            chosen = above | (ties & (tl.cumsum(ties.to(tl.int32), axis=1) <= places_left[:, None]))
-        else:
-            # k_sel rounds of "take the largest left" (taken ones become -inf).
-            left = candidates
-            for _ in range(k_sel):
-                best = tl.argmax(left, axis=1, tie_break_left=True)
-                left = tl.where(keys[None, :] == best[:, None], float("-inf"), left)
-            chosen = (left == float("-inf")) & key_valid[None, :]
+        # k_sel rounds of "take the largest left" (taken ones become -inf).
+        left = candidates
+        for _ in range(k_sel):
+            best = tl.argmax(left, axis=1, tie_break_left=True)
+            left = tl.where(keys[None, :] == best[:, None], float("-inf"), left)
+        chosen = (left == float("-inf")) & key_valid[None, :]
         slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
         tl.store(Lut + (bh * num_q_blocks + sel_rows[:, None]) * k_sel + slot, keys[None, :] + 0 * slot,
                  mask=chosen & sel_valid[:, None])
@@ -171,7 +171,7 @@ def route_blocks(
         BLOCK_K=block_k, HEAD_DIM=head_dim, HAS_PROJ=proj is not None,
         DOT_PRECISION=GPU_SCORE_PRECISION if q.is_cuda else dot_precision(torch.float32),
         ROWS=launch.rows, KEYS=KEYS_PER_STEP, KEYS_PADDED=keys_padded,
-        SELECT_ROWS=max(1, min(launch.rows, launch.select_elements // keys_padded)), BY_SORT=launch.by_sort,
+        SELECT_ROWS=max(1, min(launch.rows, launch.select_elements // keys_padded)),
         num_warps=launch.num_warps,
     )
     return scores, lut

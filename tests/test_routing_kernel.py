@@ -13,7 +13,7 @@ import pytest
 import torch
 from kernel_cases import random_qkv
 
-from sla2cli.ops import num_blocks, route
+from sla2cli.ops import Routing, num_blocks, route
 from sla2cli.ops.geometry import k_selected
 
 LENGTHS = (1, 63, 64, 65, 200, 1000)
@@ -104,7 +104,12 @@ def test_gpu_routing_matches_pytorch_at_video_lengths(monkeypatch, heads, length
     generator = torch.Generator(device="cuda").manual_seed(length)
     q, k = (torch.randn(1, heads, length, 128, device="cuda", generator=generator).to(torch.bfloat16)
             for _ in range(2))
-    kernel, expected = _route_both(monkeypatch, q, k + 0.5, sparsity=sparsity)
+    from sla2_kernels.routing import route_blocks
+
+    monkeypatch.setenv("SLA2_BACKEND", "torch")
+    expected = route(q, k + 0.5, sparsity=sparsity)
+    scores, lut = route_blocks(q, k + 0.5, None, 128, 64, expected.k_sel)  # also where route() skips it
+    kernel = Routing(scores=scores, lut=lut, k_sel=expected.k_sel)
     spread = expected.scores.amax(-1, keepdim=True) - expected.scores.amin(-1, keepdim=True)
     assert ((kernel.scores - expected.scores).abs() / spread).max().item() <= 1e-5
     _assert_valid_table(kernel.lut, expected.k_sel, expected.scores.shape[-1])
@@ -115,17 +120,23 @@ def test_gpu_routing_matches_pytorch_at_video_lengths(monkeypatch, heads, length
     assert bool((taken >= kth - 1e-5 * spread).all())
 
 
-@pytest.mark.parametrize("by_sort", [True, False])
-def test_both_selections_agree_with_pytorch(monkeypatch, by_sort):
-    """The two selection methods of the launch table (sort, rounds of argmax), ties included."""
+@pytest.mark.parametrize("rows,select_elements", [(16, 4096), (32, 128)])
+def test_launch_settings_route_alike(monkeypatch, rows, select_elements):
+    """Other launch settings (more rows per program, one row selected at a time) give the same routing."""
     from sla2_kernels.routing import RouteLaunch, route_blocks
 
     q, k, _ = random_qkv(2, 2, 700, 64, torch.float32, 21, requires_grad=False)
     k[:, :, 320:] = 0.25  # key blocks 20 on share one mean: equal scores
     _, expected = _route_both(monkeypatch, q, k, sparsity=0.8, block_q=32, block_k=16)
-    launch = RouteLaunch(rows=32, select_elements=128, num_warps=4, by_sort=by_sort)
-    scores, lut = route_blocks(q, k, None, 32, 16, expected.k_sel, launch)
+    scores, lut = route_blocks(q, k, None, 32, 16, expected.k_sel, RouteLaunch(rows, select_elements, 4))
     assert torch.allclose(scores, expected.scores, atol=1e-6)
     _assert_valid_table(lut, expected.k_sel, num_blocks(700, 16))
     kth = expected.scores.topk(expected.k_sel, dim=-1).values[..., -1:]
     assert bool((expected.scores.gather(-1, lut.long()) >= kth - 1e-6).all())
+
+
+def test_kernel_routing_is_used_only_where_it_measured_faster():
+    from sla2_kernels.routing import routes_in_kernel
+
+    assert routes_in_kernel(k_selected(512, 0.97), 512)  # 32760 tokens at 0.97
+    assert not routes_in_kernel(k_selected(1182, 0.97), 1182)  # 75600 tokens at 0.97

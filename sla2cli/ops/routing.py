@@ -1,8 +1,8 @@
 """Hard routing: which key blocks each query block sends to the exact branch.
 
 The scores use block means of Q and of smoothed K. On the Triton path two kernels pool, score and
-select (sla2_kernels.routing); elsewhere PyTorch does the same math step by step, with top-k on the
-(B, H, T_m, T_n) score map.
+select (sla2_kernels.routing) where that is measured faster; elsewhere PyTorch does the same math step
+by step, with top-k on the (B, H, T_m, T_n) score map.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from sla2cli.ops.backend import triton_enabled
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, k_selected, num_blocks, selects_every_block
 from sla2cli.ops.pooling import pooled_means
-from sla2cli.ops.triton_op import route_op
+from sla2cli.ops.triton_op import route_op, routes_in_kernel
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def route(
     """Hard routing of docs/method.md, section 2 (no gradient: top-k has none)."""
     with torch.no_grad():
         k_sel = k_selected(num_blocks(q.shape[2], block_k), sparsity)
-        if triton_enabled(q):
+        if triton_enabled(q) and routes_in_kernel(k_sel, num_blocks(q.shape[2], block_k)):
             scores, lut = route_op(q, k, combined_projection(proj_q, proj_k), block_q, block_k, k_sel)
             return Routing(scores=scores, lut=lut, k_sel=k_sel)
         q_pooled, k_pooled_smoothed = pooled_means(q, k, block_q, block_k)
