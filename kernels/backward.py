@@ -118,12 +118,12 @@ def _sla2_backward_query_kernel(
              dq.to(DQ.dtype.element_ty), mask=row_valid[:, None])
 
 
-@triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks", "state_blocks"])
+@triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks"])
 def _sla2_backward_key_kernel(
     Q, K, V, DO, Lse, Delta, Alpha, RevIndex, RevOffset, DStateK, DNormK,
     DK, DV,
     q_strides, k_strides, v_strides, o_strides, dk_strides, dv_strides,
-    heads, length, num_q_blocks, num_k_blocks, state_blocks, rev_len,
+    heads, length, num_q_blocks, num_k_blocks, rev_len,
     qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -172,7 +172,7 @@ def _sla2_backward_key_kernel(
         # dG_j, dg_j: the sums of dH_i, dz_i over the query blocks that left this key block to the
         # linear branch. h_j = phi(K_j)^T V_j and z_j = sum_rows phi(K_j) give dV += phi(K_j) dG_j and
         # d phi(K_j) = V_j dG_j^T + dg_j (on every row); padded rows have phi = 0.
-        block_offset = bh * state_blocks + k_block  # states are stored for state_blocks blocks per head
+        block_offset = bh * num_k_blocks + k_block
         dstate = tl.load(tile_pointers(DStateK, block_offset, 0, cols[:, None], cols[None, :],
                                        d_by_d_strides(HEAD_DIM))).to(tl.float32)
         dnorm = tl.load(DNormK + block_offset * HEAD_DIM + cols)
@@ -260,8 +260,7 @@ def sla2_backward_key(
     block_q: int,
     block_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key-side backward: (dk, dv). key_dstates/key_dnorms: dG_j, dg_j per key block (B, H, T_s, ...), stored
-    for T_s >= T_n blocks (complement_state_grads)."""
+    """Key-side backward: (dk, dv). key_dstates/key_dnorms: dG_j, dg_j per key block (B, H, T_n, ...)."""
     batch, heads, length, head_dim = q.shape
     num_q_blocks, num_k_blocks = triton.cdiv(length, block_q), triton.cdiv(length, block_k)
     has_linear = alpha is not None
@@ -275,7 +274,7 @@ def sla2_backward_key(
         dk, dv,
         row_stride_args(q), row_stride_args(k), row_stride_args(v), row_stride_args(grad_out),
         row_stride_args(dk), row_stride_args(dv),
-        heads, length, num_q_blocks, num_k_blocks, key_dstates.shape[2] if has_linear else 0, rev_index.shape[-1],
+        heads, length, num_q_blocks, num_k_blocks, rev_index.shape[-1],
         head_dim**-0.5 * LOG2E, head_dim**-0.5,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
         HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype),

@@ -38,12 +38,14 @@ class RouteLaunch(NamedTuple):
 
 
 # H200 sweep at 1x12x32760x128, 0.97 (benchmarks/results/h200_route_sweep.csv): 0.19-0.23 ms in every
-# setting against 0.98 ms for PyTorch's routing, the same call timed alone; this one ran in the whole-op bench.
+# setting against 0.98 ms for PyTorch's routing, each timed alone; this one also ran in the whole-op bench.
 ROUTE_LAUNCH = RouteLaunch(rows=16, select_elements=4096, num_warps=4)
-# The selection's rounds cost k_sel x (T_n rounded up to a power of 2) per row. Measured on an H200: at
-# 32760 tokens and 0.97 (15 x 512) the kernels beat PyTorch's routing (op forward 1.24 against 1.48 ms); at
-# 75600 tokens (35 x 2048) their selection took 3.2 ms of GPU time, where PyTorch's top-k and sort take about
-# 1.1 ms. A bitonic sort of each row instead of rounds was slower at 32760 in every setting (0.30-0.45 ms).
+# The selection's rounds cost k_sel x (T_n rounded up to a power of 2) per row. Measured on an H200
+# (h200_bench_0.97_cf934ff.csv, h200_op_kernels_*.csv): at 32760 tokens and 0.97 (15 x 512) the kernels made
+# the op's forward 1.24 ms against 1.48 ms with PyTorch's routing; at 75600 tokens (35 x 2048) the route
+# kernel took 3.2 ms of GPU time where PyTorch's score GEMM, top-k and sort take 1.3 ms. Sizes in between
+# are not measured and keep PyTorch's routing. A bitonic sort of each row instead of rounds was slower at
+# 32760 tokens in every setting swept (0.30-0.45 ms).
 MAX_SELECTION_WORK = 8192
 
 

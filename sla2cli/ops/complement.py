@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from sla2_kernels.numerics import stored_state_blocks
 
-
-def complement_map(lut: torch.Tensor, num_columns: int, dtype: torch.dtype) -> torch.Tensor:
-    """(B*H, T_m, num_columns) map with 1 where a key block is NOT selected by the query block.
-
-    num_columns >= T_n: the columns past T_n (blocks past the sequence, see stored_state_blocks) are 1."""
+def complement_map(lut: torch.Tensor, num_k_blocks: int, dtype: torch.dtype) -> torch.Tensor:
+    """(B*H, T_m, T_n) map with 1 where a key block is NOT selected by the query block."""
     batch, heads, num_q_blocks, k_sel = lut.shape
     flat = lut.reshape(batch * heads, num_q_blocks, k_sel).long()
-    comp = torch.ones(batch * heads, num_q_blocks, num_columns, dtype=dtype, device=lut.device)
-    return comp.scatter_(2, flat, 0.0)
+    ones = torch.ones(flat.shape, dtype=dtype, device=lut.device)
+    selected = torch.zeros(batch * heads, num_q_blocks, num_k_blocks, dtype=dtype, device=lut.device)
+    return 1.0 - selected.scatter_(2, flat, ones)
 
 
 def complement_states(
@@ -29,8 +26,8 @@ def complement_states(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per query block: (sum of h_j, sum of z_j) over its unselected key blocks.
 
-    states: (B, H, T_s, D, D); norms: (B, H, T_s, D) float32, as key_block_states stores them (zero past
-    T_n). Returns (B, H, T_m, D, D) in the states' dtype and (B, H, T_m, D) float32.
+    states: (B, H, T_n, D, D); norms: (B, H, T_n, D) float32. Returns (B, H, T_m, D, D) in the
+    states' dtype and (B, H, T_m, D) float32.
     """
     batch, heads, num_k_blocks, head_dim, _ = states.shape
     num_q_blocks = lut.shape[2]
@@ -48,12 +45,10 @@ def complement_state_grads(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per key block: sums of dH_i and dz_i over the query blocks that did NOT select it.
 
-    grad_states: (B, H, T_m, D, D); grad_norms: (B, H, T_m, D) float32. Returns (B, H, T_s, D, D)
-    in grad_states' dtype and (B, H, T_s, D) float32, T_s = stored_state_blocks(T_n) as the states are
-    stored (aligned extents for cuBLAS); the blocks past T_n are not blocks and their rows mean nothing.
+    grad_states: (B, H, T_m, D, D); grad_norms: (B, H, T_m, D) float32. Returns (B, H, T_n, D, D)
+    in grad_states' dtype and (B, H, T_n, D) float32.
     """
     batch, heads, num_q_blocks, head_dim, _ = grad_states.shape
-    num_k_blocks = stored_state_blocks(num_k_blocks)
     comp_t = complement_map(lut, num_k_blocks, grad_states.dtype).transpose(1, 2)
     summed = torch.bmm(comp_t, grad_states.reshape(batch * heads, num_q_blocks, head_dim * head_dim))
     summed_norms = torch.bmm(comp_t.float(), grad_norms.reshape(batch * heads, num_q_blocks, head_dim))
