@@ -131,9 +131,7 @@ def _route_kernel(
         # Candidates are finite (NaN and -inf read as the lowest float), padding and taken blocks are -inf:
         # each round takes a distinct real block (the lowest among equal scores), so a row gets exactly k_sel.
         finite = tl.where(scores == scores, tl.maximum(scores, -FLOAT32_MAX), -FLOAT32_MAX)
-        candidates = tl.where(key_valid[None, :], finite, float("-inf"))
-        # k_sel rounds of "take the largest left" (taken ones become -inf).
-        left = candidates
+        left = tl.where(key_valid[None, :], finite, float("-inf"))
         for _ in range(k_sel):
             best = tl.argmax(left, axis=1, tie_break_left=True)
             left = tl.where(keys[None, :] == best[:, None], float("-inf"), left)

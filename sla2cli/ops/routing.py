@@ -78,8 +78,9 @@ def route(
 ) -> Routing:
     """Hard routing of docs/method.md, section 2 (no gradient: top-k has none)."""
     with torch.no_grad():
-        k_sel = k_selected(num_blocks(q.shape[2], block_k), sparsity)
-        if triton_enabled(q) and routes_in_kernel(k_sel, num_blocks(q.shape[2], block_k)):
+        num_k_blocks = num_blocks(q.shape[2], block_k)
+        k_sel = k_selected(num_k_blocks, sparsity)
+        if triton_enabled(q) and routes_in_kernel(k_sel, num_k_blocks):
             scores, lut = route_op(q, k, combined_projection(proj_q, proj_k), block_q, block_k, k_sel)
             return Routing(scores=scores, lut=lut, k_sel=k_sel)
         q_pooled, k_pooled_smoothed = pooled_means(q, k, block_q, block_k)
