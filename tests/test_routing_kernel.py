@@ -15,6 +15,7 @@ from kernel_cases import random_qkv
 
 from sla2cli.ops import Routing, num_blocks, route
 from sla2cli.ops.geometry import k_selected
+from sla2cli.ops.triton_op import routes_in_kernel
 
 LENGTHS = (1, 63, 64, 65, 200, 1000)
 SPARSITIES = (0.0, 0.5, 0.9, 0.97)
@@ -53,6 +54,7 @@ def test_kernel_routing_matches_pytorch(monkeypatch, batch, heads, length, head_
     proj_q, proj_k = _projections(projection, head_dim, seed)
     kernel, expected = _route_both(monkeypatch, q, k, sparsity=sparsity, proj_q=proj_q, proj_k=proj_k,
                                    block_q=blocks[0], block_k=blocks[1])
+    assert routes_in_kernel(expected.k_sel, num_blocks(length, blocks[1])), "the case must reach the kernel"
     assert kernel.k_sel == expected.k_sel
     assert kernel.lut.dtype == torch.int32 and kernel.lut.shape == expected.lut.shape
     assert torch.equal(kernel.lut, expected.lut)
@@ -136,7 +138,5 @@ def test_launch_settings_route_alike(monkeypatch, rows, select_elements):
 
 
 def test_kernel_routing_is_used_only_where_it_measured_faster():
-    from sla2_kernels.routing import routes_in_kernel
-
     assert routes_in_kernel(k_selected(512, 0.97), 512)  # 32760 tokens at 0.97
     assert not routes_in_kernel(k_selected(1182, 0.97), 1182)  # 75600 tokens at 0.97
