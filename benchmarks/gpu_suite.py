@@ -11,7 +11,6 @@ Usage: python benchmarks/gpu_suite.py --csv results.csv [--shapes 1,12,32760,128
 from __future__ import annotations
 
 import argparse
-import csv
 import itertools
 import os
 
@@ -21,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sla2_kernels.common import Launch
 from sla2cli.bench.environment import git_commit
+from sla2cli.files import write_csv_file
 from sla2cli.ops import num_blocks, route, sla2_attention
 from sla2cli.ops.complement import complement_states
 from sla2cli.ops.geometry import LINEAR_EPS
@@ -144,9 +144,13 @@ def time_route_launches(rec, q, k, sparsity, rep_ms):
 
     k_sel = route(q, k, sparsity=sparsity).k_sel
     share = k_sel / num_blocks(q.shape[2], 64)
+    backend = os.environ.get("SLA2_BACKEND")
     os.environ["SLA2_BACKEND"] = "torch"
     rec.add("sla2-routing-torch", sparsity, "fwd", median_ms(lambda: route(q, k, sparsity=sparsity), rep_ms), share)
-    del os.environ["SLA2_BACKEND"]
+    if backend is None:
+        del os.environ["SLA2_BACKEND"]
+    else:
+        os.environ["SLA2_BACKEND"] = backend
     for rows, elements, warps in itertools.product((16, 32), (2048, 4096, 8192), (4, 8)):
         launch = RouteLaunch(rows, elements, warps)
         note = f"rows,select_elements,warps={tuple(launch)}" + (" (default)" if launch == ROUTE_LAUNCH else "")
@@ -250,23 +254,12 @@ def main() -> None:
     print(meta)
     for spec in args.shapes:  # the CSV is rewritten after each shape: a run cut short keeps what it measured
         run_shape(spec, args.sparsities, args.modes, rows, args.rep_ms, args.parts, args.quant)
-        write_csv(args.csv, rows, meta)
+        write_csv_file(args.csv, COLUMNS, [{**row, **meta} for row in rows])
     print(f"{'provider':20s} {'shape':16s} {'sparsity':>8s} {'mode':9s} {'ms':>8s} {'vs fa2':>7s}  note")
     for row in rows:
         speed = row.get("speedup_vs_fa2")
         print(f"{row['provider']:20s} {row['shape']:16s} {str(row['sparsity']):>8s} {row['mode']:9s} "
               f"{row['median_ms']:8.3f} {'' if speed is None else round(speed, 1)!s:>7s}  {row['note']}")
-
-
-def write_csv(path: str, rows: list[dict], meta: dict) -> None:
-    """Every row so far, through a temporary file: a run killed mid-write leaves the previous CSV whole."""
-    partial = f"{path}.partial"
-    with open(partial, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**{c: "" for c in COLUMNS}, **row, **meta})
-    os.replace(partial, path)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,13 @@ Usage: python benchmarks/linear_branch_probe.py CHECKPOINT --csv probe.csv [--st
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 import time
 
 import torch
 
 from sla2cli.bench.environment import git_commit
 from sla2cli.devices import model_dtype
+from sla2cli.files import write_csv_file
 from sla2cli.ops.geometry import k_selected
 from sla2cli.report.inputs import embedded_samples, family_inputs, forward_inputs, latent_grid_for, parse_resolution
 from sla2cli.report.loading import load_report_target
@@ -181,12 +180,7 @@ def main() -> None:
     means = {variant: sum(r["rel_l2"] for r in rows if r["variant"] == variant) / len(layers) for variant in VARIANTS}
     rows += [dict(meta, layer="mean", sparsity=rows[0]["sparsity"], variant=k, rel_l2=v) for k, v in means.items()]
     print("mean over layers: " + ", ".join(f"{k} {v:.4f}" for k, v in means.items()))
-    partial = f"{args.csv}.partial"  # written whole, then renamed: no half-written CSV
-    with open(partial, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(partial, args.csv)
+    write_csv_file(args.csv, COLUMNS, rows)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,6 @@ Usage: python benchmarks/profile_op.py --csv kernels.csv [--shapes 1,12,32760,12
 from __future__ import annotations
 
 import argparse
-import csv
-import os
 from collections import defaultdict
 
 import torch
@@ -17,6 +15,7 @@ import triton
 from torch.profiler import ProfilerActivity, profile
 
 from sla2cli.bench.environment import git_commit
+from sla2cli.files import write_csv_file
 from sla2cli.ops import num_blocks, sla2_attention
 
 COLUMNS = ["shape", "sparsity", "mode", "kernel", "calls_per_op", "gpu_us_per_op", "share",
@@ -67,17 +66,6 @@ def profile_shape(spec: str, sparsity: float, rows: list[dict]) -> None:
                              kernel=name, calls_per_op=calls, gpu_us_per_op=us, share=us / total))
 
 
-def write_csv(path: str, rows: list[dict], meta: dict) -> None:
-    """Every row so far, through a temporary file."""
-    partial = f"{path}.partial"
-    with open(partial, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **meta})
-    os.replace(partial, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--csv", required=True)
@@ -90,7 +78,7 @@ def main() -> None:
     rows: list[dict] = []
     for spec in args.shapes:
         profile_shape(spec, args.sparsity, rows)
-        write_csv(args.csv, rows, meta)
+        write_csv_file(args.csv, COLUMNS, [{**row, **meta} for row in rows])
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ command that writes a folder (convert, calibrate, finetune, `sla2cli.save`).
 
 from __future__ import annotations
 
+import csv
 import fnmatch
 import json
 import math
@@ -17,7 +18,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -209,3 +210,12 @@ def write_json_file(path: Path, document: Any, *, sort_keys: bool = False) -> No
     text = json.dumps(_strict_json(document), indent=2, sort_keys=sort_keys)
     with atomic_path(path) as temporary:
         temporary.write_text(text + "\n", encoding="utf-8")
+
+
+def write_csv_file(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    """Write `rows` atomically as CSV under `columns` (a cell a row lacks is empty): a run killed mid-write
+    leaves the previous file whole."""
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(columns), restval="")
+        writer.writeheader()
+        writer.writerows(rows)

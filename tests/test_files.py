@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from sla2cli.files import write_json_file
+from sla2cli.files import write_csv_file, write_json_file
 
 
 def test_json_is_strict_and_written_whole(tmp_path):
@@ -17,3 +17,11 @@ def test_json_is_strict_and_written_whole(tmp_path):
                                                                   "b": [1.5, None, {"c": None}]}
     assert text.index('"a"') < text.index('"b"') and text.endswith("}\n")
     assert [p.name for p in path.parent.iterdir()] == ["rows.json"]  # no temporary file left beside it
+
+
+def test_csv_is_written_whole_with_empty_cells_for_missing_keys(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("old\n")
+    write_csv_file(path, ["a", "b"], [{"a": 1, "b": 2.5}, {"a": 3}])
+    assert path.read_text().splitlines() == ["a,b", "1,2.5", "3,"]
+    assert [p.name for p in tmp_path.iterdir()] == ["rows.csv"]

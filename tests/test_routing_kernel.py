@@ -13,9 +13,9 @@ import pytest
 import torch
 from kernel_cases import random_qkv
 
+from sla2_kernels import routes_in_kernel
 from sla2cli.ops import Routing, num_blocks, route
 from sla2cli.ops.geometry import k_selected
-from sla2cli.ops.triton_op import routes_in_kernel
 
 LENGTHS = (1, 63, 64, 65, 200, 1000)
 SPARSITIES = (0.0, 0.5, 0.9, 0.97)

@@ -11,10 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
+import sla2_kernels
 from sla2cli.ops.backend import triton_enabled
 from sla2cli.ops.geometry import DEFAULT_BLOCK_K, DEFAULT_BLOCK_Q, k_selected, num_blocks, selects_every_block
 from sla2cli.ops.pooling import pooled_means
-from sla2cli.ops.triton_op import route_op, routes_in_kernel
+from sla2cli.ops.triton_op import route_op
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def route(
     with torch.no_grad():
         num_k_blocks = num_blocks(q.shape[2], block_k)
         k_sel = k_selected(num_k_blocks, sparsity)
-        if triton_enabled(q) and routes_in_kernel(k_sel, num_k_blocks):
+        if triton_enabled(q) and sla2_kernels.routes_in_kernel(k_sel, num_k_blocks):
             scores, lut = route_op(q, k, combined_projection(proj_q, proj_k), block_q, block_k, k_sel)
             return Routing(scores=scores, lut=lut, k_sel=k_sel)
         q_pooled, k_pooled_smoothed = pooled_means(q, k, block_q, block_k)

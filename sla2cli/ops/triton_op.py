@@ -173,11 +173,6 @@ def _block_means_fake(x, block):
     return x.new_empty(batch, heads, num_blocks(length, block), head_dim, dtype=torch.float32)
 
 
-def routes_in_kernel(k_sel: int, num_k_blocks: int) -> bool:
-    """Whether route_op is the faster routing at this size (sla2_kernels.routing.routes_in_kernel)."""
-    return sla2_kernels.routes_in_kernel(k_sel, num_k_blocks)
-
-
 @torch.library.custom_op("sla2::route", mutates_args=(), device_types=("cuda", "cpu"))
 def route_op(
     q: torch.Tensor, k: torch.Tensor, proj: torch.Tensor | None, block_q: int, block_k: int, k_sel: int
