@@ -4,7 +4,7 @@ Prints a short table and writes a CSV (one row per measurement) with the device,
 versions and commit. Times are medians of triton.testing.do_bench (CUDA events, L2 flushed);
 `-graph` modes replay a CUDA graph of the whole op (GPU time without Python launch overhead).
 Usage: python benchmarks/gpu_suite.py --csv results.csv [--shapes 1,12,32760,128 ...]
-       [--parts | --backward-parts | --route-parts]
+       [--parts | --backward-parts | --route-parts | --step-parts]
        [--quant int8 int8-fp8]  (low-bit sparse branch, rows named sla2-<mode>)
 """
 
@@ -110,8 +110,7 @@ def routed_states(q, k, v, sparsity):
 
 def time_parts(rec, q, k, v, alpha, sparsity, rep_ms):
     """Each stage of the forward alone, and the main kernel under several launch settings."""
-    import sla2_kernels.forward as forward_module
-    from sla2_kernels import block_means, key_block_states, sla2_forward
+    from sla2_kernels import block_means, key_block_states
 
     routing, share, states, norms, comp_states, comp_norms = routed_states(q, k, v, sparsity)
     parts = {
@@ -123,19 +122,48 @@ def time_parts(rec, q, k, v, alpha, sparsity, rep_ms):
     }
     for name, fn in parts.items():
         rec.add(f"sla2-{name}", sparsity, "fwd", median_ms(fn, rep_ms), share)
-    head_dim = q.shape[-1]
-    key = (head_dim, forward_module.CODE_OFF)
-    default = forward_module.FORWARD_LAUNCH[key]
-    for launch in ((4, 2, True), (8, 2, False), (8, 3, False)):
-        forward_module.FORWARD_LAUNCH[key] = Launch(*launch)
-        rec.add("sla2-main-kernel", sparsity, "fwd", median_ms(
-            lambda: sla2_forward(q, k, v, routing.lut, alpha, comp_states, comp_norms, 128, 64, False,
-                                 LINEAR_EPS), rep_ms), share, note=f"warps,stages,accumulate_linear={launch}")
-        rec.add("sla2-sparse-only", sparsity, "fwd", median_ms(
-            lambda: sla2_forward(q, k, v, routing.lut, None, None, None, 128, 64, False, LINEAR_EPS), rep_ms),
-            share, note=f"no linear branch, no routing; warps,stages,accumulate_linear={launch}")
-    forward_module.FORWARD_LAUNCH[key] = default
+    sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms,
+                           FORWARD_SWEEP)
     time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms)
+
+
+# Forward launch settings swept: (warps, stages, accumulate_linear, key blocks per step).
+FORWARD_SWEEP = [Launch(4, 2, True), Launch(8, 2, False), Launch(8, 3, False)]
+STEP_FORWARD_SWEEP = [Launch(8, 3, False, 1), Launch(8, 2, False, 2), Launch(8, 3, False, 2), Launch(4, 2, True, 2),
+                      Launch(8, 1, False, 2)]
+
+
+def sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms, sweep):
+    """The forward's main kernel, with and without the linear branch, under each launch setting of `sweep`."""
+    import sla2_kernels.forward as forward_module
+    from sla2_kernels import sla2_forward
+
+    key = (q.shape[-1], forward_module.CODE_OFF)
+    default = forward_module.FORWARD_LAUNCH[key]
+    for launch in sweep:
+        forward_module.FORWARD_LAUNCH[key] = launch
+        note = f"warps,stages,accumulate_linear,key_blocks_per_step={tuple(launch)}" + (
+            " (default)" if launch == default else "")
+        try:
+            rec.add("sla2-main-kernel", sparsity, "fwd", median_ms(
+                lambda: sla2_forward(q, k, v, routing.lut, alpha, comp_states, comp_norms, 128, 64, False,
+                                     LINEAR_EPS), rep_ms), share, note=note)
+            rec.add("sla2-sparse-only", sparsity, "fwd", median_ms(
+                lambda: sla2_forward(q, k, v, routing.lut, None, None, None, 128, 64, False, LINEAR_EPS), rep_ms),
+                share, note="no linear branch, no routing; " + note)
+        except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: note it, sweep on
+            print(f"main kernel {note}: {type(error).__name__}: {str(error)[:120]}")
+    forward_module.FORWARD_LAUNCH[key] = default
+
+
+def time_step_launches(rec, q, k, v, alpha, sparsity, rep_ms):
+    """The kernels that walk a look-up-table row (forward, backward query side) with one and two key blocks
+    per step, under a few launch settings each."""
+    routing, share, _, _, comp_states, comp_norms = routed_states(q, k, v, sparsity)
+    sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms,
+                           STEP_FORWARD_SWEEP)
+    time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms,
+                        query_sweep=STEP_QUERY_SWEEP, key_sweep=())
 
 
 def time_route_launches(rec, q, k, sparsity, rep_ms):
@@ -159,7 +187,8 @@ def time_route_launches(rec, q, k, sparsity, rep_ms):
                 note=note)
 
 
-def time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms):
+def time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms,
+                        query_sweep=None, key_sweep=None):
     """The backward's stages alone: query kernel, complement GEMM of dH, reverse map, key kernel."""
     from sla2_kernels import reverse_lut, sla2_backward_key, sla2_backward_query, sla2_forward
     from sla2cli.ops.complement import complement_state_grads
@@ -184,23 +213,27 @@ def time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, s
     }
     for name, fn in parts.items():
         rec.add(f"sla2-{name}", sparsity, "bwd", median_ms(fn, rep_ms), share)
-    sweep_backward_launches(rec, query_side, parts["bwd-key-kernel"], q.shape[-1], share, sparsity, rep_ms)
+    sweep_backward_launches(rec, query_side, parts["bwd-key-kernel"], q.shape[-1], share, sparsity, rep_ms,
+                            BACKWARD_SWEEP if query_sweep is None else query_sweep,
+                            BACKWARD_SWEEP if key_sweep is None else key_sweep)
 
 
 # Backward launch settings swept: warps x pipeline stages (4 stages run out of shared memory at D = 128).
 BACKWARD_SWEEP = [Launch(w, s) for w in (4, 8) for s in (1, 2, 3)]
+STEP_QUERY_SWEEP = [Launch(8, 3), *(Launch(w, s, False, 2) for w, s in ((8, 1), (8, 2), (8, 3), (4, 2)))]
 
 
-def sweep_backward_launches(rec, query_side, key_side, head_dim, share, sparsity, rep_ms):
+def sweep_backward_launches(rec, query_side, key_side, head_dim, share, sparsity, rep_ms, query_sweep, key_sweep):
     """Each backward kernel under every setting of its sweep; a setting that fails to compile is noted."""
     import sla2_kernels.backward as backward_module
 
-    for name, table, run in (("query", backward_module.QUERY_LAUNCH, query_side),
-                             ("key", backward_module.KEY_LAUNCH, key_side)):
+    for name, table, run, sweep in (("query", backward_module.QUERY_LAUNCH, query_side, query_sweep),
+                                    ("key", backward_module.KEY_LAUNCH, key_side, key_sweep)):
         default = table[head_dim]
-        for launch in BACKWARD_SWEEP:
+        for launch in sweep:
             table[head_dim] = launch
-            note = f"warps,stages=({launch.num_warps}, {launch.num_stages})"
+            note = f"warps,stages,key_blocks_per_step=({launch.num_warps}, {launch.num_stages}, " \
+                   f"{launch.key_blocks_per_step})"
             try:
                 ms = median_ms(run, rep_ms)
             except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: note it, sweep on
@@ -226,6 +259,8 @@ def run_shape(spec, sparsities, modes, rows, rep_ms, parts, quant_modes=()):
             time_sla2(rec, q, k, v, alpha, grad, sparsity, modes, rep_ms, quant)
         if parts == "all":
             time_parts(rec, q, k, v, alpha, sparsity, rep_ms)
+        elif parts == "step":
+            time_step_launches(rec, q, k, v, alpha, sparsity, rep_ms)
         elif parts == "route":
             time_route_launches(rec, q, k, sparsity, rep_ms)
         elif parts == "backward":
@@ -246,6 +281,9 @@ def main() -> None:
                         help="also time the backward's stages and sweep its launch settings (not the forward's)")
     parser.add_argument("--route-parts", dest="parts", action="store_const", const="route",
                         help="also time the routing kernels under each launch setting beside PyTorch's routing")
+    parser.add_argument("--step-parts", dest="parts", action="store_const", const="step",
+                        help="also time the forward's and the backward query side's kernels with one and two key "
+                             "blocks per step under a few launch settings each")
     parser.add_argument("--quant", nargs="*", default=[], help="low-bit modes to time beside bf16 SLA2")
     args = parser.parse_args()
     rows: list[dict] = []

@@ -26,6 +26,7 @@ from sla2_kernels.common import (
     feature_softmax,
     feature_softmax_grad,
     row_stride_args,
+    step_keys,
     tile_pointers,
 )
 
@@ -43,14 +44,13 @@ def _sla2_backward_query_kernel(
     heads, length, num_q_blocks, num_k_blocks, k_sel,
     qk_scale_log2, scale, linear_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr, KEY_STEP: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     bh = tl.program_id(1)
     batch, head = bh // heads, bh % heads
     rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
-    key_offsets = tl.arange(0, BLOCK_N)
     row_valid = rows < length
 
     q = tl.load(tile_pointers(Q, batch, head, rows[:, None], cols[None, :], q_strides),
@@ -74,10 +74,8 @@ def _sla2_backward_query_kernel(
 
     lut_row = Lut + (bh * num_q_blocks + q_block) * k_sel
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for t in range(0, k_sel):
-        key_block = tl.load(lut_row + t)
-        keys = key_block * BLOCK_N + key_offsets
-        key_valid = keys < length
+    for t in range(0, k_sel, KEY_STEP):
+        _, keys, key_valid = step_keys(lut_row, t, k_sel, length, BLOCK_N, KEY_STEP)
         k = tl.load(tile_pointers(K, batch, head, keys[:, None], cols[None, :], k_strides),
                     mask=key_valid[:, None], other=0.0)
         v = tl.load(tile_pointers(V, batch, head, keys[:, None], cols[None, :], v_strides),
@@ -118,12 +116,12 @@ def _sla2_backward_query_kernel(
              dq.to(DQ.dtype.element_ty), mask=row_valid[:, None])
 
 
-@triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks"])
+@triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks", "state_blocks"])
 def _sla2_backward_key_kernel(
     Q, K, V, DO, Lse, Delta, Alpha, RevIndex, RevOffset, DStateK, DNormK,
     DK, DV,
     q_strides, k_strides, v_strides, o_strides, dk_strides, dv_strides,
-    heads, length, num_q_blocks, num_k_blocks, rev_len,
+    heads, length, num_q_blocks, num_k_blocks, state_blocks, rev_len,
     qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -172,7 +170,7 @@ def _sla2_backward_key_kernel(
         # dG_j, dg_j: the sums of dH_i, dz_i over the query blocks that left this key block to the
         # linear branch. h_j = phi(K_j)^T V_j and z_j = sum_rows phi(K_j) give dV += phi(K_j) dG_j and
         # d phi(K_j) = V_j dG_j^T + dg_j (on every row); padded rows have phi = 0.
-        block_offset = bh * num_k_blocks + k_block
+        block_offset = bh * state_blocks + k_block  # dG, dg are stored for state_blocks blocks per head
         dstate = tl.load(tile_pointers(DStateK, block_offset, 0, cols[:, None], cols[None, :],
                                        d_by_d_strides(HEAD_DIM))).to(tl.float32)
         dnorm = tl.load(DNormK + block_offset * HEAD_DIM + cols)
@@ -240,7 +238,7 @@ def sla2_backward_query(
         heads, length, num_q_blocks, num_k_blocks, lut.shape[-1],
         head_dim**-0.5 * LOG2E, head_dim**-0.5, linear_eps,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
-        HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype),
+        HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype), KEY_STEP=launch.key_blocks_per_step,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return dq, delta, dalpha, dstate_q, dnorm_q
@@ -260,7 +258,8 @@ def sla2_backward_key(
     block_q: int,
     block_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key-side backward: (dk, dv). key_dstates/key_dnorms: dG_j, dg_j per key block (B, H, T_n, ...)."""
+    """Key-side backward: (dk, dv). key_dstates/key_dnorms: dG_j, dg_j per key block (B, H, T_s, ...), stored
+    for T_s >= T_n blocks as complement_state_grads returns them."""
     batch, heads, length, head_dim = q.shape
     num_q_blocks, num_k_blocks = triton.cdiv(length, block_q), triton.cdiv(length, block_k)
     has_linear = alpha is not None
@@ -274,7 +273,7 @@ def sla2_backward_key(
         dk, dv,
         row_stride_args(q), row_stride_args(k), row_stride_args(v), row_stride_args(grad_out),
         row_stride_args(dk), row_stride_args(dv),
-        heads, length, num_q_blocks, num_k_blocks, rev_index.shape[-1],
+        heads, length, num_q_blocks, num_k_blocks, key_dstates.shape[2] if has_linear else 0, rev_index.shape[-1],
         head_dim**-0.5 * LOG2E, head_dim**-0.5,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
         HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype),

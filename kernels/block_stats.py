@@ -19,6 +19,7 @@ from sla2_kernels.common import (
     row_stride_args,
     tile_pointers,
 )
+from sla2_kernels.numerics import stored_state_blocks
 
 
 @triton.jit
@@ -87,11 +88,12 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
 def key_block_states(
     k: torch.Tensor, v: torch.Tensor, block: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Linear-branch states per key block: h (B, H, T_n, D, D) in the input dtype (float32 for
-    float32 inputs) and z (B, H, T_n, D) float32. Rows past the sequence end contribute nothing."""
+    """Linear-branch states per key block: h (B, H, T_s, D, D) in the input dtype (float32 for float32
+    inputs) and z (B, H, T_s, D) float32, T_s = stored_state_blocks(T_n). Rows past the sequence end
+    contribute nothing, so the blocks past T_n hold zeros."""
     k, v = last_dim_contiguous(k), last_dim_contiguous(v)
     batch, heads, length, head_dim = k.shape
-    num_blocks = triton.cdiv(length, block)
+    num_blocks = stored_state_blocks(triton.cdiv(length, block))
     states = torch.empty(batch, heads, num_blocks, head_dim, head_dim, device=k.device, dtype=k.dtype)
     norms = torch.empty(batch, heads, num_blocks, head_dim, device=k.device, dtype=torch.float32)
     _key_state_kernel[(num_blocks, batch * heads)](

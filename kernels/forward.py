@@ -9,7 +9,8 @@ query block's complement state, one GEMM for all query blocks outside this kerne
 (sla2cli.ops.complement).
 
 One program per (query block, batch*head). The loop walks S_i once, one `_block_scores`,
-`_online_softmax_step`, `_accumulate_values` per key block (exp2, with the softmax scale folded
+`_online_softmax_step`, `_accumulate_values` per step of one key block (or of several side by side,
+as one wider tile: the launch's key_blocks_per_step) (exp2, with the softmax scale folded
 in); `_linear_epilogue` then adds the linear branch as one D x D product and the alpha mix.
 Summing the selected states inside the loop instead, or computing the linear branch before it,
 measured slower on an H100.
@@ -35,6 +36,7 @@ from sla2_kernels.common import (
     feature_softmax,
     last_dim_contiguous,
     row_stride_args,
+    step_keys,
     tile_pointers,
 )
 from sla2_kernels.quantize import FP8_E4M3_MAX, quantize_operands
@@ -149,14 +151,15 @@ def _sla2_forward_kernel(
     qk_scale_log2, linear_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_LINEAR: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
-    ACCUMULATE_LINEAR: tl.constexpr,
+    ACCUMULATE_LINEAR: tl.constexpr, KEY_STEP: tl.constexpr,
 ):
+    # Low-bit modes scale a score tile by one key block's scale: they take one block per step.
+    tl.static_assert(QUANT == _OFF or KEY_STEP == 1)
     q_block = tl.program_id(0)
     bh = tl.program_id(1)
     batch, head = bh // heads, bh % heads
     rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
-    key_offsets = tl.arange(0, BLOCK_N)
     row_valid = rows < length
 
     if QUANT != _OFF:
@@ -176,10 +179,8 @@ def _sla2_forward_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for t in range(0, k_sel):
-        key_block = tl.load(lut_row + t)
-        keys = key_block * BLOCK_N + key_offsets
-        key_valid = keys < length
+    for t in range(0, k_sel, KEY_STEP):
+        key_block, keys, key_valid = step_keys(lut_row, t, k_sel, length, BLOCK_N, KEY_STEP)
         raw, step_scale = _block_scores(q, row_scale, key_block, keys, key_valid, cols, batch, head, K, k_strides,
                                         key_int8_head, key_scale_head, HEAD_DIM, DOT_PRECISION, QUANT)
         probs, new_max, row_sum, acc = _online_softmax_step(raw, step_scale, key_valid, row_max, row_sum, acc)
@@ -257,6 +258,7 @@ def sla2_forward(
         head_dim**-0.5 * LOG2E, linear_eps,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
         HAS_LINEAR=has_linear, SAVE=save, DOT_PRECISION=dot_precision(q.dtype), QUANT=quant,
-        ACCUMULATE_LINEAR=launch.accumulate_linear, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        ACCUMULATE_LINEAR=launch.accumulate_linear, KEY_STEP=launch.key_blocks_per_step,
+        num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return out, lse, out_sparse

@@ -1,4 +1,4 @@
-"""Numbers the kernels and their PyTorch emulation (sla2cli.ops.quantization) must agree on.
+"""Numbers the kernels and their PyTorch callers (sla2cli.ops) must agree on.
 
 One owner, so that the fake-quant oracle rounds exactly as the kernels do. Plain Python, no Triton:
 sla2cli imports it at start-up, where Triton may be missing; kernel modules wrap the values they read
@@ -15,3 +15,13 @@ FP8_E4M3_MAX = 448.0
 TINY_SCALE = 1e-30
 # log2(e): the kernels compute exp(x) as exp2(x * LOG2E), and the emulation follows them step by step.
 LOG2E = 1.4426950408889634
+# Key-block states are stored for a whole number of these blocks (the ones past the sequence are zero):
+# cuBLAS runs its Hopper tensor-core GEMMs only on 16-byte aligned extents and rows. At 75600 tokens
+# T_n = 1182 (2364 bytes of bf16) sent the complement products to Ampere kernels on an H200, a quarter
+# of the rate (3.96 ms forward, 4.51 ms backward), and a padded row stride alone to a slower one still.
+STATE_BLOCK_ALIGNMENT = 8
+
+
+def stored_state_blocks(num_k_blocks: int) -> int:
+    """How many key blocks of states are stored: T_n rounded up to STATE_BLOCK_ALIGNMENT."""
+    return -(-num_k_blocks // STATE_BLOCK_ALIGNMENT) * STATE_BLOCK_ALIGNMENT

@@ -51,6 +51,27 @@ def _outputs_and_grads(fn, q, k, v, alpha, grad):
 
 @pytest.mark.parametrize("batch,heads,length,head_dim,sparsity,dtype", _matrix())
 def test_matches_reference(batch, heads, length, head_dim, sparsity, dtype):
+    _check_against_reference(batch, heads, length, head_dim, sparsity, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+@pytest.mark.parametrize("length,sparsity", [(1000, 0.5), (1000, 0.68), (200, 0.75), (130, 0.0)])
+def test_several_key_blocks_per_step_match_reference(monkeypatch, length, sparsity, head_dim, dtype):
+    """The forward and the backward's query side taking two selected key blocks as one tile: odd and even
+    k_sel (a half-empty last step), a partial last block, batch > 1."""
+    from sla2_kernels import backward, forward
+
+    forward_key = (head_dim, forward.CODE_OFF)
+    monkeypatch.setitem(forward.FORWARD_LAUNCH, forward_key,
+                        forward.FORWARD_LAUNCH[forward_key]._replace(key_blocks_per_step=2))
+    monkeypatch.setitem(backward.QUERY_LAUNCH, head_dim,
+                        backward.QUERY_LAUNCH[head_dim]._replace(key_blocks_per_step=2))
+    _check_against_reference(2, 1, length, head_dim, sparsity, dtype)
+
+
+def _check_against_reference(batch, heads, length, head_dim, sparsity, dtype):
+    """Output and every gradient of the Triton path against the oracle on random inputs."""
     seed = length * 7 + head_dim + int(sparsity * 100)
     q, k, v = random_qkv(batch, heads, length, head_dim, dtype, seed)
     alpha = random_alpha(batch, heads, num_blocks(length, 128), seed)
