@@ -4,7 +4,7 @@ Prints a short table and writes a CSV (one row per measurement) with the device,
 versions and commit. Times are medians of triton.testing.do_bench (CUDA events, L2 flushed);
 `-graph` modes replay a CUDA graph of the whole op (GPU time without Python launch overhead).
 Usage: python benchmarks/gpu_suite.py --csv results.csv [--shapes 1,12,32760,128 ...]
-       [--parts | --backward-parts | --route-parts | --step-parts]
+       [--parts | --backward-parts | --route-parts | --state-parts]
        [--quant int8 int8-fp8]  (low-bit sparse branch, rows named sla2-<mode>)
 """
 
@@ -18,6 +18,7 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sla2_kernels.block_stats import StateLaunch
 from sla2_kernels.common import Launch
 from sla2cli.bench.environment import git_commit
 from sla2cli.files import write_csv_file
@@ -127,10 +128,11 @@ def time_parts(rec, q, k, v, alpha, sparsity, rep_ms):
     time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms)
 
 
-# Forward launch settings swept: (warps, stages, accumulate_linear, key blocks per step).
+# Forward launch settings swept: (warps, stages, accumulate_linear, prefetch_linear).
 FORWARD_SWEEP = [Launch(4, 2, True), Launch(8, 2, False), Launch(8, 3, False)]
-STEP_FORWARD_SWEEP = [Launch(8, 3, False, 1), Launch(8, 2, False, 2), Launch(8, 3, False, 2), Launch(4, 2, True, 2),
-                      Launch(8, 1, False, 2)]
+KEY_STATE_SWEEP = [StateLaunch(blocks, warps, stages) for blocks in (1, 2, 4, 8) for warps in (4, 8)
+                   for stages in ((1,) if blocks == 1 else (1, 2))]
+PREFETCH_SWEEP = [Launch(8, 3, False), Launch(8, 3, False, True), Launch(8, 2, False, True), Launch(4, 2, True, True)]
 
 
 def sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms, sweep):
@@ -142,7 +144,7 @@ def sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms
     default = forward_module.FORWARD_LAUNCH[key]
     for launch in sweep:
         forward_module.FORWARD_LAUNCH[key] = launch
-        note = f"warps,stages,accumulate_linear,key_blocks_per_step={tuple(launch)}" + (
+        note = f"warps,stages,accumulate_linear,prefetch_linear={tuple(launch)}" + (
             " (default)" if launch == default else "")
         try:
             rec.add("sla2-main-kernel", sparsity, "fwd", median_ms(
@@ -156,14 +158,22 @@ def sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms
     forward_module.FORWARD_LAUNCH[key] = default
 
 
-def time_step_launches(rec, q, k, v, alpha, sparsity, rep_ms):
-    """The kernels that walk a look-up-table row (forward, backward query side) with one and two key blocks
-    per step, under a few launch settings each."""
+def time_state_launches(rec, q, k, v, alpha, sparsity, rep_ms):
+    """The key-state kernel under each launch setting, and the forward's main kernel loading its linear state
+    before or after the sparse branch's loop."""
+    import sla2_kernels.block_stats as block_stats
+    from sla2_kernels import key_block_states
+
     routing, share, _, _, comp_states, comp_norms = routed_states(q, k, v, sparsity)
+    default = block_stats.KEY_STATE_LAUNCH
+    for launch in KEY_STATE_SWEEP:
+        block_stats.KEY_STATE_LAUNCH = launch
+        note = f"blocks_per_program,warps,stages={tuple(launch)}" + (" (default)" if launch == default else "")
+        rec.add("sla2-key-states", sparsity, "fwd", median_ms(lambda: key_block_states(k, v, 64), rep_ms), share,
+                note=note)
+    block_stats.KEY_STATE_LAUNCH = default
     sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms,
-                           STEP_FORWARD_SWEEP)
-    time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms,
-                        query_sweep=STEP_QUERY_SWEEP, key_sweep=())
+                           PREFETCH_SWEEP)
 
 
 def time_route_launches(rec, q, k, sparsity, rep_ms):
@@ -220,7 +230,6 @@ def time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, s
 
 # Backward launch settings swept: warps x pipeline stages (4 stages run out of shared memory at D = 128).
 BACKWARD_SWEEP = [Launch(w, s) for w in (4, 8) for s in (1, 2, 3)]
-STEP_QUERY_SWEEP = [Launch(8, 3), *(Launch(w, s, False, 2) for w, s in ((8, 1), (8, 2), (8, 3), (4, 2)))]
 
 
 def sweep_backward_launches(rec, query_side, key_side, head_dim, share, sparsity, rep_ms, query_sweep, key_sweep):
@@ -232,8 +241,7 @@ def sweep_backward_launches(rec, query_side, key_side, head_dim, share, sparsity
         default = table[head_dim]
         for launch in sweep:
             table[head_dim] = launch
-            note = f"warps,stages,key_blocks_per_step=({launch.num_warps}, {launch.num_stages}, " \
-                   f"{launch.key_blocks_per_step})"
+            note = f"warps,stages=({launch.num_warps}, {launch.num_stages})"
             try:
                 ms = median_ms(run, rep_ms)
             except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: note it, sweep on
@@ -259,8 +267,8 @@ def run_shape(spec, sparsities, modes, rows, rep_ms, parts, quant_modes=()):
             time_sla2(rec, q, k, v, alpha, grad, sparsity, modes, rep_ms, quant)
         if parts == "all":
             time_parts(rec, q, k, v, alpha, sparsity, rep_ms)
-        elif parts == "step":
-            time_step_launches(rec, q, k, v, alpha, sparsity, rep_ms)
+        elif parts == "state":
+            time_state_launches(rec, q, k, v, alpha, sparsity, rep_ms)
         elif parts == "route":
             time_route_launches(rec, q, k, sparsity, rep_ms)
         elif parts == "backward":
@@ -281,9 +289,9 @@ def main() -> None:
                         help="also time the backward's stages and sweep its launch settings (not the forward's)")
     parser.add_argument("--route-parts", dest="parts", action="store_const", const="route",
                         help="also time the routing kernels under each launch setting beside PyTorch's routing")
-    parser.add_argument("--step-parts", dest="parts", action="store_const", const="step",
-                        help="also time the forward's and the backward query side's kernels with one and two key "
-                             "blocks per step under a few launch settings each")
+    parser.add_argument("--state-parts", dest="parts", action="store_const", const="state",
+                        help="also time the key-state kernel under each launch setting and the forward's main "
+                             "kernel loading its linear state before or after its loop")
     parser.add_argument("--quant", nargs="*", default=[], help="low-bit modes to time beside bf16 SLA2")
     args = parser.parse_args()
     rows: list[dict] = []

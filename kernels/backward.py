@@ -26,7 +26,6 @@ from sla2_kernels.common import (
     feature_softmax,
     feature_softmax_grad,
     row_stride_args,
-    step_keys,
     tile_pointers,
 )
 
@@ -44,13 +43,14 @@ def _sla2_backward_query_kernel(
     heads, length, num_q_blocks, num_k_blocks, k_sel,
     qk_scale_log2, scale, linear_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr, KEY_STEP: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     bh = tl.program_id(1)
     batch, head = bh // heads, bh % heads
     rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
+    key_offsets = tl.arange(0, BLOCK_N)
     row_valid = rows < length
 
     q = tl.load(tile_pointers(Q, batch, head, rows[:, None], cols[None, :], q_strides),
@@ -74,8 +74,10 @@ def _sla2_backward_query_kernel(
 
     lut_row = Lut + (bh * num_q_blocks + q_block) * k_sel
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for t in range(0, k_sel, KEY_STEP):
-        _, keys, key_valid = step_keys(lut_row, t, k_sel, length, BLOCK_N, KEY_STEP)
+    for t in range(0, k_sel):
+        key_block = tl.load(lut_row + t)
+        keys = key_block * BLOCK_N + key_offsets
+        key_valid = keys < length
         k = tl.load(tile_pointers(K, batch, head, keys[:, None], cols[None, :], k_strides),
                     mask=key_valid[:, None], other=0.0)
         v = tl.load(tile_pointers(V, batch, head, keys[:, None], cols[None, :], v_strides),
@@ -238,7 +240,7 @@ def sla2_backward_query(
         heads, length, num_q_blocks, num_k_blocks, lut.shape[-1],
         head_dim**-0.5 * LOG2E, head_dim**-0.5, linear_eps,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
-        HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype), KEY_STEP=launch.key_blocks_per_step,
+        HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype),
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return dq, delta, dalpha, dstate_q, dnorm_q

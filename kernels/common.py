@@ -15,15 +15,14 @@ from sla2_kernels.numerics import LOG2E as LOG2E
 class Launch(NamedTuple):
     """How a kernel is launched: the tables of launch settings in each kernel module hold these.
 
-    accumulate_linear picks the forward kernel's epilogue (see sla2_kernels.forward); the other
-    kernels have one epilogue and leave it False. key_blocks_per_step: how many selected key blocks the
-    kernels that walk a look-up table row (forward, backward query side) take as one wider tile.
+    accumulate_linear picks the forward kernel's epilogue and prefetch_linear when it loads the query
+    block's linear state (see sla2_kernels.forward); the other kernels leave both False.
     """
 
     num_warps: int
     num_stages: int
     accumulate_linear: bool = False
-    key_blocks_per_step: int = 1
+    prefetch_linear: bool = False
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -52,27 +51,6 @@ def tile_pointers(X, outer, inner, rows, cols, strides):
     inner offsets go onto the 64-bit pointer one by one; only the tile's offsets are summed in 32 bits.
     """
     return X + outer * strides[0] + inner * strides[1] + (rows * strides[2] + cols)
-
-
-@triton.jit
-def step_keys(lut_row, t, k_sel, length, BLOCK_N: tl.constexpr, KEY_STEP: tl.constexpr):
-    """Entries t .. t + KEY_STEP - 1 of a look-up-table row as one tile of KEY_STEP * BLOCK_N key positions.
-
-    Returns (the first entry's key block, the positions, which of them are real: inside the sequence and
-    the row's k_sel entries). The blocks need not be adjacent: every position is addressed on its own.
-    """
-    if KEY_STEP == 1:
-        first_block = tl.load(lut_row + t)
-        keys = first_block * BLOCK_N + tl.arange(0, BLOCK_N)
-        key_valid = keys < length
-    else:
-        offsets = tl.arange(0, KEY_STEP * BLOCK_N)
-        entry = t + offsets // BLOCK_N
-        in_row = entry < k_sel
-        keys = tl.load(lut_row + entry, mask=in_row, other=0) * BLOCK_N + offsets % BLOCK_N
-        key_valid = in_row & (keys < length)
-        first_block = tl.load(lut_row + t)
-    return first_block, keys, key_valid
 
 
 @triton.jit

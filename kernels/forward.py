@@ -9,8 +9,7 @@ query block's complement state, one GEMM for all query blocks outside this kerne
 (sla2cli.ops.complement).
 
 One program per (query block, batch*head). The loop walks S_i once, one `_block_scores`,
-`_online_softmax_step`, `_accumulate_values` per step of one key block (or of several side by side,
-as one wider tile: the launch's key_blocks_per_step) (exp2, with the softmax scale folded
+`_online_softmax_step`, `_accumulate_values` per key block (exp2, with the softmax scale folded
 in); `_linear_epilogue` then adds the linear branch as one D x D product and the alpha mix.
 Summing the selected states inside the loop instead, or computing the linear branch before it,
 measured slower on an H100.
@@ -36,7 +35,6 @@ from sla2_kernels.common import (
     feature_softmax,
     last_dim_contiguous,
     row_stride_args,
-    step_keys,
     tile_pointers,
 )
 from sla2_kernels.quantize import FP8_E4M3_MAX, quantize_operands
@@ -117,16 +115,21 @@ def _accumulate_values(
 
 
 @triton.jit
-def _linear_epilogue(
-    out_sparse, q, Alpha, CompState, CompNorm, bh, q_block, num_q_blocks, cols, linear_eps,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, ACCUMULATE_LINEAR: tl.constexpr,
-):
-    """O = alpha O_s + (1 - alpha) phi(Q) H / (phi(Q) z + eps), with the query block's H, z, alpha."""
+def _load_linear_state(Alpha, CompState, CompNorm, bh, q_block, num_q_blocks, cols, HEAD_DIM: tl.constexpr):
+    """The query block's complement state H (D x D), normaliser z (D) and mix alpha."""
     block_offset = bh * num_q_blocks + q_block
     state = tl.load(tile_pointers(CompState, block_offset, 0, cols[:, None], cols[None, :], d_by_d_strides(HEAD_DIM)))
     norm = tl.load(CompNorm + block_offset * HEAD_DIM + cols)
-    phi = feature_softmax(q.to(tl.float32))
     mix = tl.load(Alpha + block_offset)
+    return state, norm, mix
+
+
+@triton.jit
+def _linear_epilogue(
+    out_sparse, q, state, norm, mix, linear_eps, DOT_PRECISION: tl.constexpr, ACCUMULATE_LINEAR: tl.constexpr,
+):
+    """O = alpha O_s + (1 - alpha) phi(Q) H / (phi(Q) z + eps), with the query block's H, z, alpha."""
+    phi = feature_softmax(q.to(tl.float32))
     denominator = tl.sum(phi * norm[None, :], axis=1) + linear_eps
     if ACCUMULATE_LINEAR:
         # The same sum with phi @ state accumulated onto the sparse tile scaled by mix / w, then
@@ -151,15 +154,14 @@ def _sla2_forward_kernel(
     qk_scale_log2, linear_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_LINEAR: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
-    ACCUMULATE_LINEAR: tl.constexpr, KEY_STEP: tl.constexpr,
+    ACCUMULATE_LINEAR: tl.constexpr, PREFETCH_LINEAR: tl.constexpr,
 ):
-    # Low-bit modes scale a score tile by one key block's scale: they take one block per step.
-    tl.static_assert(QUANT == _OFF or KEY_STEP == 1)
     q_block = tl.program_id(0)
     bh = tl.program_id(1)
     batch, head = bh // heads, bh % heads
     rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
+    key_offsets = tl.arange(0, BLOCK_N)
     row_valid = rows < length
 
     if QUANT != _OFF:
@@ -176,11 +178,16 @@ def _sla2_forward_kernel(
     key_scale_head = KeyScale + bh * num_k_blocks
     value_fp8_head = ValueFp8T + bh.to(tl.int64) * HEAD_DIM * padded_k
 
+    if HAS_LINEAR and PREFETCH_LINEAR:
+        # Issued before the loop so that its latency hides behind the sparse branch.
+        state, norm, mix = _load_linear_state(Alpha, CompState, CompNorm, bh, q_block, num_q_blocks, cols, HEAD_DIM)
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    for t in range(0, k_sel, KEY_STEP):
-        key_block, keys, key_valid = step_keys(lut_row, t, k_sel, length, BLOCK_N, KEY_STEP)
+    for t in range(0, k_sel):
+        key_block = tl.load(lut_row + t)
+        keys = key_block * BLOCK_N + key_offsets
+        key_valid = keys < length
         raw, step_scale = _block_scores(q, row_scale, key_block, keys, key_valid, cols, batch, head, K, k_strides,
                                         key_int8_head, key_scale_head, HEAD_DIM, DOT_PRECISION, QUANT)
         probs, new_max, row_sum, acc = _online_softmax_step(raw, step_scale, key_valid, row_max, row_sum, acc)
@@ -202,8 +209,10 @@ def _sla2_forward_kernel(
         if QUANT != _OFF:
             q = tl.load(tile_pointers(Q, batch, head, rows[:, None], cols[None, :], q_strides),
                         mask=row_valid[:, None], other=0.0)
-        out = _linear_epilogue(out_sparse, q, Alpha, CompState, CompNorm, bh, q_block, num_q_blocks, cols,
-                               linear_eps, HEAD_DIM, DOT_PRECISION, ACCUMULATE_LINEAR)
+        if not PREFETCH_LINEAR:
+            state, norm, mix = _load_linear_state(Alpha, CompState, CompNorm, bh, q_block, num_q_blocks, cols,
+                                                  HEAD_DIM)
+        out = _linear_epilogue(out_sparse, q, state, norm, mix, linear_eps, DOT_PRECISION, ACCUMULATE_LINEAR)
     else:
         out = out_sparse
     tl.store(out_tile, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
@@ -258,7 +267,7 @@ def sla2_forward(
         head_dim**-0.5 * LOG2E, linear_eps,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
         HAS_LINEAR=has_linear, SAVE=save, DOT_PRECISION=dot_precision(q.dtype), QUANT=quant,
-        ACCUMULATE_LINEAR=launch.accumulate_linear, KEY_STEP=launch.key_blocks_per_step,
+        ACCUMULATE_LINEAR=launch.accumulate_linear, PREFETCH_LINEAR=launch.prefetch_linear,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return out, lse, out_sparse

@@ -55,22 +55,6 @@ def test_bf16_unaligned_key_block_count():
     _compare(1, 2, 10000, 128, 0.9, seed=15)
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_bf16_two_key_blocks_per_step(monkeypatch, head_dim):
-    """The launch option that walks a look-up-table row two blocks at a time: k_sel 1 (a half-empty step),
-    15 (odd) and 6, in the forward and the backward's query side."""
-    from sla2_kernels import backward, forward
-
-    forward_key = (head_dim, forward.CODE_OFF)
-    monkeypatch.setitem(forward.FORWARD_LAUNCH, forward_key,
-                        forward.FORWARD_LAUNCH[forward_key]._replace(key_blocks_per_step=2))
-    monkeypatch.setitem(backward.QUERY_LAUNCH, head_dim,
-                        backward.QUERY_LAUNCH[head_dim]._replace(key_blocks_per_step=2))
-    _compare(2, 2, 4096, head_dim, 0.97, seed=16)
-    _compare(1, 2, 4096, head_dim, 0.9, seed=17)
-    _compare(1, 1, 32760, head_dim, 0.97, seed=18)
-
-
 def test_bshd_layout_without_copies():
     q, k, v = random_qkv(1, 4, 3000, 128, torch.bfloat16, 3, device="cuda")
     q_bshd, k_bshd, v_bshd = (t.detach().transpose(1, 2).contiguous() for t in (q, k, v))
