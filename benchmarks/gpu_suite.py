@@ -18,7 +18,6 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sla2_kernels.block_stats import StateLaunch
 from sla2_kernels.common import Launch
 from sla2cli.bench.environment import git_commit
 from sla2cli.files import write_csv_file
@@ -128,11 +127,11 @@ def time_parts(rec, q, k, v, alpha, sparsity, rep_ms):
     time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms)
 
 
-# Forward launch settings swept: (warps, stages, accumulate_linear, prefetch_linear).
+# Forward launch settings swept: (warps, stages, accumulate_linear, split_linear).
 FORWARD_SWEEP = [Launch(4, 2, True), Launch(8, 2, False), Launch(8, 3, False)]
-KEY_STATE_SWEEP = [StateLaunch(blocks, warps, stages) for blocks in (1, 2, 4, 8) for warps in (4, 8)
-                   for stages in ((1,) if blocks == 1 else (1, 2))]
-PREFETCH_SWEEP = [Launch(8, 3, False), Launch(8, 3, False, True), Launch(8, 2, False, True), Launch(4, 2, True, True)]
+# The linear branch inside the forward kernel, or split off into the mix kernel run with each of MIX_WARPS_SWEEP.
+SPLIT_SWEEP = [Launch(8, 3, False), Launch(8, 3, False, True)]
+MIX_WARPS_SWEEP = (4, 8)
 
 
 def sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms, sweep):
@@ -144,7 +143,7 @@ def sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms
     default = forward_module.FORWARD_LAUNCH[key]
     for launch in sweep:
         forward_module.FORWARD_LAUNCH[key] = launch
-        note = f"warps,stages,accumulate_linear,prefetch_linear={tuple(launch)}" + (
+        note = f"warps,stages,accumulate_linear,split_linear={tuple(launch)}" + (
             " (default)" if launch == default else "")
         try:
             rec.add("sla2-main-kernel", sparsity, "fwd", median_ms(
@@ -159,21 +158,26 @@ def sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms
 
 
 def time_state_launches(rec, q, k, v, alpha, sparsity, rep_ms):
-    """The key-state kernel under each launch setting, and the forward's main kernel loading its linear state
-    before or after the sparse branch's loop."""
+    """The key-state kernel under 4 and 8 warps, and the forward with its linear branch inside the main kernel
+    or split off into the mix kernel (under each of MIX_WARPS_SWEEP)."""
     import sla2_kernels.block_stats as block_stats
+    import sla2_kernels.forward as forward_module
     from sla2_kernels import key_block_states
 
     routing, share, _, _, comp_states, comp_norms = routed_states(q, k, v, sparsity)
-    default = block_stats.KEY_STATE_LAUNCH
-    for launch in KEY_STATE_SWEEP:
-        block_stats.KEY_STATE_LAUNCH = launch
-        note = f"blocks_per_program,warps,stages={tuple(launch)}" + (" (default)" if launch == default else "")
+    default = block_stats.KEY_STATE_WARPS
+    for warps in (4, 8):
+        block_stats.KEY_STATE_WARPS = warps
         rec.add("sla2-key-states", sparsity, "fwd", median_ms(lambda: key_block_states(k, v, 64), rep_ms), share,
-                note=note)
-    block_stats.KEY_STATE_LAUNCH = default
-    sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms,
-                           PREFETCH_SWEEP)
+                note=f"warps={warps}" + (" (default)" if warps == default else ""))
+    block_stats.KEY_STATE_WARPS = default
+    default = forward_module.MIX_WARPS
+    for warps in MIX_WARPS_SWEEP:
+        forward_module.MIX_WARPS = warps
+        print(f"mix kernel warps: {warps}")
+        sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms,
+                               SPLIT_SWEEP)
+    forward_module.MIX_WARPS = default
 
 
 def time_route_launches(rec, q, k, sparsity, rep_ms):
@@ -290,8 +294,8 @@ def main() -> None:
     parser.add_argument("--route-parts", dest="parts", action="store_const", const="route",
                         help="also time the routing kernels under each launch setting beside PyTorch's routing")
     parser.add_argument("--state-parts", dest="parts", action="store_const", const="state",
-                        help="also time the key-state kernel under each launch setting and the forward's main "
-                             "kernel loading its linear state before or after its loop")
+                        help="also time the key-state kernel under 4 and 8 warps and the forward with its linear "
+                             "branch inside the main kernel or split off into a second kernel")
     parser.add_argument("--quant", nargs="*", default=[], help="low-bit modes to time beside bf16 SLA2")
     args = parser.parse_args()
     rows: list[dict] = []

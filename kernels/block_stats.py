@@ -7,8 +7,6 @@ one batched matrix product (sla2cli.ops.complement).
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
@@ -21,19 +19,11 @@ from sla2_kernels.common import (
     row_stride_args,
     tile_pointers,
 )
-from sla2_kernels.numerics import STATE_BLOCK_ALIGNMENT, stored_state_blocks
+from sla2_kernels.numerics import stored_state_blocks
 
-
-class StateLaunch(NamedTuple):
-    """How the key-state kernel is launched: key blocks per program (a divisor of STATE_BLOCK_ALIGNMENT, so
-    that it divides the stored block count), warps, pipeline stages of its loop over them."""
-
-    blocks_per_program: int
-    num_warps: int
-    num_stages: int
-
-
-KEY_STATE_LAUNCH = StateLaunch(blocks_per_program=1, num_warps=4, num_stages=1)
+# H200 sweep (benchmarks/results/h200_state_sweep_1898310.csv): 8 warps took 0.177 ms at 1x12x32760x128 and
+# 1.31 ms at 1x40x75600x128 against 0.207 and 1.54 with 4; several blocks per program were no faster.
+KEY_STATE_WARPS = 8
 
 
 @triton.jit
@@ -66,26 +56,25 @@ def _key_state_kernel(
     K, V, States, Norms,
     k_strides, v_strides,
     heads, length, num_blocks,
-    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+    BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    block_id = tl.program_id(0)
     bh = tl.program_id(1)
     batch, head = bh // heads, bh % heads
+    rows = block_id * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, HEAD_DIM)
-    for step in range(0, BLOCKS_PER_PROGRAM):
-        block_id = tl.program_id(0) * BLOCKS_PER_PROGRAM + step
-        rows = block_id * BLOCK + tl.arange(0, BLOCK)
-        valid = rows[:, None] < length
-        k = tl.load(tile_pointers(K, batch, head, rows[:, None], cols[None, :], k_strides),
-                    mask=valid, other=0.0).to(tl.float32)
-        v = tl.load(tile_pointers(V, batch, head, rows[:, None], cols[None, :], v_strides),
-                    mask=valid, other=0.0)
-        # h_j = phi(K_j)^T V_j, z_j = sum over the block's rows of phi(K_j); padded rows have phi = 0.
-        phi = tl.where(valid, feature_softmax(k), 0.0)
-        state = tl.dot(tl.trans(phi.to(v.dtype)), v, input_precision=DOT_PRECISION)
-        block_offset = bh * num_blocks + block_id
-        tl.store(tile_pointers(States, block_offset, 0, cols[:, None], cols[None, :], d_by_d_strides(HEAD_DIM)),
-                 state.to(States.dtype.element_ty))
-        tl.store(Norms + block_offset * HEAD_DIM + cols, tl.sum(phi, axis=0))
+    valid = rows[:, None] < length
+    k = tl.load(tile_pointers(K, batch, head, rows[:, None], cols[None, :], k_strides),
+                mask=valid, other=0.0).to(tl.float32)
+    v = tl.load(tile_pointers(V, batch, head, rows[:, None], cols[None, :], v_strides),
+                mask=valid, other=0.0)
+    # h_j = phi(K_j)^T V_j, z_j = sum over the block's rows of phi(K_j); padded rows have phi = 0.
+    phi = tl.where(valid, feature_softmax(k), 0.0)
+    state = tl.dot(tl.trans(phi.to(v.dtype)), v, input_precision=DOT_PRECISION)
+    block_offset = bh * num_blocks + block_id
+    tl.store(tile_pointers(States, block_offset, 0, cols[:, None], cols[None, :], d_by_d_strides(HEAD_DIM)),
+             state.to(States.dtype.element_ty))
+    tl.store(Norms + block_offset * HEAD_DIM + cols, tl.sum(phi, axis=0))
 
 
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -111,11 +100,8 @@ def key_block_states(
     num_blocks = stored_state_blocks(triton.cdiv(length, block))
     states = torch.empty(batch, heads, num_blocks, head_dim, head_dim, device=k.device, dtype=k.dtype)
     norms = torch.empty(batch, heads, num_blocks, head_dim, device=k.device, dtype=torch.float32)
-    launch = KEY_STATE_LAUNCH
-    assert STATE_BLOCK_ALIGNMENT % launch.blocks_per_program == 0, launch
-    _key_state_kernel[(num_blocks // launch.blocks_per_program, batch * heads)](
+    _key_state_kernel[(num_blocks, batch * heads)](
         k, v, states, norms, row_stride_args(k), row_stride_args(v), heads, length, num_blocks,
-        BLOCK=block, HEAD_DIM=head_dim, DOT_PRECISION=dot_precision(k.dtype),
-        BLOCKS_PER_PROGRAM=launch.blocks_per_program, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        BLOCK=block, HEAD_DIM=head_dim, DOT_PRECISION=dot_precision(k.dtype), num_warps=KEY_STATE_WARPS,
     )
     return states, norms

@@ -15,14 +15,14 @@ from sla2_kernels.numerics import LOG2E as LOG2E
 class Launch(NamedTuple):
     """How a kernel is launched: the tables of launch settings in each kernel module hold these.
 
-    accumulate_linear picks the forward kernel's epilogue and prefetch_linear when it loads the query
-    block's linear state (see sla2_kernels.forward); the other kernels leave both False.
+    accumulate_linear picks the forward kernel's epilogue, and split_linear moves the linear branch and the
+    mix into a second kernel after it (see sla2_kernels.forward); the other kernels leave both False.
     """
 
     num_warps: int
     num_stages: int
     accumulate_linear: bool = False
-    prefetch_linear: bool = False
+    split_linear: bool = False
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -54,6 +54,7 @@ FORWARD_LAUNCH: dict[tuple[int, int], Launch] = {
     (64, CODE_INT8): Launch(8, 3, True), (128, CODE_INT8): Launch(4, 2, True),
     (64, CODE_INT8_FP8): Launch(4, 2, True), (128, CODE_INT8_FP8): Launch(8, 3, False),
 }
+MIX_WARPS = 8  # the linear-mix kernel's (split_linear)
 
 
 @triton.jit
@@ -154,7 +155,7 @@ def _sla2_forward_kernel(
     qk_scale_log2, linear_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_LINEAR: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
-    ACCUMULATE_LINEAR: tl.constexpr, PREFETCH_LINEAR: tl.constexpr,
+    ACCUMULATE_LINEAR: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     bh = tl.program_id(1)
@@ -178,9 +179,6 @@ def _sla2_forward_kernel(
     key_scale_head = KeyScale + bh * num_k_blocks
     value_fp8_head = ValueFp8T + bh.to(tl.int64) * HEAD_DIM * padded_k
 
-    if HAS_LINEAR and PREFETCH_LINEAR:
-        # Issued before the loop so that its latency hides behind the sparse branch.
-        state, norm, mix = _load_linear_state(Alpha, CompState, CompNorm, bh, q_block, num_q_blocks, cols, HEAD_DIM)
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -209,12 +207,33 @@ def _sla2_forward_kernel(
         if QUANT != _OFF:
             q = tl.load(tile_pointers(Q, batch, head, rows[:, None], cols[None, :], q_strides),
                         mask=row_valid[:, None], other=0.0)
-        if not PREFETCH_LINEAR:
-            state, norm, mix = _load_linear_state(Alpha, CompState, CompNorm, bh, q_block, num_q_blocks, cols,
-                                                  HEAD_DIM)
+        state, norm, mix = _load_linear_state(Alpha, CompState, CompNorm, bh, q_block, num_q_blocks, cols, HEAD_DIM)
         out = _linear_epilogue(out_sparse, q, state, norm, mix, linear_eps, DOT_PRECISION, ACCUMULATE_LINEAR)
     else:
         out = out_sparse
+    tl.store(out_tile, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
+
+
+@triton.jit(do_not_specialize=["length", "num_q_blocks"])
+def _linear_mix_kernel(
+    Q, Out, Alpha, CompState, CompNorm,
+    q_strides, out_strides,
+    heads, length, num_q_blocks, linear_eps,
+    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Out holds O_s (the forward kernel's sparse branch alone); each program mixes its tile in place.
+    q_block = tl.program_id(0)
+    bh = tl.program_id(1)
+    batch, head = bh // heads, bh % heads
+    rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    row_valid = rows < length
+    q = tl.load(tile_pointers(Q, batch, head, rows[:, None], cols[None, :], q_strides),
+                mask=row_valid[:, None], other=0.0)
+    out_tile = tile_pointers(Out, batch, head, rows[:, None], cols[None, :], out_strides)
+    out_sparse = tl.load(out_tile, mask=row_valid[:, None], other=0.0).to(tl.float32)
+    state, norm, mix = _load_linear_state(Alpha, CompState, CompNorm, bh, q_block, num_q_blocks, cols, HEAD_DIM)
+    out = _linear_epilogue(out_sparse, q, state, norm, mix, linear_eps, DOT_PRECISION, False)
     tl.store(out_tile, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
 
 
@@ -252,6 +271,7 @@ def sla2_forward(
     lse = q.new_empty(batch, heads, length, dtype=torch.float32) if save else empty
     out_sparse = torch.empty_like(q) if save else q.new_empty(0)
     launch = FORWARD_LAUNCH[head_dim, quant]
+    split = has_linear and launch.split_linear
     low_bit = [empty] * 6
     padded_q, padded_k = num_q_blocks * block_q, num_k_blocks * block_k
     if quant != CODE_OFF:
@@ -266,8 +286,13 @@ def sla2_forward(
         heads, length, num_q_blocks, num_k_blocks, k_sel, padded_q, padded_k,
         head_dim**-0.5 * LOG2E, linear_eps,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
-        HAS_LINEAR=has_linear, SAVE=save, DOT_PRECISION=dot_precision(q.dtype), QUANT=quant,
-        ACCUMULATE_LINEAR=launch.accumulate_linear, PREFETCH_LINEAR=launch.prefetch_linear,
-        num_warps=launch.num_warps, num_stages=launch.num_stages,
+        HAS_LINEAR=has_linear and not split, SAVE=save, DOT_PRECISION=dot_precision(q.dtype), QUANT=quant,
+        ACCUMULATE_LINEAR=launch.accumulate_linear, num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
+    if split:
+        _linear_mix_kernel[(num_q_blocks, batch * heads)](
+            q, out, alpha, comp_states, comp_norms, row_stride_args(q), row_stride_args(out),
+            heads, length, num_q_blocks, linear_eps,
+            BLOCK_M=block_q, HEAD_DIM=head_dim, DOT_PRECISION=dot_precision(q.dtype), num_warps=MIX_WARPS,
+        )
     return out, lse, out_sparse

@@ -57,26 +57,24 @@ def test_matches_reference(batch, heads, length, head_dim, sparsity, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
 @pytest.mark.parametrize("length,sparsity", [(1000, 0.9), (200, 0.5)])
-def test_forward_prefetching_its_linear_state_matches_reference(monkeypatch, length, sparsity, head_dim, dtype):
-    """The launch option that loads the query block's linear state before the sparse branch's loop."""
+def test_forward_with_its_linear_branch_split_off_matches_reference(monkeypatch, length, sparsity, head_dim, dtype):
+    """The launch option that mixes in the linear branch in a second kernel after the sparse one."""
     from sla2_kernels import forward
 
     key = (head_dim, forward.CODE_OFF)
-    monkeypatch.setitem(forward.FORWARD_LAUNCH, key, forward.FORWARD_LAUNCH[key]._replace(prefetch_linear=True))
+    monkeypatch.setitem(forward.FORWARD_LAUNCH, key, forward.FORWARD_LAUNCH[key]._replace(split_linear=True))
     _check_against_reference(2, 1, length, head_dim, sparsity, dtype)
 
 
-@pytest.mark.parametrize("blocks_per_program,stages", [(1, 1), (2, 2), (8, 1)])
 @pytest.mark.parametrize("length", [1, 200, 1000])
-def test_key_block_states_match_pytorch(monkeypatch, blocks_per_program, stages, length):
+def test_key_block_states_match_pytorch(length):
     """h_j = phi(K_j)^T V_j and z_j = sum phi(K_j) per key block, stored for a multiple of 8 blocks with zeros
-    past the sequence, under several launch settings."""
-    from sla2_kernels import block_stats
+    past the sequence."""
+    from sla2_kernels import key_block_states
     from sla2_kernels.numerics import stored_state_blocks
 
-    monkeypatch.setattr(block_stats, "KEY_STATE_LAUNCH", block_stats.StateLaunch(blocks_per_program, 4, stages))
     k, v, _ = random_qkv(2, 3, length, 64, torch.float32, length, requires_grad=False)
-    states, norms = block_stats.key_block_states(k, v, 16)
+    states, norms = key_block_states(k, v, 16)
     stored = stored_state_blocks(num_blocks(length, 16))
     assert states.shape == (2, 3, stored, 64, 64) and norms.shape == (2, 3, stored, 64)
     pad = stored * 16 - length

@@ -55,6 +55,17 @@ def test_bf16_unaligned_key_block_count():
     _compare(1, 2, 10000, 128, 0.9, seed=15)
 
 
+@pytest.mark.parametrize("split_linear", [False, True])
+def test_bf16_linear_branch_inside_or_after_the_sparse_kernel(monkeypatch, split_linear):
+    """Both forms of the forward's linear branch (sla2_kernels.forward, Launch.split_linear) at D = 128."""
+    from sla2_kernels import forward
+
+    key = (128, forward.CODE_OFF)
+    monkeypatch.setitem(forward.FORWARD_LAUNCH, key, forward.FORWARD_LAUNCH[key]._replace(split_linear=split_linear))
+    _compare(2, 2, 4096, 128, 0.9, seed=16)
+    _compare(1, 1, 32760, 128, 0.97, seed=17)
+
+
 def test_bshd_layout_without_copies():
     q, k, v = random_qkv(1, 4, 3000, 128, torch.bfloat16, 3, device="cuda")
     q_bshd, k_bshd, v_bshd = (t.detach().transpose(1, 2).contiguous() for t in (q, k, v))
