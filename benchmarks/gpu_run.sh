@@ -30,14 +30,13 @@
 #           then this tree's kernel profile (as in profile)
 #   route:  FA2 and SLA2 forwards at 0.97 on both default shapes, PyTorch's routing and the routing kernels under
 #           every launch setting of gpu_suite.py's sweep
-#   state:  the kernel GPU tests, then the key-state kernel under each launch setting and the forward's main kernel
-#           loading its linear state before or after its loop, at 0.97 on both default shapes (gpu_suite.py
-#           --state-parts)
+#   tma:    the kernel GPU tests, then the forward and both backward kernels gathering blocks of rows through
+#           pointers or tensor descriptors, at 0.97 on both default shapes (gpu_suite.py --tma-parts)
 #   profile: GPU time of every kernel the op launches at 0.97 on both default shapes, forward and forward+backward
-# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final|speed|backward|ab|route|state|profile
+# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final|speed|backward|ab|route|tma|profile
 set -uo pipefail
 out=${1:?output folder}
-phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot, quality, final, speed, backward, ab, route, state or profile}
+phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot, quality, final, speed, backward, ab, route, tma or profile}
 mkdir -p /tmp/site "$out"
 log="$out/all.log"
 source benchmarks/gpu_packages.sh
@@ -173,11 +172,11 @@ elif [ "$phase" = ab ]; then
 elif [ "$phase" = route ]; then
   timeout 300 python3 benchmarks/gpu_suite.py --csv "$out/route_sweep.csv" --shapes 1,12,32760,128 1,40,75600,128 \
     --modes fwd --route-parts --rep-ms 100 >> "$log" 2>&1
-elif [ "$phase" = state ]; then
+elif [ "$phase" = tma ]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_kernels_gpu.py 2>&1 | grep -v DEBUG \
     | tail -4 | tee -a "$log"
-  timeout 240 python3 benchmarks/gpu_suite.py --csv "$out/state_sweep.csv" --shapes 1,12,32760,128 1,40,75600,128 \
-    --modes fwd --state-parts --rep-ms 60 >> "$log" 2>&1
+  timeout 300 python3 benchmarks/gpu_suite.py --csv "$out/tma_sweep.csv" --shapes 1,12,32760,128 1,40,75600,128 \
+    --modes fwd --tma-parts --rep-ms 60 >> "$log" 2>&1
 elif [ "$phase" = profile ]; then
   timeout 300 python3 benchmarks/profile_op.py --csv "$out/op_kernels.csv" >> "$log" 2>&1
 elif [ "$phase" = qat ]; then

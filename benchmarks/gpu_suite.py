@@ -4,7 +4,7 @@ Prints a short table and writes a CSV (one row per measurement) with the device,
 versions and commit. Times are medians of triton.testing.do_bench (CUDA events, L2 flushed);
 `-graph` modes replay a CUDA graph of the whole op (GPU time without Python launch overhead).
 Usage: python benchmarks/gpu_suite.py --csv results.csv [--shapes 1,12,32760,128 ...]
-       [--parts | --backward-parts | --route-parts | --state-parts]
+       [--parts | --backward-parts | --route-parts | --tma-parts]
        [--quant int8 int8-fp8]  (low-bit sparse branch, rows named sla2-<mode>)
 """
 
@@ -127,11 +127,12 @@ def time_parts(rec, q, k, v, alpha, sparsity, rep_ms):
     time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms)
 
 
-# Forward launch settings swept: (warps, stages, accumulate_linear, split_linear).
+# Forward launch settings swept: (warps, stages, accumulate_linear, tma).
 FORWARD_SWEEP = [Launch(4, 2, True), Launch(8, 2, False), Launch(8, 3, False)]
-# The linear branch inside the forward kernel, or split off into the mix kernel run with each of MIX_WARPS_SWEEP.
-SPLIT_SWEEP = [Launch(8, 3, False), Launch(8, 3, False, True)]
-MIX_WARPS_SWEEP = (4, 8)
+# Blocks of rows gathered through pointers (the defaults) or tensor descriptors (tma).
+TMA_FORWARD_SWEEP = [Launch(8, 3), Launch(8, 3, False, True), Launch(8, 2, False, True), Launch(4, 2, True, True)]
+TMA_QUERY_SWEEP = [Launch(8, 3), Launch(8, 3, False, True), Launch(8, 2, False, True), Launch(8, 1, False, True)]
+TMA_KEY_SWEEP = [Launch(8, 1), Launch(8, 1, False, True), Launch(8, 2, False, True), Launch(8, 3, False, True)]
 
 
 def sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms, sweep):
@@ -143,7 +144,7 @@ def sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms
     default = forward_module.FORWARD_LAUNCH[key]
     for launch in sweep:
         forward_module.FORWARD_LAUNCH[key] = launch
-        note = f"warps,stages,accumulate_linear,split_linear={tuple(launch)}" + (
+        note = f"warps,stages,accumulate_linear,tma={tuple(launch)}" + (
             " (default)" if launch == default else "")
         try:
             rec.add("sla2-main-kernel", sparsity, "fwd", median_ms(
@@ -157,27 +158,13 @@ def sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms
     forward_module.FORWARD_LAUNCH[key] = default
 
 
-def time_state_launches(rec, q, k, v, alpha, sparsity, rep_ms):
-    """The key-state kernel under 4 and 8 warps, and the forward with its linear branch inside the main kernel
-    or split off into the mix kernel (under each of MIX_WARPS_SWEEP)."""
-    import sla2_kernels.block_stats as block_stats
-    import sla2_kernels.forward as forward_module
-    from sla2_kernels import key_block_states
-
+def time_tma_launches(rec, q, k, v, alpha, sparsity, rep_ms):
+    """The forward and both backward kernels gathering blocks of rows through pointers or tensor descriptors."""
     routing, share, _, _, comp_states, comp_norms = routed_states(q, k, v, sparsity)
-    default = block_stats.KEY_STATE_WARPS
-    for warps in (4, 8):
-        block_stats.KEY_STATE_WARPS = warps
-        rec.add("sla2-key-states", sparsity, "fwd", median_ms(lambda: key_block_states(k, v, 64), rep_ms), share,
-                note=f"warps={warps}" + (" (default)" if warps == default else ""))
-    block_stats.KEY_STATE_WARPS = default
-    default = forward_module.MIX_WARPS
-    for warps in MIX_WARPS_SWEEP:
-        forward_module.MIX_WARPS = warps
-        print(f"mix kernel warps: {warps}")
-        sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms,
-                               SPLIT_SWEEP)
-    forward_module.MIX_WARPS = default
+    sweep_forward_launches(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms,
+                           TMA_FORWARD_SWEEP)
+    time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, share, sparsity, rep_ms,
+                        query_sweep=TMA_QUERY_SWEEP, key_sweep=TMA_KEY_SWEEP)
 
 
 def time_route_launches(rec, q, k, sparsity, rep_ms):
@@ -245,7 +232,7 @@ def sweep_backward_launches(rec, query_side, key_side, head_dim, share, sparsity
         default = table[head_dim]
         for launch in sweep:
             table[head_dim] = launch
-            note = f"warps,stages=({launch.num_warps}, {launch.num_stages})"
+            note = f"warps,stages,tma=({launch.num_warps}, {launch.num_stages}, {launch.tma})"
             try:
                 ms = median_ms(run, rep_ms)
             except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: note it, sweep on
@@ -271,8 +258,8 @@ def run_shape(spec, sparsities, modes, rows, rep_ms, parts, quant_modes=()):
             time_sla2(rec, q, k, v, alpha, grad, sparsity, modes, rep_ms, quant)
         if parts == "all":
             time_parts(rec, q, k, v, alpha, sparsity, rep_ms)
-        elif parts == "state":
-            time_state_launches(rec, q, k, v, alpha, sparsity, rep_ms)
+        elif parts == "tma":
+            time_tma_launches(rec, q, k, v, alpha, sparsity, rep_ms)
         elif parts == "route":
             time_route_launches(rec, q, k, sparsity, rep_ms)
         elif parts == "backward":
@@ -293,9 +280,9 @@ def main() -> None:
                         help="also time the backward's stages and sweep its launch settings (not the forward's)")
     parser.add_argument("--route-parts", dest="parts", action="store_const", const="route",
                         help="also time the routing kernels under each launch setting beside PyTorch's routing")
-    parser.add_argument("--state-parts", dest="parts", action="store_const", const="state",
-                        help="also time the key-state kernel under 4 and 8 warps and the forward with its linear "
-                             "branch inside the main kernel or split off into a second kernel")
+    parser.add_argument("--tma-parts", dest="parts", action="store_const", const="tma",
+                        help="also time the forward and both backward kernels gathering blocks of rows through "
+                             "pointers or tensor descriptors, under a few launch settings each")
     parser.add_argument("--quant", nargs="*", default=[], help="low-bit modes to time beside bf16 SLA2")
     args = parser.parse_args()
     rows: list[dict] = []

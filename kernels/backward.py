@@ -21,11 +21,14 @@ import triton.language as tl
 from sla2_kernels.common import (
     LOG2E,
     Launch,
+    block_descriptor,
+    block_rows,
     d_by_d_strides,
     dot_precision,
     feature_softmax,
     feature_softmax_grad,
     row_stride_args,
+    takes_descriptors,
     tile_pointers,
 )
 
@@ -43,7 +46,7 @@ def _sla2_backward_query_kernel(
     heads, length, num_q_blocks, num_k_blocks, k_sel,
     qk_scale_log2, scale, linear_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     bh = tl.program_id(1)
@@ -78,10 +81,8 @@ def _sla2_backward_query_kernel(
         key_block = tl.load(lut_row + t)
         keys = key_block * BLOCK_N + key_offsets
         key_valid = keys < length
-        k = tl.load(tile_pointers(K, batch, head, keys[:, None], cols[None, :], k_strides),
-                    mask=key_valid[:, None], other=0.0)
-        v = tl.load(tile_pointers(V, batch, head, keys[:, None], cols[None, :], v_strides),
-                    mask=key_valid[:, None], other=0.0)
+        k = block_rows(K, batch, head, key_block * BLOCK_N, keys, cols, k_strides, length, BLOCK_N, HEAD_DIM, TMA)
+        v = block_rows(V, batch, head, key_block * BLOCK_N, keys, cols, v_strides, length, BLOCK_N, HEAD_DIM, TMA)
         # P recomputed from the saved log2 log-sum-exp; dP = dO_s V^T; dS = P (dP - Delta); dQ += dS K (times c below).
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         probs = tl.math.exp2(scores - lse[:, None])
@@ -126,7 +127,7 @@ def _sla2_backward_key_kernel(
     heads, length, num_q_blocks, num_k_blocks, state_blocks, rev_len,
     qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     k_block = tl.program_id(0)
     bh = tl.program_id(1)
@@ -147,10 +148,9 @@ def _sla2_backward_key_kernel(
         q_block = tl.load(RevIndex + bh * rev_len + t)
         rows = q_block * BLOCK_M + query_offsets
         row_valid = rows < length
-        q = tl.load(tile_pointers(Q, batch, head, rows[:, None], cols[None, :], q_strides),
-                    mask=row_valid[:, None], other=0.0)
-        grad_out = tl.load(tile_pointers(DO, batch, head, rows[:, None], cols[None, :], o_strides),
-                           mask=row_valid[:, None], other=0.0)
+        q = block_rows(Q, batch, head, q_block * BLOCK_M, rows, cols, q_strides, length, BLOCK_M, HEAD_DIM, TMA)
+        grad_out = block_rows(DO, batch, head, q_block * BLOCK_M, rows, cols, o_strides, length, BLOCK_M, HEAD_DIM,
+                              TMA)
         lse = tl.load(Lse + bh * length + rows, mask=row_valid, other=0.0)
         delta = tl.load(Delta + bh * length + rows, mask=row_valid, other=0.0)
         if HAS_LINEAR:
@@ -231,8 +231,10 @@ def sla2_backward_query(
         dstate_q = q.new_empty(batch, heads, num_q_blocks, head_dim, head_dim)
         dnorm_q = q.new_empty(batch, heads, num_q_blocks, head_dim, dtype=torch.float32)
     launch = QUERY_LAUNCH[head_dim]
+    tma = launch.tma and takes_descriptors(k, v)
+    k_rows, v_rows = (block_descriptor(x, block_k) if tma else x for x in (k, v))
     _sla2_backward_query_kernel[(num_q_blocks, batch * heads)](
-        q, k, v, grad_out, out_sparse, lse, lut,
+        q, k_rows, v_rows, grad_out, out_sparse, lse, lut,
         *(x if has_linear else empty for x in (alpha, comp_states, comp_norms)),
         dq, delta, *(x if has_linear else empty for x in (dalpha, dstate_q, dnorm_q)),
         row_stride_args(q), row_stride_args(k), row_stride_args(v), row_stride_args(grad_out),
@@ -240,7 +242,7 @@ def sla2_backward_query(
         heads, length, num_q_blocks, num_k_blocks, lut.shape[-1],
         head_dim**-0.5 * LOG2E, head_dim**-0.5, linear_eps,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
-        HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype),
+        HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype), TMA=tma,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return dq, delta, dalpha, dstate_q, dnorm_q
@@ -269,8 +271,10 @@ def sla2_backward_key(
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     rev_index, rev_offset = reverse_lut(lut, num_k_blocks)
     launch = KEY_LAUNCH[head_dim]
+    tma = launch.tma and takes_descriptors(q, grad_out)
+    q_rows, grad_out_rows = (block_descriptor(x, block_q) if tma else x for x in (q, grad_out))
     _sla2_backward_key_kernel[(num_k_blocks, batch * heads)](
-        q, k, v, grad_out, lse, delta, alpha if has_linear else empty, rev_index, rev_offset,
+        q_rows, k, v, grad_out_rows, lse, delta, alpha if has_linear else empty, rev_index, rev_offset,
         key_dstates if has_linear else empty, key_dnorms if has_linear else empty,
         dk, dv,
         row_stride_args(q), row_stride_args(k), row_stride_args(v), row_stride_args(grad_out),
@@ -278,7 +282,7 @@ def sla2_backward_key(
         heads, length, num_q_blocks, num_k_blocks, key_dstates.shape[2] if has_linear else 0, rev_index.shape[-1],
         head_dim**-0.5 * LOG2E, head_dim**-0.5,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
-        HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype),
+        HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype), TMA=tma,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
     return dk, dv

@@ -7,6 +7,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 # Re-exported (the redundant alias says so): the forward and backward kernels import LOG2E from here.
 from sla2_kernels.numerics import LOG2E as LOG2E
@@ -15,14 +16,15 @@ from sla2_kernels.numerics import LOG2E as LOG2E
 class Launch(NamedTuple):
     """How a kernel is launched: the tables of launch settings in each kernel module hold these.
 
-    accumulate_linear picks the forward kernel's epilogue, and split_linear moves the linear branch and the
-    mix into a second kernel after it (see sla2_kernels.forward); the other kernels leave both False.
+    accumulate_linear picks the forward kernel's epilogue (see sla2_kernels.forward); the other kernels
+    leave it False. tma: the kernels that gather whole blocks of rows (the forward's and the query side's
+    key blocks, the key side's query blocks) read them through tensor descriptors (block_rows).
     """
 
     num_warps: int
     num_stages: int
     accumulate_linear: bool = False
-    split_linear: bool = False
+    tma: bool = False
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -51,6 +53,30 @@ def tile_pointers(X, outer, inner, rows, cols, strides):
     inner offsets go onto the 64-bit pointer one by one; only the tile's offsets are summed in 32 bits.
     """
     return X + outer * strides[0] + inner * strides[1] + (rows * strides[2] + cols)
+
+
+def takes_descriptors(*tensors: torch.Tensor) -> bool:
+    """Whether tensor descriptors can address these tensors: 16-byte aligned bases and strides."""
+    return all(x.data_ptr() % 16 == 0 and all(stride * x.element_size() % 16 == 0 for stride in x.stride()[:-1])
+               for x in tensors)
+
+
+def block_descriptor(x: torch.Tensor, block: int) -> TensorDescriptor:
+    """A tensor descriptor for (1, 1, block, D) tiles of a (B, H, L, D) tensor (see takes_descriptors)."""
+    return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block, x.shape[-1]])
+
+
+@triton.jit
+def block_rows(X, batch, head, first_row, rows, cols, strides, length,
+               BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
+    """The (BLOCK, D) tile of X[batch, head] from row first_row (rows = first_row + arange(BLOCK)); rows
+    past `length` read as zero. TMA: X is block_descriptor's descriptor, read by one asynchronous bulk copy
+    (which zero-fills past the tensor's end); else X is the tensor, read through pointers."""
+    if TMA:
+        return X.load([batch, head, first_row, 0]).reshape(BLOCK, HEAD_DIM)
+    else:
+        return tl.load(tile_pointers(X, batch, head, rows[:, None], cols[None, :], strides),
+                       mask=rows[:, None] < length, other=0.0)
 
 
 @triton.jit

@@ -30,11 +30,14 @@ from sla2_kernels import modes
 from sla2_kernels.common import (
     LOG2E,
     Launch,
+    block_descriptor,
+    block_rows,
     d_by_d_strides,
     dot_precision,
     feature_softmax,
     last_dim_contiguous,
     row_stride_args,
+    takes_descriptors,
     tile_pointers,
 )
 from sla2_kernels.quantize import FP8_E4M3_MAX, quantize_operands
@@ -54,13 +57,13 @@ FORWARD_LAUNCH: dict[tuple[int, int], Launch] = {
     (64, CODE_INT8): Launch(8, 3, True), (128, CODE_INT8): Launch(4, 2, True),
     (64, CODE_INT8_FP8): Launch(4, 2, True), (128, CODE_INT8_FP8): Launch(8, 3, False),
 }
-MIX_WARPS = 8  # the linear-mix kernel's (split_linear)
 
 
 @triton.jit
 def _block_scores(
     q, row_scale, key_block, keys, key_valid, cols, batch, head, K, k_strides, key_int8_head, key_scale_head,
-    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
+    length, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """S = Q K^T for one key block, unscaled, and the per-row factor that scales it to log2 units.
 
@@ -72,8 +75,12 @@ def _block_scores(
         raw = tl.dot(q, k8, out_dtype=tl.int32).to(tl.float32)
         step_scale = row_scale * tl.load(key_scale_head + key_block)
     else:
-        k = tl.load(tile_pointers(K, batch, head, keys[None, :], cols[:, None], k_strides),
-                    mask=key_valid[None, :], other=0.0)
+        if TMA:
+            k = tl.trans(block_rows(K, batch, head, key_block * BLOCK_N, keys, cols, k_strides, length, BLOCK_N,
+                                    HEAD_DIM, TMA))
+        else:  # the (D, BLOCK_N) tile directly
+            k = tl.load(tile_pointers(K, batch, head, keys[None, :], cols[:, None], k_strides),
+                        mask=key_valid[None, :], other=0.0)
         raw = tl.dot(q, k, input_precision=DOT_PRECISION)
         step_scale = row_scale
     return raw, step_scale
@@ -98,8 +105,9 @@ def _online_softmax_step(raw, step_scale, key_valid, row_max, row_sum, acc):
 
 @triton.jit
 def _accumulate_values(
-    acc, probs, keys, key_valid, cols, batch, head, V, v_strides, value_fp8_head, padded_k,
-    DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
+    acc, probs, key_block, keys, cols, batch, head, V, v_strides, value_fp8_head, padded_k, length,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
+    TMA: tl.constexpr,
 ):
     """acc += P V for one key block."""
     if QUANT == _INT8_FP8:
@@ -109,8 +117,7 @@ def _accumulate_values(
         # fewer bits than float32.
         acc += tl.dot((probs * FP8_E4M3_MAX).to(tl.float8e4nv), tl.trans(v8t))
     else:
-        v = tl.load(tile_pointers(V, batch, head, keys[:, None], cols[None, :], v_strides),
-                    mask=key_valid[:, None], other=0.0)
+        v = block_rows(V, batch, head, key_block * BLOCK_N, keys, cols, v_strides, length, BLOCK_N, HEAD_DIM, TMA)
         acc = tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -155,7 +162,7 @@ def _sla2_forward_kernel(
     qk_scale_log2, linear_eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_LINEAR: tl.constexpr, SAVE: tl.constexpr, DOT_PRECISION: tl.constexpr, QUANT: tl.constexpr,
-    ACCUMULATE_LINEAR: tl.constexpr,
+    ACCUMULATE_LINEAR: tl.constexpr, TMA: tl.constexpr,
 ):
     q_block = tl.program_id(0)
     bh = tl.program_id(1)
@@ -187,10 +194,11 @@ def _sla2_forward_kernel(
         keys = key_block * BLOCK_N + key_offsets
         key_valid = keys < length
         raw, step_scale = _block_scores(q, row_scale, key_block, keys, key_valid, cols, batch, head, K, k_strides,
-                                        key_int8_head, key_scale_head, HEAD_DIM, DOT_PRECISION, QUANT)
+                                        key_int8_head, key_scale_head, length, BLOCK_N, HEAD_DIM, DOT_PRECISION,
+                                        QUANT, TMA)
         probs, new_max, row_sum, acc = _online_softmax_step(raw, step_scale, key_valid, row_max, row_sum, acc)
-        acc = _accumulate_values(acc, probs, keys, key_valid, cols, batch, head, V, v_strides, value_fp8_head,
-                                 padded_k, DOT_PRECISION, QUANT)
+        acc = _accumulate_values(acc, probs, key_block, keys, cols, batch, head, V, v_strides, value_fp8_head,
+                                 padded_k, length, BLOCK_N, HEAD_DIM, DOT_PRECISION, QUANT, TMA)
         row_max = new_max
 
     out_sparse = acc / row_sum[:, None]
@@ -211,29 +219,6 @@ def _sla2_forward_kernel(
         out = _linear_epilogue(out_sparse, q, state, norm, mix, linear_eps, DOT_PRECISION, ACCUMULATE_LINEAR)
     else:
         out = out_sparse
-    tl.store(out_tile, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
-
-
-@triton.jit(do_not_specialize=["length", "num_q_blocks"])
-def _linear_mix_kernel(
-    Q, Out, Alpha, CompState, CompNorm,
-    q_strides, out_strides,
-    heads, length, num_q_blocks, linear_eps,
-    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):
-    # Out holds O_s (the forward kernel's sparse branch alone); each program mixes its tile in place.
-    q_block = tl.program_id(0)
-    bh = tl.program_id(1)
-    batch, head = bh // heads, bh % heads
-    rows = q_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, HEAD_DIM)
-    row_valid = rows < length
-    q = tl.load(tile_pointers(Q, batch, head, rows[:, None], cols[None, :], q_strides),
-                mask=row_valid[:, None], other=0.0)
-    out_tile = tile_pointers(Out, batch, head, rows[:, None], cols[None, :], out_strides)
-    out_sparse = tl.load(out_tile, mask=row_valid[:, None], other=0.0).to(tl.float32)
-    state, norm, mix = _load_linear_state(Alpha, CompState, CompNorm, bh, q_block, num_q_blocks, cols, HEAD_DIM)
-    out = _linear_epilogue(out_sparse, q, state, norm, mix, linear_eps, DOT_PRECISION, False)
     tl.store(out_tile, out.to(Out.dtype.element_ty), mask=row_valid[:, None])
 
 
@@ -271,14 +256,16 @@ def sla2_forward(
     lse = q.new_empty(batch, heads, length, dtype=torch.float32) if save else empty
     out_sparse = torch.empty_like(q) if save else q.new_empty(0)
     launch = FORWARD_LAUNCH[head_dim, quant]
-    split = has_linear and launch.split_linear
     low_bit = [empty] * 6
     padded_q, padded_k = num_q_blocks * block_q, num_k_blocks * block_k
     if quant != CODE_OFF:
         operands = quantize_operands(q, k, v, block_q, block_k, fp8_values=quant == CODE_INT8_FP8)
         low_bit = [empty if x is None else x for x in operands]
+    # Low-bit modes read K (and, for int8-fp8, V) from their own quantised copies: no descriptors there.
+    tma = launch.tma and quant == CODE_OFF and takes_descriptors(k, v)
+    k_rows, v_rows = (block_descriptor(x, block_k) if tma else x for x in (k, v))
     _sla2_forward_kernel[(num_q_blocks, batch * heads)](
-        q, k, v, lut, alpha if has_linear else empty,
+        q, k_rows, v_rows, lut, alpha if has_linear else empty,
         comp_states if has_linear else empty, comp_norms if has_linear else empty,
         *low_bit,
         out, lse, out_sparse,
@@ -286,13 +273,8 @@ def sla2_forward(
         heads, length, num_q_blocks, num_k_blocks, k_sel, padded_q, padded_k,
         head_dim**-0.5 * LOG2E, linear_eps,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
-        HAS_LINEAR=has_linear and not split, SAVE=save, DOT_PRECISION=dot_precision(q.dtype), QUANT=quant,
-        ACCUMULATE_LINEAR=launch.accumulate_linear, num_warps=launch.num_warps, num_stages=launch.num_stages,
+        HAS_LINEAR=has_linear, SAVE=save, DOT_PRECISION=dot_precision(q.dtype), QUANT=quant,
+        ACCUMULATE_LINEAR=launch.accumulate_linear, TMA=tma, num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
     )
-    if split:
-        _linear_mix_kernel[(num_q_blocks, batch * heads)](
-            q, out, alpha, comp_states, comp_norms, row_stride_args(q), row_stride_args(out),
-            heads, length, num_q_blocks, linear_eps,
-            BLOCK_M=block_q, HEAD_DIM=head_dim, DOT_PRECISION=dot_precision(q.dtype), num_warps=MIX_WARPS,
-        )
     return out, lse, out_sparse

@@ -56,14 +56,24 @@ def test_matches_reference(batch, heads, length, head_dim, sparsity, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("head_dim", HEAD_DIMS)
-@pytest.mark.parametrize("length,sparsity", [(1000, 0.9), (200, 0.5)])
-def test_forward_with_its_linear_branch_split_off_matches_reference(monkeypatch, length, sparsity, head_dim, dtype):
-    """The launch option that mixes in the linear branch in a second kernel after the sparse one."""
-    from sla2_kernels import forward
+@pytest.mark.parametrize("length,sparsity", [(1000, 0.9), (200, 0.5), (65, 0.5)])
+def test_kernels_reading_blocks_through_tensor_descriptors_match_reference(monkeypatch, length, sparsity, head_dim,
+                                                                            dtype):
+    """The launch option that gathers blocks of rows through tensor descriptors (TMA on a GPU), in the forward
+    and both backward kernels: partial last blocks read as zero."""
+    from sla2_kernels import backward, forward
 
     key = (head_dim, forward.CODE_OFF)
-    monkeypatch.setitem(forward.FORWARD_LAUNCH, key, forward.FORWARD_LAUNCH[key]._replace(split_linear=True))
+    monkeypatch.setitem(forward.FORWARD_LAUNCH, key, forward.FORWARD_LAUNCH[key]._replace(tma=True))
+    monkeypatch.setitem(backward.QUERY_LAUNCH, head_dim, backward.QUERY_LAUNCH[head_dim]._replace(tma=True))
+    monkeypatch.setitem(backward.KEY_LAUNCH, head_dim, backward.KEY_LAUNCH[head_dim]._replace(tma=True))
+    made = []
+    for module in (forward, backward):
+        build = module.block_descriptor
+        monkeypatch.setattr(module, "block_descriptor",
+                            lambda x, block, build=build: made.append(block) or build(x, block))
     _check_against_reference(2, 1, length, head_dim, sparsity, dtype)
+    assert sorted(set(made)) == [64, 128]  # key blocks (forward, query side) and query blocks (key side)
 
 
 @pytest.mark.parametrize("length", [1, 200, 1000])

@@ -55,15 +55,18 @@ def test_bf16_unaligned_key_block_count():
     _compare(1, 2, 10000, 128, 0.9, seed=15)
 
 
-@pytest.mark.parametrize("split_linear", [False, True])
-def test_bf16_linear_branch_inside_or_after_the_sparse_kernel(monkeypatch, split_linear):
-    """Both forms of the forward's linear branch (sla2_kernels.forward, Launch.split_linear) at D = 128."""
-    from sla2_kernels import forward
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_bf16_blocks_through_tensor_descriptors(monkeypatch, head_dim):
+    """Every kernel gathering its blocks of rows through tensor descriptors (TMA), Launch.tma."""
+    from sla2_kernels import backward, forward
 
-    key = (128, forward.CODE_OFF)
-    monkeypatch.setitem(forward.FORWARD_LAUNCH, key, forward.FORWARD_LAUNCH[key]._replace(split_linear=split_linear))
-    _compare(2, 2, 4096, 128, 0.9, seed=16)
-    _compare(1, 1, 32760, 128, 0.97, seed=17)
+    key = (head_dim, forward.CODE_OFF)
+    monkeypatch.setitem(forward.FORWARD_LAUNCH, key, forward.FORWARD_LAUNCH[key]._replace(tma=True))
+    monkeypatch.setitem(backward.QUERY_LAUNCH, head_dim, backward.QUERY_LAUNCH[head_dim]._replace(tma=True))
+    monkeypatch.setitem(backward.KEY_LAUNCH, head_dim, backward.KEY_LAUNCH[head_dim]._replace(tma=True))
+    _compare(2, 2, 4096, head_dim, 0.9, seed=16)
+    _compare(1, 1, 32760, head_dim, 0.97, seed=17)
+    _compare(1, 2, 10000, head_dim, 0.97, seed=18)
 
 
 def test_bshd_layout_without_copies():
