@@ -51,9 +51,11 @@ _OFF = tl.constexpr(CODE_OFF)
 _INT8_FP8 = tl.constexpr(CODE_INT8_FP8)
 
 # Per (head dim, QUANT code), from the H100 sweeps of benchmarks/gpu_suite.py and lowbit_parts.py
-# (benchmarks/results/h100_lowbit_parts*.csv). int8-fp8 at D = 128 needs 8 warps.
+# (benchmarks/results/h100_lowbit_parts*.csv). int8-fp8 at D = 128 needs 8 warps. Tensor descriptors at
+# D = 128 from an H200 (h200_tma_sweep_6be644f.csv): 0.670 against 0.685 ms at 1x12x32760x128 and 9.59 against
+# 9.88 ms at 1x40x75600x128, 0.97; D = 64 was not measured with them.
 FORWARD_LAUNCH: dict[tuple[int, int], Launch] = {
-    (64, CODE_OFF): Launch(4, 2, False), (128, CODE_OFF): Launch(8, 3, False),
+    (64, CODE_OFF): Launch(4, 2, False), (128, CODE_OFF): Launch(8, 3, False, tma=True),
     (64, CODE_INT8): Launch(8, 3, True), (128, CODE_INT8): Launch(4, 2, True),
     (64, CODE_INT8_FP8): Launch(4, 2, True), (128, CODE_INT8_FP8): Launch(8, 3, False),
 }
