@@ -59,6 +59,11 @@ FORWARD_LAUNCH: dict[tuple[int, int], Launch] = {
     (64, CODE_INT8): Launch(8, 3, True), (128, CODE_INT8): Launch(4, 2, True),
     (64, CODE_INT8_FP8): Launch(4, 2, True), (128, CODE_INT8_FP8): Launch(8, 3, False),
 }
+# Tensor descriptors are built on the host at every launch. Where the op is launch-bound that host time shows:
+# the whole forward at 1x12x32760x128 (12 x 256 x 15 = 46K block pairs) took 1.42 ms with them against 1.22
+# without (h200_bench_0.97_c717352.csv, h200_bench_0.97_be95277.csv), while at 1x40x75600x128 (827K pairs) it
+# gained (14.2 against 14.7 ms). So they are used from this many (query block, key block) pairs per launch.
+MIN_DESCRIPTOR_PAIRS = 1 << 18
 
 
 @triton.jit
@@ -264,7 +269,8 @@ def sla2_forward(
         operands = quantize_operands(q, k, v, block_q, block_k, fp8_values=quant == CODE_INT8_FP8)
         low_bit = [empty if x is None else x for x in operands]
     # Low-bit modes read K (and, for int8-fp8, V) from their own quantised copies: no descriptors there.
-    tma = launch.tma and quant == CODE_OFF and takes_descriptors(k, v)
+    pairs = batch * heads * num_q_blocks * k_sel
+    tma = launch.tma and quant == CODE_OFF and pairs >= MIN_DESCRIPTOR_PAIRS and takes_descriptors(k, v)
     k_rows, v_rows = (block_descriptor(x, block_k) if tma else x for x in (k, v))
     _sla2_forward_kernel[(num_q_blocks, batch * heads)](
         q, k_rows, v_rows, lut, alpha if has_linear else empty,

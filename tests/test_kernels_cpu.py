@@ -65,6 +65,7 @@ def test_kernels_reading_blocks_through_tensor_descriptors_match_reference(monke
 
     key = (head_dim, forward.CODE_OFF)
     monkeypatch.setitem(forward.FORWARD_LAUNCH, key, forward.FORWARD_LAUNCH[key]._replace(tma=True))
+    monkeypatch.setattr(forward, "MIN_DESCRIPTOR_PAIRS", 0)
     monkeypatch.setitem(backward.QUERY_LAUNCH, head_dim, backward.QUERY_LAUNCH[head_dim]._replace(tma=True))
     monkeypatch.setitem(backward.KEY_LAUNCH, head_dim, backward.KEY_LAUNCH[head_dim]._replace(tma=True))
     made = []

@@ -62,6 +62,7 @@ def test_bf16_blocks_through_tensor_descriptors(monkeypatch, head_dim):
 
     key = (head_dim, forward.CODE_OFF)
     monkeypatch.setitem(forward.FORWARD_LAUNCH, key, forward.FORWARD_LAUNCH[key]._replace(tma=True))
+    monkeypatch.setattr(forward, "MIN_DESCRIPTOR_PAIRS", 0)
     monkeypatch.setitem(backward.QUERY_LAUNCH, head_dim, backward.QUERY_LAUNCH[head_dim]._replace(tma=True))
     monkeypatch.setitem(backward.KEY_LAUNCH, head_dim, backward.KEY_LAUNCH[head_dim]._replace(tma=True))
     _compare(2, 2, 4096, head_dim, 0.9, seed=16)
