@@ -12,7 +12,10 @@ One program per (query block, batch*head). The loop walks S_i once, one `_block_
 `_online_softmax_step`, `_accumulate_values` per key block (exp2, with the softmax scale folded
 in); `_linear_epilogue` then adds the linear branch as one D x D product and the alpha mix.
 Summing the selected states inside the loop instead, or computing the linear branch before it,
-measured slower on an H100.
+measured slower on an H100; on an H200, so did loading the linear state before the loop, mixing in a
+second kernel, and two key blocks per step as one wider tile. Key and value blocks are gathered
+through tensor descriptors (TMA, `block_rows`) where the launch table says so and the launch is large
+enough to hide the host cost of building them (MIN_DESCRIPTOR_PAIRS), through pointers otherwise.
 
 Low-bit modes (sla2_kernels.modes) read Q and K pre-quantised to INT8 (sla2_kernels.quantize):
 one scale per query row and one per key block, so a score row needs one scale, folded into the
@@ -62,7 +65,8 @@ FORWARD_LAUNCH: dict[tuple[int, int], Launch] = {
 # Tensor descriptors are built on the host at every launch. Where the op is launch-bound that host time shows:
 # the whole forward at 1x12x32760x128 (12 x 256 x 15 = 46K block pairs) took 1.42 ms with them against 1.22
 # without (h200_bench_0.97_c717352.csv, h200_bench_0.97_be95277.csv), while at 1x40x75600x128 (827K pairs) it
-# gained (14.2 against 14.7 ms). So they are used from this many (query block, key block) pairs per launch.
+# gained (14.2 against 14.7 ms). So they are used from this many (query block, key block) pairs per launch
+# (1.215 ms at 1x12x32760x128 with this gate, h200_bench_0.97_32760_0126fc2.csv).
 MIN_DESCRIPTOR_PAIRS = 1 << 18
 
 
