@@ -77,6 +77,23 @@ def test_kernels_reading_blocks_through_tensor_descriptors_match_reference(monke
     assert sorted(set(made)) == [64, 128]  # key blocks (forward, query side) and query blocks (key side)
 
 
+def test_forward_builds_descriptors_only_for_launches_large_enough(monkeypatch):
+    """At D = 128 the forward gathers its key blocks through tensor descriptors from MIN_DESCRIPTOR_PAIRS
+    (query block, key block) pairs per launch, and through pointers below."""
+    from sla2_kernels import forward
+
+    made = []
+    build = forward.block_descriptor
+    monkeypatch.setattr(forward, "block_descriptor", lambda x, block: made.append(block) or build(x, block))
+    q, k, v = random_qkv(1, 2, 1000, 128, torch.float32, 5, requires_grad=False)
+    expected = sla2_reference(q, k, v, sparsity=0.5)
+    assert rel_l2(sla2_attention(q, k, v, sparsity=0.5), expected) <= TOLERANCE[torch.float32]
+    assert made == []  # 2 heads x 8 query blocks x 8 selected blocks: far below the gate
+    monkeypatch.setattr(forward, "MIN_DESCRIPTOR_PAIRS", 2 * 8 * 8)
+    assert rel_l2(sla2_attention(q, k, v, sparsity=0.5), expected) <= TOLERANCE[torch.float32]
+    assert made == [64, 64]  # K and V
+
+
 @pytest.mark.parametrize("length", [1, 200, 1000])
 def test_key_block_states_match_pytorch(length):
     """h_j = phi(K_j)^T V_j and z_j = sum phi(K_j) per key block, stored for a multiple of 8 blocks with zeros
