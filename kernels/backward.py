@@ -21,14 +21,13 @@ import triton.language as tl
 from sla2_kernels.common import (
     LOG2E,
     Launch,
-    block_descriptor,
     block_rows,
+    block_sources,
     d_by_d_strides,
     dot_precision,
     feature_softmax,
     feature_softmax_grad,
     row_stride_args,
-    takes_descriptors,
     tile_pointers,
 )
 
@@ -83,8 +82,8 @@ def _sla2_backward_query_kernel(
         key_block = tl.load(lut_row + t)
         keys = key_block * BLOCK_N + key_offsets
         key_valid = keys < length
-        k = block_rows(K, batch, head, key_block * BLOCK_N, keys, cols, k_strides, length, BLOCK_N, HEAD_DIM, TMA)
-        v = block_rows(V, batch, head, key_block * BLOCK_N, keys, cols, v_strides, length, BLOCK_N, HEAD_DIM, TMA)
+        k = block_rows(K, batch, head, key_block * BLOCK_N, k_strides, length, BLOCK_N, HEAD_DIM, TMA)
+        v = block_rows(V, batch, head, key_block * BLOCK_N, v_strides, length, BLOCK_N, HEAD_DIM, TMA)
         # P recomputed from the saved log2 log-sum-exp; dP = dO_s V^T; dS = P (dP - Delta); dQ += dS K (times c below).
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
         probs = tl.math.exp2(scores - lse[:, None])
@@ -150,9 +149,8 @@ def _sla2_backward_key_kernel(
         q_block = tl.load(RevIndex + bh * rev_len + t)
         rows = q_block * BLOCK_M + query_offsets
         row_valid = rows < length
-        q = block_rows(Q, batch, head, q_block * BLOCK_M, rows, cols, q_strides, length, BLOCK_M, HEAD_DIM, TMA)
-        grad_out = block_rows(DO, batch, head, q_block * BLOCK_M, rows, cols, o_strides, length, BLOCK_M, HEAD_DIM,
-                              TMA)
+        q = block_rows(Q, batch, head, q_block * BLOCK_M, q_strides, length, BLOCK_M, HEAD_DIM, TMA)
+        grad_out = block_rows(DO, batch, head, q_block * BLOCK_M, o_strides, length, BLOCK_M, HEAD_DIM, TMA)
         lse = tl.load(Lse + bh * length + rows, mask=row_valid, other=0.0)
         delta = tl.load(Delta + bh * length + rows, mask=row_valid, other=0.0)
         if HAS_LINEAR:
@@ -233,8 +231,7 @@ def sla2_backward_query(
         dstate_q = q.new_empty(batch, heads, num_q_blocks, head_dim, head_dim)
         dnorm_q = q.new_empty(batch, heads, num_q_blocks, head_dim, dtype=torch.float32)
     launch = QUERY_LAUNCH[head_dim]
-    tma = launch.tma and takes_descriptors(k, v)
-    k_rows, v_rows = (block_descriptor(x, block_k) if tma else x for x in (k, v))
+    (k_rows, v_rows), tma = block_sources((k, v), block_k, launch.tma)
     _sla2_backward_query_kernel[(num_q_blocks, batch * heads)](
         q, k_rows, v_rows, grad_out, out_sparse, lse, lut,
         *(x if has_linear else empty for x in (alpha, comp_states, comp_norms)),
@@ -273,8 +270,7 @@ def sla2_backward_key(
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     rev_index, rev_offset = reverse_lut(lut, num_k_blocks)
     launch = KEY_LAUNCH[head_dim]
-    tma = launch.tma and takes_descriptors(q, grad_out)
-    q_rows, grad_out_rows = (block_descriptor(x, block_q) if tma else x for x in (q, grad_out))
+    (q_rows, grad_out_rows), tma = block_sources((q, grad_out), block_q, launch.tma)
     _sla2_backward_key_kernel[(num_k_blocks, batch * heads)](
         q_rows, k, v, grad_out_rows, lse, delta, alpha if has_linear else empty, rev_index, rev_offset,
         key_dstates if has_linear else empty, key_dnorms if has_linear else empty,

@@ -66,16 +66,24 @@ def block_descriptor(x: torch.Tensor, block: int) -> TensorDescriptor:
     return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, block, x.shape[-1]])
 
 
+def block_sources(tensors: tuple[torch.Tensor, ...], block: int, wanted: bool) -> tuple[list, bool]:
+    """What a kernel's block_rows reads each tensor through, and its TMA flag: descriptors of (block, D)
+    tiles where `wanted` and every tensor takes them, else the tensors themselves (read through pointers)."""
+    tma = wanted and takes_descriptors(*tensors)
+    return [block_descriptor(x, block) if tma else x for x in tensors], tma
+
+
 @triton.jit
-def block_rows(X, batch, head, first_row, rows, cols, strides, length,
+def block_rows(X, batch, head, first_row, strides, length,
                BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, TMA: tl.constexpr):
-    """The (BLOCK, D) tile of X[batch, head] from row first_row (rows = first_row + arange(BLOCK)); rows
-    past `length` read as zero. TMA: X is block_descriptor's descriptor, read by one asynchronous bulk copy
-    (which zero-fills past the tensor's end); else X is the tensor, read through pointers."""
+    """The (BLOCK, D) tile of X[batch, head] from row first_row; rows past `length` read as zero. TMA: X is
+    block_descriptor's descriptor, read by one asynchronous bulk copy (which zero-fills past the tensor's
+    end); else X is the tensor, read through pointers."""
     if TMA:
         return X.load([batch, head, first_row, 0]).reshape(BLOCK, HEAD_DIM)
     else:
-        return tl.load(tile_pointers(X, batch, head, rows[:, None], cols[None, :], strides),
+        rows = first_row + tl.arange(0, BLOCK)
+        return tl.load(tile_pointers(X, batch, head, rows[:, None], tl.arange(0, HEAD_DIM)[None, :], strides),
                        mask=rows[:, None] < length, other=0.0)
 
 

@@ -33,14 +33,13 @@ from sla2_kernels import modes
 from sla2_kernels.common import (
     LOG2E,
     Launch,
-    block_descriptor,
     block_rows,
+    block_sources,
     d_by_d_strides,
     dot_precision,
     feature_softmax,
     last_dim_contiguous,
     row_stride_args,
-    takes_descriptors,
     tile_pointers,
 )
 from sla2_kernels.quantize import FP8_E4M3_MAX, quantize_operands
@@ -87,8 +86,7 @@ def _block_scores(
         step_scale = row_scale * tl.load(key_scale_head + key_block)
     else:
         if TMA:
-            k = tl.trans(block_rows(K, batch, head, key_block * BLOCK_N, keys, cols, k_strides, length, BLOCK_N,
-                                    HEAD_DIM, TMA))
+            k = tl.trans(block_rows(K, batch, head, key_block * BLOCK_N, k_strides, length, BLOCK_N, HEAD_DIM, TMA))
         else:  # the (D, BLOCK_N) tile directly
             k = tl.load(tile_pointers(K, batch, head, keys[None, :], cols[:, None], k_strides),
                         mask=key_valid[None, :], other=0.0)
@@ -128,7 +126,7 @@ def _accumulate_values(
         # fewer bits than float32.
         acc += tl.dot((probs * FP8_E4M3_MAX).to(tl.float8e4nv), tl.trans(v8t))
     else:
-        v = block_rows(V, batch, head, key_block * BLOCK_N, keys, cols, v_strides, length, BLOCK_N, HEAD_DIM, TMA)
+        v = block_rows(V, batch, head, key_block * BLOCK_N, v_strides, length, BLOCK_N, HEAD_DIM, TMA)
         acc = tl.dot(probs.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -274,8 +272,8 @@ def sla2_forward(
         low_bit = [empty if x is None else x for x in operands]
     # Low-bit modes read K (and, for int8-fp8, V) from their own quantised copies: no descriptors there.
     pairs = batch * heads * num_q_blocks * k_sel
-    tma = launch.tma and quant == CODE_OFF and pairs >= MIN_DESCRIPTOR_PAIRS and takes_descriptors(k, v)
-    k_rows, v_rows = (block_descriptor(x, block_k) if tma else x for x in (k, v))
+    (k_rows, v_rows), tma = block_sources((k, v), block_k,
+                                          launch.tma and quant == CODE_OFF and pairs >= MIN_DESCRIPTOR_PAIRS)
     _sla2_forward_kernel[(num_q_blocks, batch * heads)](
         q, k_rows, v_rows, lut, alpha if has_linear else empty,
         comp_states if has_linear else empty, comp_norms if has_linear else empty,

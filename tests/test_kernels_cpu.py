@@ -61,7 +61,7 @@ def test_kernels_reading_blocks_through_tensor_descriptors_match_reference(monke
                                                                             dtype):
     """The launch option that gathers blocks of rows through tensor descriptors (TMA on a GPU), in the forward
     and both backward kernels: partial last blocks read as zero."""
-    from sla2_kernels import backward, forward
+    from sla2_kernels import backward, common, forward
 
     key = (head_dim, forward.CODE_OFF)
     monkeypatch.setitem(forward.FORWARD_LAUNCH, key, forward.FORWARD_LAUNCH[key]._replace(tma=True))
@@ -69,10 +69,8 @@ def test_kernels_reading_blocks_through_tensor_descriptors_match_reference(monke
     monkeypatch.setitem(backward.QUERY_LAUNCH, head_dim, backward.QUERY_LAUNCH[head_dim]._replace(tma=True))
     monkeypatch.setitem(backward.KEY_LAUNCH, head_dim, backward.KEY_LAUNCH[head_dim]._replace(tma=True))
     made = []
-    for module in (forward, backward):
-        build = module.block_descriptor
-        monkeypatch.setattr(module, "block_descriptor",
-                            lambda x, block, build=build: made.append(block) or build(x, block))
+    build = common.block_descriptor
+    monkeypatch.setattr(common, "block_descriptor", lambda x, block: made.append(block) or build(x, block))
     _check_against_reference(2, 1, length, head_dim, sparsity, dtype)
     assert sorted(set(made)) == [64, 128]  # key blocks (forward, query side) and query blocks (key side)
 
@@ -80,11 +78,11 @@ def test_kernels_reading_blocks_through_tensor_descriptors_match_reference(monke
 def test_forward_builds_descriptors_only_for_launches_large_enough(monkeypatch):
     """At D = 128 the forward gathers its key blocks through tensor descriptors from MIN_DESCRIPTOR_PAIRS
     (query block, key block) pairs per launch, and through pointers below."""
-    from sla2_kernels import forward
+    from sla2_kernels import common, forward
 
     made = []
-    build = forward.block_descriptor
-    monkeypatch.setattr(forward, "block_descriptor", lambda x, block: made.append(block) or build(x, block))
+    build = common.block_descriptor
+    monkeypatch.setattr(common, "block_descriptor", lambda x, block: made.append(block) or build(x, block))
     q, k, v = random_qkv(1, 2, 1000, 128, torch.float32, 5, requires_grad=False)
     expected = sla2_reference(q, k, v, sparsity=0.5)
     assert rel_l2(sla2_attention(q, k, v, sparsity=0.5), expected) <= TOLERANCE[torch.float32]

@@ -23,9 +23,8 @@ def complement_map(lut: torch.Tensor, num_columns: int, dtype: torch.dtype) -> t
     num_columns >= T_n: the columns past T_n (no block, zero states) are 1 as well."""
     batch, heads, num_q_blocks, k_sel = lut.shape
     flat = lut.reshape(batch * heads, num_q_blocks, k_sel).long()
-    ones = torch.ones(flat.shape, dtype=dtype, device=lut.device)
-    selected = torch.zeros(batch * heads, num_q_blocks, num_columns, dtype=dtype, device=lut.device)
-    return 1.0 - selected.scatter_(2, flat, ones)
+    unselected = torch.ones(batch * heads, num_q_blocks, num_columns, dtype=dtype, device=lut.device)
+    return unselected.scatter_(2, flat, 0.0)
 
 
 def complement_states(
