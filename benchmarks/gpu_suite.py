@@ -203,24 +203,26 @@ def time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, s
         return sla2_backward_query(grad, q, k, v, routing.lut, alpha, out_sparse, lse, comp_states, comp_norms,
                                    128, 64, LINEAR_EPS)
 
-    _, delta, _, dstate_q, dnorm_q = query_side()
+    _, delta, grad_sparse, _, dstate_q, dnorm_q = query_side()
     key_dstates, key_dnorms = complement_state_grads(routing.lut, num_k_blocks, dstate_q, dnorm_q)
     parts = {
         "bwd-query-kernel": query_side,
         "bwd-complement-gemm": lambda: complement_state_grads(routing.lut, num_k_blocks, dstate_q, dnorm_q),
         "bwd-reverse-map": lambda: reverse_lut(routing.lut, num_k_blocks),
-        "bwd-key-kernel": lambda: sla2_backward_key(grad, q, k, v, routing.lut, alpha, lse, delta, key_dstates,
+        "bwd-key-kernel": lambda: sla2_backward_key(grad_sparse, q, k, v, routing.lut, lse, delta, key_dstates,
                                                     key_dnorms, 128, 64),
     }
     for name, fn in parts.items():
         rec.add(f"sla2-{name}", sparsity, "bwd", median_ms(fn, rep_ms), share)
     sweep_backward_launches(rec, query_side, parts["bwd-key-kernel"], q.shape[-1], share, sparsity, rep_ms,
                             BACKWARD_SWEEP if query_sweep is None else query_sweep,
-                            BACKWARD_SWEEP if key_sweep is None else key_sweep)
+                            KEY_SWEEP if key_sweep is None else key_sweep)
 
 
-# Backward launch settings swept: warps x pipeline stages (4 stages run out of shared memory at D = 128).
+# Backward launch settings swept: warps x pipeline stages (4 stages run out of shared memory at D = 128); the key
+# side also with its query blocks read through tensor descriptors.
 BACKWARD_SWEEP = [Launch(w, s) for w in (4, 8) for s in (1, 2, 3)]
+KEY_SWEEP = [Launch(w, s, tma=tma) for w in (4, 8) for s in (1, 2, 3) for tma in (False, True)]
 
 
 def sweep_backward_launches(rec, query_side, key_side, head_dim, share, sparsity, rep_ms, query_sweep, key_sweep):

@@ -2,9 +2,10 @@
 
 Two kernels, as in FlashAttention-2's backward: one program per query block accumulates dQ (sparse
 branch from recomputed probabilities, linear branch through phi(Q)) and writes the per-query-block
-linear-state gradients dH_i, dz_i; one program per key block walks the query blocks that selected
-it (a reverse look-up table) for dK, dV of the sparse branch, and takes the linear branch's dK, dV
-from dG_j = sum of dH_i over the query blocks that did NOT select it (one GEMM outside).
+linear-state gradients dH_i, dz_i and the sparse branch's dO_s = alpha dO; one program per key block
+walks the query blocks that selected it (a reverse look-up table) for dK, dV of the sparse branch, and
+takes the linear branch's dK, dV from dG_j = sum of dH_i over the query blocks that did NOT select it
+(one GEMM outside).
 
 The forward, per query block i (sla2_kernels.forward), with c = 1 / sqrt(D):
     P = softmax(c Q K_S^T),  O_s = P V_S,  O_l = N / den,  N = phi(Q) H_i,  den = phi(Q) z_i + eps,
@@ -42,7 +43,7 @@ KEY_LAUNCH: dict[int, Launch] = {64: Launch(4, 1), 128: Launch(8, 1)}
 @triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks", "k_sel"])
 def _sla2_backward_query_kernel(
     Q, K, V, DO, OutSparse, Lse, Lut, Alpha, CompState, CompNorm,
-    DQ, Delta, DAlpha, DStateQ, DNormQ,
+    DQ, Delta, DOSparse, DAlpha, DStateQ, DNormQ,
     q_strides, k_strides, v_strides, o_strides, dq_strides,
     heads, length, num_q_blocks, num_k_blocks, k_sel,
     qk_scale_log2, scale, linear_eps,
@@ -75,6 +76,11 @@ def _sla2_backward_query_kernel(
     grad_sparse_in = (grad_out * mix).to(q.dtype)
     delta = tl.sum(grad_sparse_in.to(tl.float32) * out_sparse, axis=1)
     tl.store(Delta + bh * length + rows, delta, mask=row_valid)
+    if HAS_LINEAR:
+        # The key side reads this rounded dO_s as it is: its tiles then go to the MMAs as loaded (scaling
+        # them there per visit kept the key kernel from pipelining its loads).
+        tl.store(tile_pointers(DOSparse, batch, head, rows[:, None], cols[None, :], o_strides), grad_sparse_in,
+                 mask=row_valid[:, None])
 
     lut_row = Lut + (bh * num_q_blocks + q_block) * k_sel
     dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -120,12 +126,12 @@ def _sla2_backward_query_kernel(
              dq.to(DQ.dtype.element_ty), mask=row_valid[:, None])
 
 
-@triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks", "state_blocks"])
+@triton.jit(do_not_specialize=["length", "num_k_blocks", "state_blocks"])
 def _sla2_backward_key_kernel(
-    Q, K, V, DO, Lse, Delta, Alpha, RevIndex, RevOffset, DStateK, DNormK,
+    Q, K, V, DOSparse, Lse, Delta, RevIndex, RevOffset, DStateK, DNormK,
     DK, DV,
     q_strides, k_strides, v_strides, o_strides, dk_strides, dv_strides,
-    heads, length, num_q_blocks, num_k_blocks, state_blocks, rev_len,
+    heads, length, num_k_blocks, state_blocks, rev_len,
     qk_scale_log2, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     HAS_LINEAR: tl.constexpr, DOT_PRECISION: tl.constexpr, TMA: tl.constexpr,
@@ -150,14 +156,10 @@ def _sla2_backward_key_kernel(
         rows = q_block * BLOCK_M + query_offsets
         row_valid = rows < length
         q = block_rows(Q, batch, head, q_block * BLOCK_M, q_strides, length, BLOCK_M, HEAD_DIM, TMA)
-        grad_out = block_rows(DO, batch, head, q_block * BLOCK_M, o_strides, length, BLOCK_M, HEAD_DIM, TMA)
+        grad_sparse = block_rows(DOSparse, batch, head, q_block * BLOCK_M, o_strides, length, BLOCK_M, HEAD_DIM,
+                                 TMA)
         lse = tl.load(Lse + bh * length + rows, mask=row_valid, other=0.0)
         delta = tl.load(Delta + bh * length + rows, mask=row_valid, other=0.0)
-        if HAS_LINEAR:
-            mix = tl.load(Alpha + bh * num_q_blocks + q_block)
-            grad_sparse = (grad_out.to(tl.float32) * mix).to(q.dtype)
-        else:
-            grad_sparse = grad_out
         # Transposed (keys x query rows): P^T, then dV += P^T dO_s, dP^T = V dO_s^T,
         # dS^T = P^T (dP^T - Delta), dK += dS^T Q (times c below).
         scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale_log2
@@ -213,9 +215,10 @@ def sla2_backward_query(
     block_q: int,
     block_k: int,
     linear_eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Query-side backward: (dq, delta, dalpha, dH per query block, dz per query block).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Query-side backward: (dq, delta, dO_s, dalpha, dH per query block, dz per query block).
 
+    dO_s = alpha dO rounded to the inputs' dtype, what the key side takes (grad_out itself without alpha).
     alpha None means the pure sparse branch (no linear terms; dalpha and dH/dz are None).
     grad_out must have out_sparse's strides.
     """
@@ -226,7 +229,9 @@ def sla2_backward_query(
     dq = torch.empty_like(q)
     delta = torch.empty(batch, heads, length, device=q.device, dtype=torch.float32)
     dalpha = dstate_q = dnorm_q = None
+    grad_sparse = grad_out
     if has_linear:
+        grad_sparse = torch.empty_like(out_sparse)
         dalpha = torch.empty(batch, heads, num_q_blocks, device=q.device, dtype=torch.float32)
         dstate_q = q.new_empty(batch, heads, num_q_blocks, head_dim, head_dim)
         dnorm_q = q.new_empty(batch, heads, num_q_blocks, head_dim, dtype=torch.float32)
@@ -235,7 +240,7 @@ def sla2_backward_query(
     _sla2_backward_query_kernel[(num_q_blocks, batch * heads)](
         q, k_rows, v_rows, grad_out, out_sparse, lse, lut,
         *(x if has_linear else empty for x in (alpha, comp_states, comp_norms)),
-        dq, delta, *(x if has_linear else empty for x in (dalpha, dstate_q, dnorm_q)),
+        dq, delta, *(x if has_linear else empty for x in (grad_sparse, dalpha, dstate_q, dnorm_q)),
         row_stride_args(q), row_stride_args(k), row_stride_args(v), row_stride_args(grad_out),
         row_stride_args(dq),
         heads, length, num_q_blocks, num_k_blocks, lut.shape[-1],
@@ -244,16 +249,15 @@ def sla2_backward_query(
         HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype), TMA=tma,
         num_warps=launch.num_warps, num_stages=launch.num_stages,
     )
-    return dq, delta, dalpha, dstate_q, dnorm_q
+    return dq, delta, grad_sparse, dalpha, dstate_q, dnorm_q
 
 
 def sla2_backward_key(
-    grad_out: torch.Tensor,
+    grad_sparse: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     lut: torch.Tensor,
-    alpha: torch.Tensor | None,
     lse: torch.Tensor,
     delta: torch.Tensor,
     key_dstates: torch.Tensor | None,
@@ -261,23 +265,24 @@ def sla2_backward_key(
     block_q: int,
     block_k: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Key-side backward: (dk, dv). key_dstates/key_dnorms: dG_j, dg_j per key block (B, H, T_s, ...), stored
-    for T_s >= T_n blocks as complement_state_grads returns them."""
+    """Key-side backward: (dk, dv). grad_sparse: dO_s as sla2_backward_query returns it. key_dstates/key_dnorms:
+    None without a linear branch, else dG_j, dg_j per key block (B, H, T_s, ...), stored for T_s >= T_n blocks as
+    complement_state_grads returns them."""
     batch, heads, length, head_dim = q.shape
-    num_q_blocks, num_k_blocks = triton.cdiv(length, block_q), triton.cdiv(length, block_k)
-    has_linear = alpha is not None
+    num_k_blocks = triton.cdiv(length, block_k)
+    has_linear = key_dstates is not None
     empty = q.new_empty(0, dtype=torch.float32)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     rev_index, rev_offset = reverse_lut(lut, num_k_blocks)
     launch = KEY_LAUNCH[head_dim]
-    (q_rows, grad_out_rows), tma = block_sources((q, grad_out), block_q, launch.tma)
+    (q_rows, grad_sparse_rows), tma = block_sources((q, grad_sparse), block_q, launch.tma)
     _sla2_backward_key_kernel[(num_k_blocks, batch * heads)](
-        q_rows, k, v, grad_out_rows, lse, delta, alpha if has_linear else empty, rev_index, rev_offset,
+        q_rows, k, v, grad_sparse_rows, lse, delta, rev_index, rev_offset,
         key_dstates if has_linear else empty, key_dnorms if has_linear else empty,
         dk, dv,
-        row_stride_args(q), row_stride_args(k), row_stride_args(v), row_stride_args(grad_out),
+        row_stride_args(q), row_stride_args(k), row_stride_args(v), row_stride_args(grad_sparse),
         row_stride_args(dk), row_stride_args(dv),
-        heads, length, num_q_blocks, num_k_blocks, key_dstates.shape[2] if has_linear else 0, rev_index.shape[-1],
+        heads, length, num_k_blocks, key_dstates.shape[2] if has_linear else 0, rev_index.shape[-1],
         head_dim**-0.5 * LOG2E, head_dim**-0.5,
         BLOCK_M=block_q, BLOCK_N=block_k, HEAD_DIM=head_dim,
         HAS_LINEAR=has_linear, DOT_PRECISION=dot_precision(q.dtype), TMA=tma,

@@ -117,7 +117,7 @@ def sla2_backward_op(
     linear_alpha = _linear_alpha(alpha, lut, q.shape[2], block_k)
     if linear_alpha is None:
         comp_states = comp_norms = None
-    dq, delta, dalpha, dstate_q, dnorm_q = sla2_kernels.sla2_backward_query(
+    dq, delta, grad_sparse, dalpha, dstate_q, dnorm_q = sla2_kernels.sla2_backward_query(
         grad_out, q, k, v, lut, linear_alpha, out_sparse, lse, comp_states, comp_norms,
         block_q, block_k, LINEAR_EPS,
     )
@@ -125,7 +125,7 @@ def sla2_backward_op(
     if linear_alpha is not None:
         key_dstates, key_dnorms = complement_state_grads(lut, num_blocks(q.shape[2], block_k), dstate_q, dnorm_q)
     dk, dv = sla2_kernels.sla2_backward_key(
-        grad_out, q, k, v, lut, linear_alpha, lse, delta, key_dstates, key_dnorms, block_q, block_k
+        grad_sparse, q, k, v, lut, lse, delta, key_dstates, key_dnorms, block_q, block_k
     )
     if alpha is None:
         dalpha = q.new_empty(0, dtype=torch.float32)
