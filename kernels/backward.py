@@ -34,10 +34,11 @@ from sla2_kernels.common import (
 
 # Per head dim for each backward kernel; benchmarks/gpu_suite.py --backward-parts sweeps them (D = 128 from
 # benchmarks/results/h200_backward_launch_sweep.csv). Tensor descriptors (--tma-parts, h200_tma_sweep_6be644f.csv,
-# 0.97): the query side 1.65 against 1.75 ms at 1x12x32760x128 and 17.7 against 18.8 at 1x40x75600x128; the key
-# side slower with them in every setting (2.74-2.97 against 2.59 ms, 39.9-44.1 against 38.4).
+# 0.97): the query side 1.65 against 1.75 ms at 1x12x32760x128 and 17.7 against 18.8 at 1x40x75600x128. The key
+# side, since it reads dO_s as stored (h200_key_sweep_bdd88bf.csv): 8 warps, 2 stages and descriptors 2.44 / 34.8
+# ms against 2.57 / 38.4 for the earlier 8 warps, 1 stage, pointers (fastest while it scaled dO on every visit).
 QUERY_LAUNCH: dict[int, Launch] = {64: Launch(4, 1), 128: Launch(8, 3, tma=True)}
-KEY_LAUNCH: dict[int, Launch] = {64: Launch(4, 1), 128: Launch(8, 1)}
+KEY_LAUNCH: dict[int, Launch] = {64: Launch(4, 1), 128: Launch(8, 2, tma=True)}
 
 
 @triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks", "k_sel"])
