@@ -17,7 +17,6 @@ About 8 minutes on one H200 (benchmarks/gpu_run.sh runs them as two phases of ab
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from rich.console import Console
 import sla2cli
 from sla2cli.bench.environment import git_commit, triton_version
 from sla2cli.cli import main as sla2_main
-from sla2cli.report.output import atomic_path
+from sla2cli.files import write_csv_file
 from sla2cli.sources.random_models import build_random_model
 from sla2cli.training.job import FinetuneRequest, run_finetune_job
 from sla2cli.training.latent_format import latent_folder_writer
@@ -97,13 +96,7 @@ def sla2_main_checked(argv: list[str]) -> None:
 def wan_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
     """Three steps of the full-size Wan2.1-1.3B architecture on random latents (the timing, not the loss)."""
     latents, text = parse_clip_like(args.wan_latents, 4), parse_clip_like(args.wan_text, 2)
-    data = args.out / "wan-random-latents"
-    generator = torch.Generator().manual_seed(0)
-    with latent_folder_writer(data, overwrite=True) as writer:
-        for index in range(2):
-            writer.add(f"random-{index}", torch.randn(latents, generator=generator),
-                       torch.randn(text, generator=generator))
-        writer.finish(validation=["random-1"])
+    data = write_random_latents(args.out / "wan-random-latents", latents, text)
     model = build_random_model("wan2.1-t2v-1.3b", dtype=torch.bfloat16, device=device,
                                full_size=not args.wan_scaled_down)
     sla2cli.convert(model, sparsity=0.97)
@@ -117,6 +110,17 @@ def wan_rows(args: argparse.Namespace, device: torch.device) -> list[dict]:
              "val_loss_before": summary.validation_before, "val_loss_after": summary.validation_after,
              "minutes": summary.seconds / 60, "samples_per_second": summary.samples_per_second,
              "peak_memory_gb": summary.peak_memory_mb / 1024}]
+
+
+def write_random_latents(folder: Path, latents: tuple[int, ...], text: tuple[int, ...]) -> Path:
+    """A latent data folder of two random samples (one for training, one for validation): timing, not learning."""
+    generator = torch.Generator().manual_seed(0)
+    with latent_folder_writer(folder, overwrite=True) as writer:
+        for index in range(2):
+            writer.add(f"random-{index}", torch.randn(latents, generator=generator),
+                       torch.randn(text, generator=generator))
+        writer.finish(validation=["random-1"])
+    return folder
 
 
 def parse_clip_like(text: str, count: int) -> tuple[int, ...]:
@@ -158,11 +162,7 @@ def main() -> None:
 
 
 def write_rows(path: Path, rows: list[dict], meta: dict) -> None:
-    with atomic_path(path) as temporary, open(temporary, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **meta})
+    write_csv_file(path, COLUMNS, [{**row, **meta} for row in rows])
 
 
 if __name__ == "__main__":

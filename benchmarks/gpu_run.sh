@@ -33,10 +33,13 @@
 #   tma:    the kernel GPU tests, then the forward and both backward kernels gathering blocks of rows through
 #           pointers or tensor descriptors, at 0.97 on both default shapes (gpu_suite.py --tma-parts)
 #   profile: GPU time of every kernel the op launches at 0.97 on both default shapes, forward and forward+backward
-# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final|speed|backward|ab|route|tma|profile
+#   memory: fine-tuning peak memory of Wan2.1-14B at 720p x 81 frames measured at 1, 2 and 4 blocks and extrapolated
+#           (benchmarks/memory_breakdown.py); the same for Wan2.1-1.3B at 480p at 2, 4 and 8 blocks, beside 3 steps of
+#           the whole 1.3B model, which checks the extrapolation
+# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final|speed|backward|ab|route|tma|profile|memory
 set -uo pipefail
 out=${1:?output folder}
-phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot, quality, final, speed, backward, ab, route, tma or profile}
+phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot, quality, final, speed, backward, ab, route, tma, profile or memory}
 mkdir -p /tmp/site "$out"
 log="$out/all.log"
 source benchmarks/gpu_packages.sh
@@ -177,6 +180,13 @@ elif [ "$phase" = tma ]; then
     | tail -4 | tee -a "$log"
   timeout 300 python3 benchmarks/gpu_suite.py --csv "$out/tma_sweep.csv" --shapes 1,12,32760,128 1,40,75600,128 \
     --modes fwd --tma-parts --rep-ms 60 >> "$log" 2>&1
+elif [ "$phase" = memory ]; then
+  timeout 300 python3 benchmarks/memory_breakdown.py --recipe wan2.1-t2v-14b --latents 16,21,90,160 --layers 1 2 4 \
+    --csv "$out/memory_wan2.1-14b_720p.csv" >> "$log" 2>&1
+  timeout 200 python3 benchmarks/memory_breakdown.py --recipe wan2.1-t2v-1.3b --latents 16,21,60,104 --layers 2 4 8 \
+    --gpus 2 --csv "$out/memory_wan2.1-1.3b_480p.csv" >> "$log" 2>&1
+  timeout 120 python3 benchmarks/finetune_gpu.py --out /tmp/finetune --phases wan --csv "$out/finetune_wan_gpu.csv" \
+    >> "$log" 2>&1
 elif [ "$phase" = profile ]; then
   timeout 300 python3 benchmarks/profile_op.py --csv "$out/op_kernels.csv" >> "$log" 2>&1
 elif [ "$phase" = qat ]; then

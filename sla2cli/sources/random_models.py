@@ -79,12 +79,18 @@ def build_random_model(
     device: torch.device | str = "cpu",
     full_size: bool = True,
     seed: int = 0,
+    num_layers: int | None = None,
 ) -> diffusers.ModelMixin:
     """The recipe's transformer with random weights (full size, or scaled down), in eval mode, built on
     `device` in `dtype` (the modules diffusers keeps in float32 in float32); the same seed gives the same
-    weights on the same device."""
+    weights on the same device. num_layers: that many transformer blocks instead of the architecture's (a
+    memory study of a model too large to train whole on one GPU measures shallower copies)."""
     recipe = get_recipe(recipe_name)
     config = _require_architecture(recipe) if full_size else scaled_down_config(recipe)
+    if num_layers is not None:
+        if "num_layers" not in config or num_layers < 1:
+            raise ValueError(f"recipe {recipe.name}: num_layers must be >= 1 and the architecture must have one")
+        config["num_layers"] = num_layers
     cls = model_class(recipe.model_class)
     torch.manual_seed(seed)
     with creation_defaults(dtype, device):
