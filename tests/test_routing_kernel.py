@@ -87,6 +87,34 @@ def test_equal_scores_take_the_lowest_blocks(monkeypatch):
     assert torch.equal(routing.lut[0, 0, 0], torch.arange(routing.k_sel, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_routing_under_autocast_is_the_float32_routing(monkeypatch, backend):
+    """Fine-tuning runs the model under bf16 autocast: routing keeps its float32 products there (the route
+    kernel once got a bf16 W = W_q W_k^T from an autocast matmul and failed to compile)."""
+    monkeypatch.setenv("SLA2_BACKEND", backend)
+    q, k, _ = random_qkv(1, 2, 200, 64, torch.bfloat16, 9, requires_grad=False)
+    proj_q, proj_k = _projections("both", 64, 9)
+    kwargs = dict(sparsity=0.9, proj_q=proj_q, proj_k=proj_k, block_q=32, block_k=16)
+    expected = route(q, k, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        routed = route(q, k, **kwargs)
+    assert routed.scores.dtype == torch.float32
+    assert torch.equal(routed.lut, expected.lut) and torch.equal(routed.scores, expected.scores)
+
+
+@pytest.mark.gpu
+def test_gpu_routing_under_autocast_with_projections(monkeypatch):
+    """The same on the GPU at the embedded model's geometry, where the route kernel runs."""
+    generator = torch.Generator(device="cuda").manual_seed(4)
+    q, k = (torch.randn(1, 4, 8192, 128, device="cuda", generator=generator).to(torch.bfloat16) for _ in range(2))
+    proj_q, proj_k = (p.cuda() for p in _projections("both", 128, 4))
+    kwargs = dict(sparsity=0.97, proj_q=proj_q, proj_k=proj_k, block_q=32, block_k=16)
+    expected = route(q, k, **kwargs)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        routed = route(q, k, **kwargs)
+    assert routed.scores.dtype == torch.float32 and torch.equal(routed.lut, expected.lut)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets the NaN
 def test_nan_scores_still_give_a_valid_table(monkeypatch):
     """NaN inputs must not send the attention kernels outside the key blocks."""
