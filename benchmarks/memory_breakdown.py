@@ -7,11 +7,15 @@ records the peak GPU memory and the parameter count, and splits the peak into th
 per parameter: float32 weights, gradients and AdamW's two moments) and the rest (activations, bf16 copies
 under autocast, workspaces).
 
-Every block adds the same weights, state and checkpointed input, so peak memory is a line in depth: a
-least-squares line through the measured depths gives one block's cost and the rest. The `extrapolated` rows
-carry it to the recipe's full depth on one GPU, and to N GPUs under FSDP2 as an estimate: the training state
-divided by N, plus the unsharded rest, plus two blocks gathered in float32 at a time (the current one and the
-next). They are estimates, marked so in the CSV; only `measured` rows were run.
+Every block adds the same weights, state and checkpointed input, so each quantity is a line in depth; lines
+through the measured depths carry them to the recipe's full depth. A step's memory is bounded by two moments:
+the start of the backward (weights and AdamW moments, 12 bytes per parameter, plus every block's checkpointed
+input, measured as what a training forward leaves allocated) and its end (all gradients too, 16 bytes per
+parameter); either comes with one block's working memory (the measured peak less the training state). The
+`extrapolated` rows give that bound at full depth on one GPU and, as an estimate, on N GPUs under FSDP2: weights,
+gradients and moments divided by N, checkpointed inputs and working memory not, two blocks gathered in float32
+at a time. They are estimates, marked so in the CSV; only `measured` rows were run. Three steps of a model that
+fits one GPU check them (benchmarks/finetune_gpu.py --phases wan, the whole Wan2.1-1.3B at 480p).
 Usage: python benchmarks/memory_breakdown.py --recipe wan2.1-t2v-14b --latents 16,21,90,160 --layers 1 2 4 \\
            --csv memory.csv
 A CPU check at tiny sizes: ... --device cpu --scaled-down --latents 16,2,16,16 --text 16,32 --layers 1 2 --steps 1
@@ -33,11 +37,32 @@ from sla2cli.integration.recipes import get_recipe
 from sla2cli.sources.random_models import build_random_model
 
 TRAINING_STATE_BYTES = 16  # per parameter: float32 weight, float32 gradient, AdamW exp_avg and exp_avg_sq
+WEIGHT_AND_MOMENT_BYTES = 12  # the same without the gradient (before the backward has made it)
 GATHERED_BLOCKS = 2  # FSDP2 holds the running block and prefetches the next one, unsharded
 GIB = 2**30
 COLUMNS = ["kind", "recipe", "layers", "gpus", "latents", "sparsity", "steps", "parameters", "peak_gb",
-           "training_state_gb", "rest_gb", "seconds_per_step", "gpu_capacity_gb", "note", "device", "torch", "triton",
-           "commit"]
+           "training_state_gb", "rest_gb", "forward_held_gb", "seconds_per_step", "gpu_capacity_gb", "note",
+           "device", "torch", "triton", "commit"]
+
+
+class ForwardHeld:
+    """The most memory a training forward (grad enabled) leaves allocated for its backward: allocated after the
+    model's forward minus before it. With gradient checkpointing that is each block's saved input."""
+
+    def __init__(self, model: torch.nn.Module, device: torch.device):
+        self.most_bytes = 0
+        self._before = 0
+        self._measures = device.type == "cuda"
+        model.register_forward_pre_hook(self._before_forward)
+        model.register_forward_hook(self._after_forward)
+
+    def _before_forward(self, *_):
+        if self._measures and torch.is_grad_enabled():
+            self._before = torch.cuda.memory_allocated()
+
+    def _after_forward(self, *_):
+        if self._measures and torch.is_grad_enabled():
+            self.most_bytes = max(self.most_bytes, torch.cuda.memory_allocated() - self._before)
 
 
 def measure(recipe: str, layers: int, data: Path, args: argparse.Namespace, device: torch.device) -> dict:
@@ -46,6 +71,7 @@ def measure(recipe: str, layers: int, data: Path, args: argparse.Namespace, devi
                                num_layers=layers)
     parameters = sum(parameter.numel() for parameter in model.parameters())
     sla2cli.convert(model, sparsity=args.sparsity)
+    held = ForwardHeld(model, device)
     reset_peak(device)
     summary = sla2cli.finetune(model, data, steps=args.steps, batch_size=1, gradient_checkpointing=True,
                                validation_samples=1, warmup_steps=1, device=device, recipe=recipe)
@@ -53,7 +79,7 @@ def measure(recipe: str, layers: int, data: Path, args: argparse.Namespace, devi
     peak_gb = summary.peak_memory_mb / 1024
     state_gb = parameters * TRAINING_STATE_BYTES / GIB
     return {"kind": "measured", "layers": layers, "gpus": 1, "parameters": parameters, "peak_gb": peak_gb,
-            "training_state_gb": state_gb, "rest_gb": peak_gb - state_gb,
+            "training_state_gb": state_gb, "rest_gb": peak_gb - state_gb, "forward_held_gb": held.most_bytes / GIB,
             "seconds_per_step": summary.seconds / max(summary.steps, 1)}
 
 
@@ -67,24 +93,33 @@ def line_through(points: list[tuple[float, float]]) -> tuple[float, float]:
     return mean_y - slope * mean_x, slope
 
 
+def at_depth(measured: list[dict], key: str, depth: int) -> float:
+    """The least-squares line of `key` against depth, evaluated at `depth`."""
+    intercept, slope = line_through([(row["layers"], row[key]) for row in measured])
+    return intercept + slope * depth
+
+
 def extrapolate(measured: list[dict], full_depth: int, gpu_counts: list[int], capacity_gb: float) -> list[dict]:
-    """The full depth on one GPU from the fitted lines, then FSDP2 estimates for each GPU count."""
-    peak = line_through([(row["layers"], row["peak_gb"]) for row in measured])
-    params = line_through([(row["layers"], row["parameters"]) for row in measured])
-    parameters = round(params[0] + params[1] * full_depth)
-    peak_gb = peak[0] + peak[1] * full_depth
-    state_gb = parameters * TRAINING_STATE_BYTES / GIB
-    rest_gb = peak_gb - state_gb
-    block_gb = params[1] * 4 / GIB  # one block's float32 weights
+    """The full depth on one GPU, then FSDP2 estimates for each GPU count, from lines through the measured depths.
+
+    Two moments bound a step's memory: the start of the backward (weights and AdamW moments, 12 B per parameter,
+    sharded; every block's checkpointed input, not sharded) and its end (all gradients too, 16 B per parameter).
+    Either comes with the working memory of one block (`rest`: the measured peak less the training state)."""
+    parameters = round(at_depth(measured, "parameters", full_depth))
+    _, block_parameters = line_through([(row["layers"], row["parameters"]) for row in measured])
+    held_gb = at_depth(measured, "forward_held_gb", full_depth)
+    rest_gb = at_depth(measured, "rest_gb", full_depth)
     rows = []
     for gpus in [1, *gpu_counts]:
-        sharded = gpus > 1
-        per_gpu = state_gb / gpus + rest_gb + (GATHERED_BLOCKS * block_gb if sharded else 0.0)
-        note = (f"line through {len(measured)} depths: {peak[1]:.2f} GB per block + {peak[0]:.2f} GB"
-                + (f"; FSDP2 estimate: state / {gpus} + rest + {GATHERED_BLOCKS} gathered blocks" if sharded else ""))
+        end_of_backward = parameters * TRAINING_STATE_BYTES / GIB / gpus
+        start_of_backward = parameters * WEIGHT_AND_MOMENT_BYTES / GIB / gpus + held_gb
+        gathered_gb = GATHERED_BLOCKS * block_parameters * 4 / GIB if gpus > 1 else 0.0
         rows.append({"kind": "extrapolated", "layers": full_depth, "gpus": gpus, "parameters": parameters,
-                     "peak_gb": per_gpu, "training_state_gb": state_gb / gpus, "rest_gb": rest_gb,
-                     "gpu_capacity_gb": capacity_gb, "note": note})
+                     "peak_gb": max(end_of_backward, start_of_backward) + rest_gb + gathered_gb,
+                     "training_state_gb": end_of_backward, "rest_gb": rest_gb, "forward_held_gb": held_gb,
+                     "gpu_capacity_gb": capacity_gb,
+                     "note": ("start" if start_of_backward > end_of_backward else "end") + " of the backward bounds it"
+                             + (f"; FSDP2: state / {gpus}, {GATHERED_BLOCKS} blocks gathered" if gpus > 1 else "")})
     return rows
 
 
@@ -127,8 +162,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
     rows = measured + extrapolate(measured, full_depth, args.gpus, capacity_gb)
     write_csv_file(args.csv, COLUMNS, [{**shared, **row} for row in rows])
     for row in rows[len(measured):]:
-        print(f"{row['layers']} layers on {row['gpus']} GPU(s): {row['peak_gb']:.1f} GB per GPU "
-              f"(state {row['training_state_gb']:.1f}, rest {row['rest_gb']:.1f}; capacity {capacity_gb:.0f})")
+        print(f"{row['layers']} layers on {row['gpus']} GPU(s): {row['peak_gb']:.1f} GB per GPU (state "
+              f"{row['training_state_gb']:.1f}, checkpointed inputs {row['forward_held_gb']:.1f}, "
+              f"rest {row['rest_gb']:.1f}; {row['note']}; capacity {capacity_gb:.0f})")
     print(f"{(time.perf_counter() - started) / 60:.1f} min")
 
 

@@ -22,17 +22,22 @@ def test_line_through_recovers_a_line():
 
 
 def test_extrapolation_to_full_depth_and_fsdp2_estimates():
+    """Lines through the depths; the larger of the two moments of a step, plus the working memory."""
     gib = breakdown.GIB
-    measured = [{"layers": n, "peak_gb": 10.0 + 6.0 * n, "parameters": 2 * gib + gib // 4 * n} for n in (1, 2, 4)]
-    rows = breakdown.extrapolate(measured, full_depth=40, gpu_counts=[2, 4], capacity_gb=140.0)
-    assert [row["gpus"] for row in rows] == [1, 2, 4] and all(row["kind"] == "extrapolated" for row in rows)
-    one = rows[0]
-    assert one["peak_gb"] == pytest.approx(250.0)
-    assert one["parameters"] == 12 * gib
-    state = 12 * breakdown.TRAINING_STATE_BYTES
-    assert one["training_state_gb"] == pytest.approx(state) and one["rest_gb"] == pytest.approx(250.0 - state)
+    # 2 + n/4 Gi parameters (16 B each: 32 + 4n GB), peak 40 + 4n GB, so 8 GB of working memory at every depth;
+    # a training forward leaves 0.5 + n GB of checkpointed inputs.
+    measured = [{"layers": n, "parameters": 2 * gib + gib // 4 * n, "peak_gb": 40.0 + 4.0 * n, "rest_gb": 8.0,
+                 "forward_held_gb": 0.5 + 1.0 * n} for n in (1, 2, 4)]
+    rows = breakdown.extrapolate(measured, full_depth=40, gpu_counts=[2, 8], capacity_gb=140.0)
+    assert [row["gpus"] for row in rows] == [1, 2, 8] and all(row["kind"] == "extrapolated" for row in rows)
+    parameters_gib, held = 12, 0.5 + 40
+    assert rows[0]["parameters"] == parameters_gib * gib and rows[0]["forward_held_gb"] == pytest.approx(held)
+    # One GPU: the end of the backward (192 GB of state) outweighs its start (144 + 40.5).
+    assert rows[0]["peak_gb"] == pytest.approx(16 * parameters_gib + 8.0) and rows[0]["note"].startswith("end")
+    # Eight: the unsharded checkpointed inputs make the start the larger.
     gathered = breakdown.GATHERED_BLOCKS * 0.25 * 4  # two blocks of 2^30 / 4 float32 parameters
-    assert rows[2]["peak_gb"] == pytest.approx(state / 4 + (250.0 - state) + gathered)
+    assert rows[2]["peak_gb"] == pytest.approx(12 * parameters_gib / 8 + held + 8.0 + gathered)
+    assert rows[2]["note"].startswith("start")
 
 
 def test_tiny_run_on_cpu_writes_measured_and_extrapolated_rows(tmp_path, monkeypatch):
