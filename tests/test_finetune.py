@@ -331,3 +331,19 @@ def test_finetune_on_a_gpu_trains_fp32_master_weights_under_bf16_autocast(conver
     model = sla2cli.load(out, quant="int8", dtype=torch.float32, device="cuda")
     assert sla2cli.evaluate(model, validation_samples=2) == pytest.approx(validations(rows)[-1][1], rel=1e-4)
     assert load_file(str(out / WEIGHTS))["proj_out.weight"].dtype == torch.float32
+
+
+@pytest.mark.gpu
+def test_finetune_on_a_gpu_at_the_default_sparsity(tmp_path):
+    """`sla2 convert` (0.97) then `sla2 finetune` on CUDA at the default clip: the geometry where the route kernel
+    runs under bf16 autocast with the router's projections (it once failed to compile there)."""
+    import sla2_kernels
+    from sla2cli.ops.geometry import k_selected
+
+    assert sla2_kernels.routes_in_kernel(k_selected(512, 0.97), 512)  # 8192 tokens in key blocks of 16
+    converted, out = tmp_path / "c97", tmp_path / "f97"
+    assert _cli(["convert", "--out", str(converted)]) == 0
+    assert _cli(["finetune", str(converted), "--out", str(out), "--steps", "2", "--batch-size", "2",
+                 "--validation-samples", "1", "--quiet", "--device", "cuda"]) == 0
+    losses = train_losses(read_metrics_csv(out / TRAINING_METRICS_FILE))
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(loss)) for loss in losses)
