@@ -41,3 +41,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise UserError(f"--dtype {name!r} is unknown; use auto, {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+def out_of_memory_error(device: torch.device, advice: str) -> UserError:
+    """One line for a run that ran out of GPU memory: how full the device got, then what to change."""
+    if device.type != "cuda":
+        return UserError(f"out of memory on {device}: {advice}")
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    total = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return UserError(f"out of GPU memory on {device} (peak {peak:.1f} of {total:.1f} GiB allocated): {advice}")

@@ -347,3 +347,16 @@ def test_finetune_on_a_gpu_at_the_default_sparsity(tmp_path):
                  "--validation-samples", "1", "--quiet", "--device", "cuda"]) == 0
     losses = train_losses(read_metrics_csv(out / TRAINING_METRICS_FILE))
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(loss)) for loss in losses)
+
+
+def test_running_out_of_memory_is_one_line_with_what_to_change(converted, tmp_path, capsys, monkeypatch):
+    def out_of_memory(trainer, step):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(loop_module, "train_step", out_of_memory)
+    out = tmp_path / "oom"
+    code, stdout, err = run_cli(["finetune", str(converted), "--out", str(out), *RUN8], capsys)
+    assert code == 2 and "Traceback" not in err, err
+    message = " ".join(err.split())
+    assert "out of memory on cpu" in message and "--gradient-checkpointing" in message and "--grad-accum" in message
+    assert not out.exists()  # nothing was saved before the first step

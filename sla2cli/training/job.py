@@ -18,6 +18,7 @@ from torch import nn
 from sla2cli import api
 from sla2cli.checkpoint.format import CONFIG_FILE, TRAINING_METRICS_FILE, CheckpointConfig, read_config
 from sla2cli.checkpoint.storage import write_checkpoint
+from sla2cli.devices import out_of_memory_error
 from sla2cli.errors import UserError
 from sla2cli.files import check_output_folder
 from sla2cli.integration.recipes import get_recipe
@@ -46,6 +47,13 @@ from sla2cli.training.settings import (
     recipe_defaults,
     resume_mismatches,
     with_overrides,
+)
+
+# What a run that ran out of memory can change; --out keeps its last save, if any.
+OUT_OF_MEMORY_ADVICE = (
+    "fine-tune with --gradient-checkpointing (a saved run: --resume --gradient-checkpointing), fewer samples per "
+    "micro-batch (--grad-accum), a smaller --clip, or more GPUs (torchrun --nproc-per-node N); the README's "
+    "fine-tuning section says how much memory a model needs"
 )
 
 
@@ -191,6 +199,8 @@ def run_finetune_job(request: FinetuneRequest, console: Console) -> JobResult:
     processes = distributed.start_processes(request.device)
     try:
         return _run(request, config, settings, record, data, processes, console)
+    except torch.OutOfMemoryError as error:
+        raise out_of_memory_error(processes.device, OUT_OF_MEMORY_ADVICE) from error
     finally:
         distributed.stop_processes(processes)
 
