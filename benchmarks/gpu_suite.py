@@ -219,10 +219,10 @@ def time_backward_parts(rec, q, k, v, alpha, routing, comp_states, comp_norms, s
                             KEY_SWEEP if key_sweep is None else key_sweep)
 
 
-# Backward launch settings swept: warps x pipeline stages (4 stages run out of shared memory at D = 128); the key
-# side also with its query blocks read through tensor descriptors.
-BACKWARD_SWEEP = [Launch(w, s) for w in (4, 8) for s in (1, 2, 3)]
+# Backward launch settings swept: warps x pipeline stages (4 stages run out of shared memory at D = 128), the key
+# side with its query blocks read through pointers or tensor descriptors, the query side through pointers.
 KEY_SWEEP = [Launch(w, s, tma=tma) for w in (4, 8) for s in (1, 2, 3) for tma in (False, True)]
+BACKWARD_SWEEP = [launch for launch in KEY_SWEEP if not launch.tma]
 
 
 def sweep_backward_launches(rec, query_side, key_side, head_dim, share, sparsity, rep_ms, query_sweep, key_sweep):

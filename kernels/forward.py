@@ -132,21 +132,16 @@ def _accumulate_values(
 
 
 @triton.jit
-def _load_linear_state(Alpha, CompState, CompNorm, bh, q_block, num_q_blocks, cols, HEAD_DIM: tl.constexpr):
-    """The query block's complement state H (D x D), normaliser z (D) and mix alpha."""
+def _linear_epilogue(
+    out_sparse, q, Alpha, CompState, CompNorm, bh, q_block, num_q_blocks, cols, linear_eps,
+    HEAD_DIM: tl.constexpr, DOT_PRECISION: tl.constexpr, ACCUMULATE_LINEAR: tl.constexpr,
+):
+    """O = alpha O_s + (1 - alpha) phi(Q) H / (phi(Q) z + eps), with the query block's H, z, alpha."""
     block_offset = bh * num_q_blocks + q_block
     state = tl.load(tile_pointers(CompState, block_offset, 0, cols[:, None], cols[None, :], d_by_d_strides(HEAD_DIM)))
     norm = tl.load(CompNorm + block_offset * HEAD_DIM + cols)
-    mix = tl.load(Alpha + block_offset)
-    return state, norm, mix
-
-
-@triton.jit
-def _linear_epilogue(
-    out_sparse, q, state, norm, mix, linear_eps, DOT_PRECISION: tl.constexpr, ACCUMULATE_LINEAR: tl.constexpr,
-):
-    """O = alpha O_s + (1 - alpha) phi(Q) H / (phi(Q) z + eps), with the query block's H, z, alpha."""
     phi = feature_softmax(q.to(tl.float32))
+    mix = tl.load(Alpha + block_offset)
     denominator = tl.sum(phi * norm[None, :], axis=1) + linear_eps
     if ACCUMULATE_LINEAR:
         # The same sum with phi @ state accumulated onto the sparse tile scaled by mix / w, then
@@ -224,8 +219,8 @@ def _sla2_forward_kernel(
         if QUANT != _OFF:
             q = tl.load(tile_pointers(Q, batch, head, rows[:, None], cols[None, :], q_strides),
                         mask=row_valid[:, None], other=0.0)
-        state, norm, mix = _load_linear_state(Alpha, CompState, CompNorm, bh, q_block, num_q_blocks, cols, HEAD_DIM)
-        out = _linear_epilogue(out_sparse, q, state, norm, mix, linear_eps, DOT_PRECISION, ACCUMULATE_LINEAR)
+        out = _linear_epilogue(out_sparse, q, Alpha, CompState, CompNorm, bh, q_block, num_q_blocks, cols,
+                               linear_eps, HEAD_DIM, DOT_PRECISION, ACCUMULATE_LINEAR)
     else:
         out = out_sparse
     tl.store(out_tile, out.to(Out.dtype.element_ty), mask=row_valid[:, None])

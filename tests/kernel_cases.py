@@ -41,3 +41,15 @@ def rel_l2(actual: torch.Tensor | None, expected: torch.Tensor | None, floor: fl
     if denominator == 0.0:
         return numerator
     return numerator / denominator
+
+
+def force_tensor_descriptors(monkeypatch, head_dim: int) -> None:
+    """Every kernel at this head dim gathers its blocks of rows through tensor descriptors (Launch.tma), the
+    forward at any launch size (no MIN_DESCRIPTOR_PAIRS gate)."""
+    from sla2_kernels import backward, forward
+
+    key = (head_dim, forward.CODE_OFF)
+    monkeypatch.setitem(forward.FORWARD_LAUNCH, key, forward.FORWARD_LAUNCH[key]._replace(tma=True))
+    monkeypatch.setattr(forward, "MIN_DESCRIPTOR_PAIRS", 0)
+    monkeypatch.setitem(backward.QUERY_LAUNCH, head_dim, backward.QUERY_LAUNCH[head_dim]._replace(tma=True))
+    monkeypatch.setitem(backward.KEY_LAUNCH, head_dim, backward.KEY_LAUNCH[head_dim]._replace(tma=True))

@@ -14,7 +14,7 @@ import itertools
 
 import pytest
 import torch
-from kernel_cases import random_alpha, random_qkv, rel_l2
+from kernel_cases import force_tensor_descriptors, random_alpha, random_qkv, rel_l2
 
 from sla2cli.ops import num_blocks, route, sla2_attention, sla2_attention_bshd, sla2_reference
 
@@ -61,13 +61,9 @@ def test_kernels_reading_blocks_through_tensor_descriptors_match_reference(monke
                                                                             dtype):
     """The launch option that gathers blocks of rows through tensor descriptors (TMA on a GPU), in the forward
     and both backward kernels: partial last blocks read as zero."""
-    from sla2_kernels import backward, common, forward
+    from sla2_kernels import common
 
-    key = (head_dim, forward.CODE_OFF)
-    monkeypatch.setitem(forward.FORWARD_LAUNCH, key, forward.FORWARD_LAUNCH[key]._replace(tma=True))
-    monkeypatch.setattr(forward, "MIN_DESCRIPTOR_PAIRS", 0)
-    monkeypatch.setitem(backward.QUERY_LAUNCH, head_dim, backward.QUERY_LAUNCH[head_dim]._replace(tma=True))
-    monkeypatch.setitem(backward.KEY_LAUNCH, head_dim, backward.KEY_LAUNCH[head_dim]._replace(tma=True))
+    force_tensor_descriptors(monkeypatch, head_dim)
     made = []
     build = common.block_descriptor
     monkeypatch.setattr(common, "block_descriptor", lambda x, block: made.append(block) or build(x, block))

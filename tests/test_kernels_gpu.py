@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import random_alpha, random_qkv, rel_l2
+from kernel_cases import force_tensor_descriptors, random_alpha, random_qkv, rel_l2
 
 from sla2cli.ops import num_blocks, sla2_attention, sla2_attention_bshd, sla2_reference
 
@@ -58,13 +58,7 @@ def test_bf16_unaligned_key_block_count():
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_bf16_blocks_through_tensor_descriptors(monkeypatch, head_dim):
     """Every kernel gathering its blocks of rows through tensor descriptors (TMA), Launch.tma."""
-    from sla2_kernels import backward, forward
-
-    key = (head_dim, forward.CODE_OFF)
-    monkeypatch.setitem(forward.FORWARD_LAUNCH, key, forward.FORWARD_LAUNCH[key]._replace(tma=True))
-    monkeypatch.setattr(forward, "MIN_DESCRIPTOR_PAIRS", 0)
-    monkeypatch.setitem(backward.QUERY_LAUNCH, head_dim, backward.QUERY_LAUNCH[head_dim]._replace(tma=True))
-    monkeypatch.setitem(backward.KEY_LAUNCH, head_dim, backward.KEY_LAUNCH[head_dim]._replace(tma=True))
+    force_tensor_descriptors(monkeypatch, head_dim)
     _compare(2, 2, 4096, head_dim, 0.9, seed=16)
     _compare(1, 1, 32760, head_dim, 0.97, seed=17)
     _compare(1, 2, 10000, head_dim, 0.97, seed=18)

@@ -56,11 +56,11 @@ def complement_state_grads(
     belong to no block.
     """
     batch, heads, num_q_blocks, head_dim, _ = grad_states.shape
-    num_k_blocks = stored_state_blocks(num_k_blocks)
-    comp_t = complement_map(lut, num_k_blocks, grad_states.dtype).transpose(1, 2)
+    stored = stored_state_blocks(num_k_blocks)
+    comp_t = complement_map(lut, stored, grad_states.dtype).transpose(1, 2)
     summed = torch.bmm(comp_t, grad_states.reshape(batch * heads, num_q_blocks, head_dim * head_dim))
     summed_norms = torch.bmm(comp_t.float(), grad_norms.reshape(batch * heads, num_q_blocks, head_dim))
     return (
-        summed.reshape(batch, heads, num_k_blocks, head_dim, head_dim),
-        summed_norms.reshape(batch, heads, num_k_blocks, head_dim),
+        summed.reshape(batch, heads, stored, head_dim, head_dim),
+        summed_norms.reshape(batch, heads, stored, head_dim),
     )
