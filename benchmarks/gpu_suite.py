@@ -180,9 +180,9 @@ def time_route_launches(rec, q, k, sparsity, rep_ms):
         del os.environ["SLA2_BACKEND"]
     else:
         os.environ["SLA2_BACKEND"] = backend
-    for rows, elements, warps in itertools.product((16, 32), (2048, 4096, 8192), (4, 8)):
-        launch = RouteLaunch(rows, elements, warps)
-        note = f"rows,select_elements,warps={tuple(launch)}" + (" (default)" if launch == ROUTE_LAUNCH else "")
+    for rows, elements, select_warps in itertools.product((16, 32), (1024, 2048, 4096, 8192), (1, 2, 4, 8)):
+        launch = RouteLaunch(rows, 4, elements, select_warps)
+        note = f"{RouteLaunch._fields}={tuple(launch)}" + (" (default)" if launch == ROUTE_LAUNCH else "")
         rec.add("sla2-routing-kernels", sparsity, "fwd",
                 median_ms(lambda launch=launch: route_blocks(q, k, None, 128, 64, k_sel, launch), rep_ms), share,
                 note=note)

@@ -20,6 +20,7 @@ _ENTRY_POINTS = {
     "reverse_lut": "backward",
     "route_blocks": "routing",
     "routes_in_kernel": "routing",
+    "select_top_blocks": "routing",
     "sla2_backward_key": "backward",
     "sla2_backward_query": "backward",
     "sla2_forward": "forward",

@@ -1,17 +1,17 @@
-"""Hard routing in two launches: block means of Q and K, then scores and top-k per query block.
+"""Hard routing in three launches: block means of Q and K, scores, then top-k per query block.
 
 For query block i and key block j, with qbar_i, kbar_j the block means, n_j the real tokens of key
 block j and kmean = sum_j n_j kbar_j / L the sequence mean of K:
     S_ij = (qbar_i W) . (kbar_j - kmean) / sqrt(D)          W = W_q W_k^T, the router's projections
 and the look-up table holds, ascending, the k_sel key blocks of largest S_ij in each row.
 
-The route kernel takes a tile of query blocks. Its first pass walks the key blocks in chunks: it
-writes the products r_ij = (qbar_i W / sqrt(D)) . (kbar_j - kbar_0) and sums n_j (kbar_j - kbar_0) on
-the way, so kmean comes without another pass; the smoothing term is then one number per row. The
-second pass reloads a few rows at a time, subtracts it, takes the k_sel largest scores of each row in
-k_sel rounds of argmax (the lowest block among equal scores), then writes the chosen blocks in
-ascending order through a prefix sum. It replaces PyTorch's pooling, score GEMM, top-k and sort (about
-ten launches) where that is measured faster: see routes_in_kernel.
+The score kernel takes a tile of query blocks and walks the key blocks in chunks: it writes the
+products r_ij = (qbar_i W / sqrt(D)) . (kbar_j - kbar_0) and sums n_j (kbar_j - kbar_0) on the way, so
+kmean comes without another pass; the smoothing term is then one number per row. The select kernel
+reads whole rows, subtracts that number, and finds each row's k_sel-th largest score by a binary
+search over its bits (32 rounds of "how many are at least this", whatever k_sel is), then writes the
+chosen blocks in ascending order through a prefix sum. select_top_blocks runs the same selection on
+scores computed elsewhere.
 """
 
 from __future__ import annotations
@@ -29,29 +29,24 @@ KEYS_PER_STEP = 64  # key blocks per step of the score pass
 
 
 class RouteLaunch(NamedTuple):
-    """rows: query blocks per program (>= 16, tl.dot's smallest M); select_elements: rows x padded key
-    blocks that the selection holds at once."""
+    """rows: query blocks per score program (>= 16, tl.dot's smallest M); num_warps: its warps.
+    select_elements: rows x padded key blocks one select program holds; select_warps: its warps."""
 
     rows: int
-    select_elements: int
     num_warps: int
+    select_elements: int
+    select_warps: int
 
 
-# H200 sweep at 1x12x32760x128, 0.97 (benchmarks/results/h200_route_sweep.csv): 0.19-0.23 ms in every
-# setting against 0.98 ms for PyTorch's routing, each timed alone; this one also ran in the whole-op bench.
-ROUTE_LAUNCH = RouteLaunch(rows=16, select_elements=4096, num_warps=4)
-# The selection's rounds cost k_sel x (T_n rounded up to a power of 2) per row. Measured on an H200
-# (h200_bench_0.97_cf934ff.csv, h200_op_kernels_*.csv): at 32760 tokens and 0.97 (15 x 512) the kernels made
-# the op's forward 1.24 ms against 1.48 ms with PyTorch's routing; at 75600 tokens (35 x 2048) the route
-# kernel took 3.2 ms of GPU time where PyTorch's score GEMM, top-k and sort take 1.3 ms. Sizes in between
-# are not measured and keep PyTorch's routing. A bitonic sort of each row instead of rounds was slower at
-# 32760 tokens in every setting swept (0.30-0.45 ms).
-MAX_SELECTION_WORK = 8192
+ROUTE_LAUNCH = RouteLaunch(rows=16, num_warps=4, select_elements=4096, select_warps=4)
+# The selection holds whole rows of scores in registers, T_n rounded up to a power of 2; its cost does not
+# depend on k_sel (32 rounds per row). Longer rows keep PyTorch's top-k.
+MAX_KERNEL_KEY_BLOCKS = 4096
 
 
-def routes_in_kernel(k_sel: int, num_k_blocks: int) -> bool:
-    """Whether the route kernel's selection is measured cheaper than PyTorch's top-k at this size."""
-    return k_sel * triton.next_power_of_2(num_k_blocks) <= MAX_SELECTION_WORK
+def routes_in_kernel(num_k_blocks: int) -> bool:
+    """Whether the routing kernels take rows of this many key blocks (else PyTorch routes)."""
+    return triton.next_power_of_2(num_k_blocks) <= MAX_KERNEL_KEY_BLOCKS
 
 
 FLOAT32_MAX = tl.constexpr(3.4028234663852886e38)  # a constexpr: the only kind of global a kernel may read
@@ -80,12 +75,12 @@ def _pool_kernel(
                          BLOCK_K, HEAD_DIM)
 
 
-@triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks", "k_sel"])
-def _route_kernel(
-    QMean, KMean, Proj, Scores, Shift, Lut,
-    length, num_q_blocks, num_k_blocks, k_sel, scale,
+@triton.jit(do_not_specialize=["length", "num_q_blocks", "num_k_blocks"])
+def _score_kernel(
+    QMean, KMean, Proj, Scores, Shift,
+    length, num_q_blocks, num_k_blocks, scale,
     BLOCK_K: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_PROJ: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ROWS: tl.constexpr, KEYS: tl.constexpr, KEYS_PADDED: tl.constexpr, SELECT_ROWS: tl.constexpr,
+    ROWS: tl.constexpr, KEYS: tl.constexpr,
 ):
     tile = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)  # B*H*T_m*T_n can pass 2^31
@@ -99,8 +94,8 @@ def _route_kernel(
         query = tl.dot(query, proj, input_precision=DOT_PRECISION)
     query = query * scale
     score_rows = Scores + (bh * num_q_blocks + rows[:, None]) * num_k_blocks
-    # Pass 1, in key coordinates centred on the first key block (what K's blocks share cancels here, as
-    # in the smoothing itself, not between two large products): r_ij = query_i . (kbar_j - kbar_0), and
+    # In key coordinates centred on the first key block (what K's blocks share cancels here, as in the
+    # smoothing itself, not between two large products): r_ij = query_i . (kbar_j - kbar_0), and
     # sum_j n_j (kbar_j - kbar_0) = L (kmean - kbar_0), so that S_ij = r_ij - query_i . (kmean - kbar_0).
     first = tl.load(KMean + bh * num_k_blocks * HEAD_DIM + cols)
     key_sum = tl.zeros([HEAD_DIM], dtype=tl.float32)
@@ -114,31 +109,80 @@ def _route_kernel(
         key_sum += tl.sum(centred * tokens[:, None], axis=0)
         raw = tl.dot(query, tl.trans(centred), input_precision=DOT_PRECISION)
         tl.store(score_rows + keys[None, :], raw, mask=row_valid[:, None] & key_valid[None, :])
-    # The smoothing term is one number per row.
+    # The smoothing term is one number per row; the select kernel subtracts it.
     tl.store(Shift + bh * num_q_blocks + rows, tl.sum(query * key_sum[None, :], axis=1) / length, mask=row_valid)
-    tl.debug_barrier()  # pass 2 reads what other threads of this program wrote
-    # Pass 2, SELECT_ROWS rows at a time: final scores, then k_sel rounds of "take the largest left".
+
+
+@triton.jit
+def _order_keys(scores):
+    """uint32 keys in the order of the float32 scores, ties kept: NaN and -inf read as the lowest float,
+    -0.0 as 0.0. A float's bits order like integers for positive floats and in reverse for negative ones, so
+    the sign bit is set on positive ones and every bit flipped on negative ones. The lowest float maps to
+    0x00800000: every real block's key is above 0, which marks padding."""
+    finite = tl.where(scores == scores, tl.maximum(scores, -FLOAT32_MAX), -FLOAT32_MAX)
+    finite = tl.where(finite == 0.0, 0.0, finite)
+    bits = finite.to(tl.uint32, bitcast=True)
+    return tl.where((bits >> 31) == 1, bits ^ 0xFFFFFFFF, bits | 0x80000000)
+
+
+@triton.jit(do_not_specialize=["num_rows", "num_k_blocks", "k_sel"])
+def _select_kernel(
+    Scores, Shift, Lut,
+    num_rows, num_k_blocks, k_sel,
+    HAS_SHIFT: tl.constexpr, ROWS: tl.constexpr, KEYS_PADDED: tl.constexpr,
+):
+    # Rows are the flattened (batch, head, query block) rows of the (.., T_n) score map.
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_valid = rows < num_rows
     keys = tl.arange(0, KEYS_PADDED)
     key_valid = keys < num_k_blocks
-    for sub in tl.static_range(0, ROWS, SELECT_ROWS):
-        sel_rows = tile * ROWS + sub + tl.arange(0, SELECT_ROWS)
-        sel_valid = sel_rows < num_q_blocks
-        pointers = Scores + (bh * num_q_blocks + sel_rows[:, None]) * num_k_blocks + keys[None, :]
-        in_range = sel_valid[:, None] & key_valid[None, :]
-        scores = tl.load(pointers, mask=in_range, other=0.0)
-        scores -= tl.load(Shift + bh * num_q_blocks + sel_rows, mask=sel_valid, other=0.0)[:, None]
+    in_range = row_valid[:, None] & key_valid[None, :]
+    pointers = Scores + rows[:, None] * num_k_blocks + keys[None, :]
+    scores = tl.load(pointers, mask=in_range, other=0.0)
+    if HAS_SHIFT:
+        scores -= tl.load(Shift + rows, mask=row_valid, other=0.0)[:, None]
         tl.store(pointers, scores, mask=in_range)
-        # Candidates are finite (NaN and -inf read as the lowest float), padding and taken blocks are -inf:
-        # each round takes a distinct real block (the lowest among equal scores), so a row gets exactly k_sel.
-        finite = tl.where(scores == scores, tl.maximum(scores, -FLOAT32_MAX), -FLOAT32_MAX)
-        left = tl.where(key_valid[None, :], finite, float("-inf"))
-        for _ in range(k_sel):
-            best = tl.argmax(left, axis=1, tie_break_left=True)
-            left = tl.where(keys[None, :] == best[:, None], float("-inf"), left)
-        chosen = (left == float("-inf")) & key_valid[None, :]
-        slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
-        tl.store(Lut + (bh * num_q_blocks + sel_rows[:, None]) * k_sel + slot, keys[None, :] + 0 * slot,
-                 mask=chosen & sel_valid[:, None])
+    order = tl.where(key_valid[None, :], _order_keys(scores), 0)
+    # The k_sel-th largest key t of a row is the largest value with count(order >= t) >= k_sel: decided
+    # bit by bit from the top, each round keeping a bit when the row still has k_sel keys at or above it.
+    kth = tl.zeros([ROWS], dtype=tl.uint32)
+    for shift in range(32):
+        candidate = kth | (tl.full([ROWS], 0x80000000, tl.uint32) >> shift)
+        at_least = tl.sum((order >= candidate[:, None]).to(tl.int32), axis=1)
+        kth = tl.where(at_least >= k_sel, candidate, kth)
+    # Everything above t is taken (fewer than k_sel keys); of the keys equal to t, the lowest blocks fill the
+    # rest, so a row gets exactly k_sel distinct blocks whatever ties it holds.
+    above = order > kth[:, None]
+    tied = order == kth[:, None]
+    room = k_sel - tl.sum(above.to(tl.int32), axis=1)
+    chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=1) <= room[:, None]))
+    slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
+    tl.store(Lut + rows[:, None] * k_sel + slot, keys[None, :] + 0 * slot, mask=chosen & row_valid[:, None])
+
+
+def _launch_select(
+    scores: torch.Tensor, shift: torch.Tensor | None, k_sel: int, launch: RouteLaunch
+) -> torch.Tensor:
+    """Look-up table (.., k_sel) int32 of the k_sel largest scores per row of a contiguous float32 map
+    (minus shift per row, written back, when given)."""
+    num_k_blocks = scores.shape[-1]
+    if not 1 <= k_sel <= num_k_blocks:
+        raise ValueError(f"k_sel must be in [1, {num_k_blocks}], got {k_sel}")
+    lut = torch.empty(*scores.shape[:-1], k_sel, device=scores.device, dtype=torch.int32)
+    num_rows = scores.numel() // num_k_blocks
+    keys_padded = triton.next_power_of_2(num_k_blocks)
+    rows = max(1, launch.select_elements // keys_padded)
+    _select_kernel[(triton.cdiv(num_rows, rows),)](
+        scores, shift if shift is not None else scores, lut, num_rows, num_k_blocks, k_sel,
+        HAS_SHIFT=shift is not None, ROWS=rows, KEYS_PADDED=keys_padded, num_warps=launch.select_warps,
+    )
+    return lut
+
+
+def select_top_blocks(scores: torch.Tensor, k_sel: int, launch: RouteLaunch | None = None) -> torch.Tensor:
+    """(.., T_m, k_sel) int32 look-up table, ascending per row: the k_sel key blocks of largest score, the
+    lowest block first among equal scores, NaN and -inf last. scores: (.., T_m, T_n) float32."""
+    return _launch_select(scores.float().contiguous(), None, k_sel, launch or ROUTE_LAUNCH)
 
 
 def route_blocks(
@@ -151,7 +195,7 @@ def route_blocks(
     q, k = last_dim_contiguous(q), last_dim_contiguous(k)
     batch, heads, length, head_dim = q.shape
     num_q_blocks, num_k_blocks = triton.cdiv(length, block_q), triton.cdiv(length, block_k)
-    if not 1 <= k_sel <= num_k_blocks:
+    if not 1 <= k_sel <= num_k_blocks:  # before any launch
         raise ValueError(f"k_sel must be in [1, {num_k_blocks}], got {k_sel}")
     q_means = torch.empty(batch, heads, num_q_blocks, head_dim, device=q.device, dtype=torch.float32)
     k_means = torch.empty(batch, heads, num_k_blocks, head_dim, device=q.device, dtype=torch.float32)
@@ -161,17 +205,13 @@ def route_blocks(
     )
     scores = torch.empty(batch, heads, num_q_blocks, num_k_blocks, device=q.device, dtype=torch.float32)
     shift = torch.empty(batch, heads, num_q_blocks, device=q.device, dtype=torch.float32)
-    lut = torch.empty(batch, heads, num_q_blocks, k_sel, device=q.device, dtype=torch.int32)
-    keys_padded = triton.next_power_of_2(num_k_blocks)
     proj_arg = proj.contiguous() if proj is not None else q_means
     launch = launch or ROUTE_LAUNCH
-    _route_kernel[(triton.cdiv(num_q_blocks, launch.rows), batch * heads)](
-        q_means, k_means, proj_arg, scores, shift, lut,
-        length, num_q_blocks, num_k_blocks, k_sel, head_dim**-0.5,
+    _score_kernel[(triton.cdiv(num_q_blocks, launch.rows), batch * heads)](
+        q_means, k_means, proj_arg, scores, shift,
+        length, num_q_blocks, num_k_blocks, head_dim**-0.5,
         BLOCK_K=block_k, HEAD_DIM=head_dim, HAS_PROJ=proj is not None,
         DOT_PRECISION=GPU_SCORE_PRECISION if q.is_cuda else dot_precision(torch.float32),
-        ROWS=launch.rows, KEYS=KEYS_PER_STEP, KEYS_PADDED=keys_padded,
-        SELECT_ROWS=max(1, min(launch.rows, launch.select_elements // keys_padded)),
-        num_warps=launch.num_warps,
+        ROWS=launch.rows, KEYS=KEYS_PER_STEP, num_warps=launch.num_warps,
     )
-    return scores, lut
+    return scores, _launch_select(scores, shift, k_sel, launch)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from kernel_cases import random_qkv
 
-from sla2_kernels import routes_in_kernel
+from sla2_kernels import routes_in_kernel, select_top_blocks
+from sla2_kernels.routing import MAX_KERNEL_KEY_BLOCKS, RouteLaunch
 from sla2cli.ops import Routing, num_blocks, route
 from sla2cli.ops.geometry import k_selected
 
@@ -54,7 +55,7 @@ def test_kernel_routing_matches_pytorch(monkeypatch, batch, heads, length, head_
     proj_q, proj_k = _projections(projection, head_dim, seed)
     kernel, expected = _route_both(monkeypatch, q, k, sparsity=sparsity, proj_q=proj_q, proj_k=proj_k,
                                    block_q=blocks[0], block_k=blocks[1])
-    assert routes_in_kernel(expected.k_sel, num_blocks(length, blocks[1])), "the case must reach the kernel"
+    assert routes_in_kernel(num_blocks(length, blocks[1])), "the case must reach the kernel"
     assert kernel.k_sel == expected.k_sel
     assert kernel.lut.dtype == torch.int32 and kernel.lut.shape == expected.lut.shape
     assert torch.equal(kernel.lut, expected.lut)
@@ -150,21 +151,77 @@ def test_gpu_routing_matches_pytorch_at_video_lengths(monkeypatch, heads, length
     assert bool((taken >= kth - 1e-5 * spread).all())
 
 
-@pytest.mark.parametrize("rows,select_elements", [(16, 4096), (32, 128)])
-def test_launch_settings_route_alike(monkeypatch, rows, select_elements):
-    """Other launch settings (more rows per program, one row selected at a time) give the same routing."""
-    from sla2_kernels.routing import RouteLaunch, route_blocks
+@pytest.mark.parametrize("rows,select_elements,select_warps", [(16, 4096, 4), (32, 128, 1), (16, 16384, 8)])
+def test_launch_settings_route_alike(monkeypatch, rows, select_elements, select_warps):
+    """Other launch settings (more rows per score program, one or many rows per select program) route alike."""
+    from sla2_kernels.routing import route_blocks
 
     q, k, _ = random_qkv(2, 2, 700, 64, torch.float32, 21, requires_grad=False)
     k[:, :, 320:] = 0.25  # key blocks 20 on share one mean: equal scores
     _, expected = _route_both(monkeypatch, q, k, sparsity=0.8, block_q=32, block_k=16)
-    scores, lut = route_blocks(q, k, None, 32, 16, expected.k_sel, RouteLaunch(rows, select_elements, 4))
+    scores, lut = route_blocks(q, k, None, 32, 16, expected.k_sel, RouteLaunch(rows, 4, select_elements, select_warps))
     assert torch.allclose(scores, expected.scores, atol=1e-6)
     _assert_valid_table(lut, expected.k_sel, num_blocks(700, 16))
     kth = expected.scores.topk(expected.k_sel, dim=-1).values[..., -1:]
     assert bool((expected.scores.gather(-1, lut.long()) >= kth - 1e-6).all())
 
 
-def test_kernel_routing_is_used_only_where_it_measured_faster():
-    assert routes_in_kernel(k_selected(512, 0.97), 512)  # 32760 tokens at 0.97
-    assert not routes_in_kernel(k_selected(1182, 0.97), 1182)  # 75600 tokens at 0.97
+def test_kernel_routing_takes_the_rows_it_holds():
+    assert routes_in_kernel(512) and routes_in_kernel(1182)  # 32760 and 75600 tokens in key blocks of 64
+    assert routes_in_kernel(MAX_KERNEL_KEY_BLOCKS) and not routes_in_kernel(MAX_KERNEL_KEY_BLOCKS + 1)
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def reference_top_blocks(scores: torch.Tensor, k_sel: int) -> torch.Tensor:
+    """The selection's rule in PyTorch: the k_sel largest scores, the lowest block first among equal ones,
+    NaN and -inf as the lowest float; ascending int32."""
+    ordered = torch.nan_to_num(scores.float(), nan=-FLOAT32_MAX, posinf=float("inf"), neginf=-FLOAT32_MAX)
+    top = torch.sort(ordered, dim=-1, descending=True, stable=True).indices[..., :k_sel]
+    return top.sort(dim=-1).values.to(torch.int32)
+
+
+def _tied_scores(shape, seed: int) -> torch.Tensor:
+    """Random scores with many exact ties, both signed zeros, infinities and NaN."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = torch.randint(-4, 5, shape, generator=generator).float() * 0.5
+    specials = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan"), FLOAT32_MAX, -FLOAT32_MAX])
+    where = torch.rand(shape, generator=generator) < 0.2
+    picks = specials[torch.randint(0, len(specials), shape, generator=generator)]
+    return torch.where(where, picks, scores)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy meets NaN and infinities
+@pytest.mark.parametrize("num_k_blocks", [1, 2, 17, 64, 300, 1182])
+@pytest.mark.parametrize("ties", [False, True])
+def test_selection_follows_the_rule(num_k_blocks, ties):
+    """select_top_blocks against the rule's PyTorch form: random and heavily tied rows, k_sel from 1 to T_n."""
+    shape = (2, 3, 5, num_k_blocks)
+    seed = num_k_blocks + 7 * ties
+    scores = _tied_scores(shape, seed) if ties else torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    for k_sel in sorted({1, max(1, num_k_blocks // 3), max(1, num_k_blocks - 1), num_k_blocks}):
+        lut = select_top_blocks(scores, k_sel)
+        assert lut.dtype == torch.int32 and lut.shape == (*shape[:-1], k_sel)
+        assert torch.equal(lut, reference_top_blocks(scores, k_sel)), f"k_sel={k_sel}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_k_blocks,k_sel", [(512, 15), (1182, 35), (4096, 122)])
+def test_gpu_selection_follows_the_rule(num_k_blocks, k_sel):
+    """Rows of 32760, 75600 and the longest routed lengths (key blocks of 64), with ties and NaN."""
+    scores = _tied_scores((2, 4, 100, num_k_blocks), num_k_blocks)
+    assert torch.equal(select_top_blocks(scores.cuda(), k_sel).cpu(), reference_top_blocks(scores, k_sel))
+
+
+def test_selection_takes_every_launch_alike():
+    scores = _tied_scores((4, 7, 200), 3)
+    expected = reference_top_blocks(scores, 20)
+    for elements, warps in ((256, 1), (1024, 2), (8192, 8)):
+        launch = RouteLaunch(16, 4, elements, warps)
+        assert torch.equal(select_top_blocks(scores, 20, launch), expected)
+
+
+def test_selection_refuses_an_impossible_budget():
+    with pytest.raises(ValueError, match="k_sel"):
+        select_top_blocks(torch.zeros(1, 4, 10), 11)

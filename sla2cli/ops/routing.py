@@ -1,8 +1,8 @@
 """Hard routing: which key blocks each query block sends to the exact branch.
 
-The scores use block means of Q and of smoothed K. On the Triton path two kernels pool, score and
-select (sla2_kernels.routing) where that is measured faster; elsewhere PyTorch does the same math step
-by step, with top-k on the (B, H, T_m, T_n) score map.
+The scores use block means of Q and of smoothed K. On the Triton path three kernels pool, score and
+select (sla2_kernels.routing) for rows of up to sla2_kernels.routing.MAX_KERNEL_KEY_BLOCKS key blocks;
+elsewhere PyTorch does the same math step by step, with top-k on the (B, H, T_m, T_n) score map.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def route(
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         num_k_blocks = num_blocks(q.shape[2], block_k)
         k_sel = k_selected(num_k_blocks, sparsity)
-        if triton_enabled(q) and sla2_kernels.routes_in_kernel(k_sel, num_k_blocks):
+        if triton_enabled(q) and sla2_kernels.routes_in_kernel(num_k_blocks):
             scores, lut = route_op(q, k, combined_projection(proj_q, proj_k), block_q, block_k, k_sel)
             return Routing(scores=scores, lut=lut, k_sel=k_sel)
         q_pooled, k_pooled_smoothed = pooled_means(q, k, block_q, block_k)
