@@ -180,8 +180,11 @@ def time_route_launches(rec, q, k, sparsity, rep_ms):
         del os.environ["SLA2_BACKEND"]
     else:
         os.environ["SLA2_BACKEND"] = backend
-    for rows, elements, select_warps in itertools.product((16, 32), (1024, 2048, 4096, 8192), (1, 2, 4, 8)):
-        launch = RouteLaunch(rows, 4, elements, select_warps)
+    score_launches = [RouteLaunch(rows, warps, ROUTE_LAUNCH.select_elements, ROUTE_LAUNCH.select_warps)
+                      for rows, warps in itertools.product((16, 32, 64, 128), (4, 8))]
+    select_launches = [RouteLaunch(ROUTE_LAUNCH.rows, ROUTE_LAUNCH.num_warps, elements, warps)
+                       for elements, warps in itertools.product((1024, 2048, 4096, 8192), (1, 2, 4, 8))]
+    for launch in dict.fromkeys(score_launches + select_launches):
         note = f"{RouteLaunch._fields}={tuple(launch)}" + (" (default)" if launch == ROUTE_LAUNCH else "")
         rec.add("sla2-routing-kernels", sparsity, "fwd",
                 median_ms(lambda launch=launch: route_blocks(q, k, None, 128, 64, k_sel, launch), rep_ms), share,

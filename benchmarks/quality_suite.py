@@ -67,6 +67,7 @@ from sla2cli.training.interrupt import Deadline
 from sla2cli.training.settings import Clip, parse_clip, recipe_defaults
 from sla2cli.training.variants import (
     DENSE,
+    EXACT_REST,
     HEURISTIC,
     METHODS,
     ORACLE_ROUTER,
@@ -90,10 +91,10 @@ MATRICES = ("full", "acceptance")
 TRAINED_METHODS = tuple(method for method in METHODS if method != DENSE)
 DENSE_SPARSITY = 0.0  # the dense reference's row: full attention
 # Stage 1 per method: what `sla2 calibrate` trains before the variant is applied (None: no stage 1).
-# oracle_router gets sla2's calibration, so that only its block selection differs from sla2.
+# oracle_router and exact_rest get sla2's calibration, so that only the selection or the rest differs from sla2.
 ROUTER_AND_ALPHA, ALPHA_ONLY = "router+alpha", "alpha"
 CALIBRATION = {DENSE: None, SPARSE_ONLY: None, SLA_PROJ: None, HEURISTIC: ALPHA_ONLY, SLA2: ROUTER_AND_ALPHA,
-               ORACLE_ROUTER: ROUTER_AND_ALPHA}
+               ORACLE_ROUTER: ROUTER_AND_ALPHA, EXACT_REST: ROUTER_AND_ALPHA}
 OK, FAILED = "ok", "failed"
 # A job's fine-tuning stops early enough for what follows it: the final validation at the training clip and
 # the evaluation at twice the frames (together about 1.5 of the latter, timed before training, when the kernels

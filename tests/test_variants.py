@@ -90,6 +90,13 @@ def reference_output(layer: SLA2Attention, method: str, q, k, v) -> torch.Tensor
 
     if method == "sparse_only":
         return mix(None)
+    if method == "exact_rest":
+        selected = mask.repeat_interleave(BLOCK_Q, -2)[..., :LENGTH, :].repeat_interleave(BLOCK_K, -1)[..., :LENGTH]
+        logits = q @ k.transpose(-1, -2) * HEAD_DIM**-0.5
+        sparse = torch.softmax(logits.masked_fill(selected == 0, float("-inf")), dim=-1) @ v
+        rest = torch.softmax(logits.masked_fill(selected == 1, float("-inf")), dim=-1) @ v
+        alpha = reference_alpha(layer, scores, mask).repeat_interleave(BLOCK_Q, -1)[..., :LENGTH, None]
+        return alpha * sparse + (1 - alpha) * rest
     if method == "sla_proj":
         return mix(None) + mix(torch.zeros(1, HEADS, 3)) @ layer.linear_projection
     return mix(reference_alpha(layer, scores, mask))
@@ -137,7 +144,7 @@ def test_what_each_variant_trains():
     alpha = {"alpha_weight", "alpha_bias", "alpha_log_temperature"}
     assert trains == {
         "dense": set(), "sparse_only": set(), "heuristic": alpha, "sla_proj": {"linear_projection"},
-        "sla2": alpha, "oracle_router": alpha,
+        "sla2": alpha, "oracle_router": alpha, "exact_rest": alpha,
     }
 
 
@@ -147,7 +154,7 @@ def test_variants_keep_or_reset_what_their_definition_says():
     for method in ("heuristic", "sla_proj"):
         layer = variant_layer(base, method)
         assert torch.equal(layer.proj_q, eye) and torch.equal(layer.proj_k, eye)
-    for method in ("sla2", "oracle_router", "sparse_only"):
+    for method in ("sla2", "oracle_router", "exact_rest", "sparse_only"):
         assert torch.equal(variant_layer(base, method).proj_q, base.proj_q)
     assert torch.equal(variant_layer(base, "heuristic").alpha_bias, base.alpha_bias)
     sparse = variant_layer(base, "sparse_only")
@@ -194,7 +201,8 @@ def test_every_variant_trains_in_a_model(small_model, method):
     base_names = set(grads) - sla2_names
     assert all(grads[name] is not None for name in base_names)
     assert any(grads[name].abs().sum() > 0 for name in base_names if "attn1.to_q" in name)
-    expected = {"dense": 0, "sparse_only": 0, "heuristic": 12, "sla_proj": 4, "sla2": 12, "oracle_router": 12}
+    expected = {"dense": 0, "sparse_only": 0, "heuristic": 12, "sla_proj": 4, "sla2": 12, "oracle_router": 12,
+                "exact_rest": 12}
     assert len(sla2_names) == expected[method]
     assert all(grads[name] is not None for name in sla2_names)
     assert not any(name.endswith(("proj_q", "proj_k")) for name in sla2_names)  # routers never train here

@@ -14,6 +14,7 @@ loop see the usual `sla2_layers`. Each runs forward and backward on CPU and GPU.
 | sla_proj | identity W_q, W_k | O_s + O_l P, P a D x D matrix, zero at start | P | no |
 | sla2 | the layer's (calibrated) | alpha O_s + (1 - alpha) O_l | alpha predictor | yes |
 | oracle_router | true top-k blocks of full attention | alpha O_s + (1 - alpha) O_l | alpha predictor | no |
+| exact_rest | the layer's (calibrated) | alpha O_s + (1 - alpha) O_r, O_r: softmax over the rest | alpha | no |
 
 sparse_only, heuristic and sla2 are plain SLA2 layers with particular parameters (sparse_only: alpha
 pinned to exactly 1), so `sla2cli.save` stores them and `sla2cli.load` gives the same outputs. The
@@ -28,6 +29,11 @@ oracle_router routes each query block to the k_sel key blocks that truly hold th
 (computed a few query blocks at a time, never as an L x L matrix, without gradient), then runs the
 same routed op; alpha is the layer's predictor applied to its own router's scores at those blocks, so
 only the selection differs from sla2. It is an upper bound on what any router can do at this budget.
+
+exact_rest keeps sla2's router, alpha and exact branch and replaces the linear branch by what it stands in
+for: softmax attention over the same unselected key blocks (dense L x L masks, so only at the embedded
+model's lengths). Beside sla2 it measures what the linear branch's approximation costs; it is an upper
+bound on any cheap stand-in for the rest at this block budget.
 """
 
 from __future__ import annotations
@@ -41,8 +47,9 @@ from sla2cli.errors import UserError
 from sla2cli.integration.conversion import sla2_processors
 from sla2cli.module import SLA2Attention
 from sla2cli.ops import Routing, route, sla2_attention_routed
+from sla2cli.ops.reference import expand_block_values
 from sla2cli.ops.routing import select_blocks
-from sla2cli.report.metrics import DEFAULT_CHUNK_ELEMENTS, true_block_mass
+from sla2cli.report.metrics import DEFAULT_CHUNK_ELEMENTS, selection_mask, true_block_mass
 
 DENSE = "dense"
 SPARSE_ONLY = "sparse_only"
@@ -50,7 +57,8 @@ HEURISTIC = "heuristic"
 SLA_PROJ = "sla_proj"
 SLA2 = "sla2"
 ORACLE_ROUTER = "oracle_router"
-METHODS: tuple[str, ...] = (DENSE, SPARSE_ONLY, HEURISTIC, SLA_PROJ, SLA2, ORACLE_ROUTER)
+EXACT_REST = "exact_rest"
+METHODS: tuple[str, ...] = (DENSE, SPARSE_ONLY, HEURISTIC, SLA_PROJ, SLA2, ORACLE_ROUTER, EXACT_REST)
 SAVEABLE_METHODS: tuple[str, ...] = (SPARSE_ONLY, HEURISTIC, SLA2)
 
 ALPHA_PARAMETERS = ("alpha_weight", "alpha_bias", "alpha_log_temperature")
@@ -143,6 +151,31 @@ class OracleRouterLayer(SLA2Attention):
         )
 
 
+class ExactRestLayer(SLA2Attention):
+    """sla2 with its linear branch replaced by softmax attention over the same unselected blocks."""
+
+    method = EXACT_REST
+    trainable: tuple[str, ...] = ALPHA_PARAMETERS
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        routing = route(
+            q, k, sparsity=self.sparsity, proj_q=self.proj_q, proj_k=self.proj_k,
+            block_q=self.block_q, block_k=self.block_k,
+        )
+        sparse = sla2_attention_routed(
+            q, k, v, routing.lut, alpha=None, block_q=self.block_q, block_k=self.block_k,
+            quant=self.resolved_quant(q),
+        )
+        if routing.all_selected:
+            return sparse
+        length = q.shape[2]
+        selected = expand_block_values(selection_mask(routing.lut, routing.scores.shape[-1]), length, self.block_q, -2)
+        selected = expand_block_values(selected, length, self.block_k, -1)  # (B, H, L, L): True where O_s attends
+        rest = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=~selected)
+        alpha = expand_block_values(self.predict_alpha(routing, length), length, self.block_q, -1)[..., None]
+        return (alpha * sparse.float() + (1.0 - alpha) * rest.float()).to(q.dtype)
+
+
 LAYER_CLASSES: dict[str, type[SLA2Attention]] = {
     DENSE: DenseLayer,
     SPARSE_ONLY: SparseOnlyLayer,
@@ -150,6 +183,7 @@ LAYER_CLASSES: dict[str, type[SLA2Attention]] = {
     SLA_PROJ: SLAProjLayer,
     SLA2: SLA2Attention,
     ORACLE_ROUTER: OracleRouterLayer,
+    EXACT_REST: ExactRestLayer,
 }
 
 
