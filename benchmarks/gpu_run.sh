@@ -36,12 +36,13 @@
 #   memory: fine-tuning peak memory of Wan2.1-14B at 720p x 81 frames measured at 1, 2 and 4 blocks and extrapolated
 #           (benchmarks/memory_breakdown.py); the same for Wan2.1-1.3B at 480p at 2, 4 and 8 blocks, beside 3 steps of
 #           the whole 1.3B model, which checks the extrapolation
+#   release: every GPU test, `sla2 bench` at 0.97 on both default shapes beside FA2, then what bound runs
 #   bound:  Wan2.1-1.3B at 480p x 81 frames, eager, forward and training step (gradient checkpointing, as the recipe
 #           fine-tunes): FA2, SLA2 at 0.97 and the model with self-attention skipped (what any attention is bounded by)
-# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final|speed|backward|ab|route|tma|profile|memory|bound
+# Usage: bash benchmarks/gpu_run.sh OUT_DIR core|extra|lowbit|finetune|qat|verify|quality-pilot|quality|final|speed|backward|ab|route|tma|profile|memory|bound|release
 set -uo pipefail
 out=${1:?output folder}
-phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot, quality, final, speed, backward, ab, route, tma, profile, memory or bound}
+phase=${2:?core, extra, lowbit, finetune, qat, verify, quality-pilot, quality, final, speed, backward, ab, route, tma, profile, memory, bound or release}
 mkdir -p /tmp/site "$out"
 log="$out/all.log"
 source benchmarks/gpu_packages.sh
@@ -189,8 +190,13 @@ elif [ "$phase" = memory ]; then
     --gpus 2 --csv "$out/memory_wan2.1-1.3b_480p.csv" >> "$log" 2>&1
   timeout 120 python3 benchmarks/finetune_gpu.py --out /tmp/finetune --phases wan --csv "$out/finetune_wan_gpu.csv" \
     >> "$log" 2>&1
-elif [ "$phase" = bound ]; then
-  timeout 300 python3 benchmarks/model_suite.py --csv "$out/model_bound.csv" --modes fwd fwd+bwd --attention-free \
+elif [ "$phase" = bound ] || [ "$phase" = release ]; then
+  if [ "$phase" = release ]; then
+    timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | grep -v DEBUG | tail -6 | tee -a "$log"
+    timeout 150 python3 -m sla2cli bench --sparsity 0.97 --time-budget 3 --provider fa2 --provider sla2 \
+      --csv "$out/bench.csv" >> "$log" 2>&1
+  fi
+  timeout 240 python3 benchmarks/model_suite.py --csv "$out/model_bound.csv" --modes fwd fwd+bwd --attention-free \
     --gradient-checkpointing >> "$log" 2>&1
 elif [ "$phase" = profile ]; then
   timeout 300 python3 benchmarks/profile_op.py --csv "$out/op_kernels.csv" >> "$log" 2>&1
