@@ -1,7 +1,7 @@
 """Quality suite on the embedded model: convert -> calibrate -> fine-tune -> validate, per method and sparsity.
 
 Every job starts from the shipped embedded model, converts it at its sparsity, runs the stage-1
-calibration its method has (sla2 and oracle_router: router + alpha; heuristic: alpha with the identity
+calibration its method has (sla2, oracle_router, exact_rest: router + alpha; heuristic: alpha with the identity
 router; dense, sparse_only, sla_proj: none), turns the layers into the method's variant
 (`sla2cli.training.variants`), fine-tunes with THE SAME budget for every method (steps, batch, learning-rate
 schedule, seed, procedural clips: the recipe's `finetune` defaults unless overridden; each variant trains
