@@ -181,7 +181,7 @@ def time_route_launches(rec, q, k, sparsity, rep_ms):
     else:
         os.environ["SLA2_BACKEND"] = backend
     score_launches = [RouteLaunch(rows, warps, ROUTE_LAUNCH.select_elements, ROUTE_LAUNCH.select_warps)
-                      for rows, warps in itertools.product((16, 32, 64, 128), (4, 8))]
+                      for rows, warps in itertools.product((16, 32, 64), (4, 8))]
     select_launches = [RouteLaunch(ROUTE_LAUNCH.rows, ROUTE_LAUNCH.num_warps, elements, warps)
                        for elements, warps in itertools.product((1024, 2048, 4096, 8192), (1, 2, 4, 8))]
     for launch in dict.fromkeys(score_launches + select_launches):

@@ -41,6 +41,7 @@ class RouteLaunch(NamedTuple):
 # H200 sweep at 0.97 (benchmarks/results/h200_route_sweep_ab51273.csv; pool, score and select kernels timed
 # together): 0.130 ms at 1x12x32760x128 and 1.46 ms at 1x40x75600x128. At 75600 tokens the routing they replace
 # (block-mean kernels, float32 GEMMs, top-k, sort) took about 1.9 ms of GPU time (h200_op_kernels_18ea742.csv).
+# 64 score rows: 1.32 ms at 75600 tokens but 0.135 at 32760 (h200_route_sweep_13b3df6.csv); not whole-op measured.
 ROUTE_LAUNCH = RouteLaunch(rows=32, num_warps=4, select_elements=2048, select_warps=2)
 # The selection holds whole rows of scores in registers, T_n rounded up to a power of 2; its cost does not
 # depend on k_sel (32 rounds per row). Longer rows keep PyTorch's top-k.
