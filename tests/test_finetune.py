@@ -335,8 +335,8 @@ def test_finetune_on_a_gpu_trains_fp32_master_weights_under_bf16_autocast(conver
 
 @pytest.mark.gpu
 def test_finetune_on_a_gpu_at_the_default_sparsity(tmp_path):
-    """`sla2 convert` (0.97) then `sla2 finetune` on CUDA at the default clip: the geometry where the route kernel
-    runs under bf16 autocast with the router's projections (it once failed to compile there)."""
+    """`sla2 convert` (0.97) then `sla2 finetune` on CUDA at the default clip: the routing kernels under bf16
+    autocast with the router's projections (the route kernel of an earlier release failed to compile there)."""
     import sla2_kernels
 
     assert sla2_kernels.routes_in_kernel(512)  # 8192 tokens in key blocks of 16

@@ -105,7 +105,7 @@ def test_routing_under_autocast_is_the_float32_routing(monkeypatch, backend):
 
 @pytest.mark.gpu
 def test_gpu_routing_under_autocast_with_projections(monkeypatch):
-    """The same on the GPU at the embedded model's geometry, where the route kernel runs."""
+    """The same on the GPU at the embedded model's geometry, through the routing kernels."""
     generator = torch.Generator(device="cuda").manual_seed(4)
     q, k = (torch.randn(1, 4, 8192, 128, device="cuda", generator=generator).to(torch.bfloat16) for _ in range(2))
     proj_q, proj_k = (p.cuda() for p in _projections("both", 128, 4))

@@ -80,7 +80,7 @@ def route(
     """Hard routing of docs/method.md, section 2 (no gradient: top-k has none).
 
     The scores are float32 whatever the caller's autocast: under it the projection and score products
-    would run in bf16 (and the route kernel would get a bf16 W beside its float32 block means)."""
+    would run in bf16 (and the score kernel would get a bf16 W beside its float32 block means)."""
     with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
         num_k_blocks = num_blocks(q.shape[2], block_k)
         k_sel = k_selected(num_k_blocks, sparsity)
