@@ -21,12 +21,11 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import sla2cli
+from sla2cli.bench.cases import FORWARD, FORWARD_BACKWARD
 from sla2cli.bench.environment import git_commit
 from sla2cli.files import write_csv_file
 from sla2cli.module import SLA2Attention
 from sla2cli.sources.random_models import build_random_model, example_inputs
-
-FORWARD, TRAINING_STEP = "fwd", "fwd+bwd"
 
 
 def median_ms(fn: Callable[[], object], rep_ms: int = 2000) -> float:
@@ -62,14 +61,14 @@ def main() -> None:
     parser.add_argument("--resolution", default="480p")
     parser.add_argument("--frames", type=int, default=81)
     parser.add_argument("--sparsity", type=float, default=0.97)
-    parser.add_argument("--modes", nargs="+", choices=(FORWARD, TRAINING_STEP), default=[FORWARD])
+    parser.add_argument("--modes", nargs="+", choices=(FORWARD, FORWARD_BACKWARD), default=[FORWARD])
     parser.add_argument("--attention-free", action="store_true",
                         help="also time the model with self-attention skipped (the bound on any attention)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for the training step")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model for every run")
     args = parser.parse_args()
     model = build_random_model(args.recipe, dtype=torch.bfloat16, device="cuda")
-    model.requires_grad_(TRAINING_STEP in args.modes)
+    model.requires_grad_(FORWARD_BACKWARD in args.modes)
     if args.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     inputs = example_inputs(args.recipe, args.resolution, frames=args.frames, dtype=torch.bfloat16, device="cuda")

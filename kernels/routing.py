@@ -164,14 +164,18 @@ def _select_kernel(
     tl.store(Lut + rows[:, None] * k_sel + slot, keys[None, :] + 0 * slot, mask=chosen & row_valid[:, None])
 
 
+def _check_budget(k_sel: int, num_k_blocks: int) -> None:
+    if not 1 <= k_sel <= num_k_blocks:
+        raise ValueError(f"k_sel must be in [1, {num_k_blocks}], got {k_sel}")
+
+
 def _launch_select(
     scores: torch.Tensor, shift: torch.Tensor | None, k_sel: int, launch: RouteLaunch
 ) -> torch.Tensor:
     """Look-up table (.., k_sel) int32 of the k_sel largest scores per row of a contiguous float32 map
     (minus shift per row, written back, when given)."""
     num_k_blocks = scores.shape[-1]
-    if not 1 <= k_sel <= num_k_blocks:
-        raise ValueError(f"k_sel must be in [1, {num_k_blocks}], got {k_sel}")
+    _check_budget(k_sel, num_k_blocks)
     lut = torch.empty(*scores.shape[:-1], k_sel, device=scores.device, dtype=torch.int32)
     num_rows = scores.numel() // num_k_blocks
     keys_padded = triton.next_power_of_2(num_k_blocks)
@@ -199,8 +203,7 @@ def route_blocks(
     q, k = last_dim_contiguous(q), last_dim_contiguous(k)
     batch, heads, length, head_dim = q.shape
     num_q_blocks, num_k_blocks = triton.cdiv(length, block_q), triton.cdiv(length, block_k)
-    if not 1 <= k_sel <= num_k_blocks:  # before any launch
-        raise ValueError(f"k_sel must be in [1, {num_k_blocks}], got {k_sel}")
+    _check_budget(k_sel, num_k_blocks)  # before any launch
     q_means = torch.empty(batch, heads, num_q_blocks, head_dim, device=q.device, dtype=torch.float32)
     k_means = torch.empty(batch, heads, num_k_blocks, head_dim, device=q.device, dtype=torch.float32)
     _pool_kernel[(num_q_blocks + num_k_blocks, batch * heads)](

@@ -184,14 +184,23 @@ class SLA2Attention(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """The attention itself, on inputs `forward` has checked (variants of the ablation override this)."""
-        routing = route(
+        routing = self.hard_routing(q, k)
+        alpha = None if routing.all_selected else self.predict_alpha(routing, q.shape[2])
+        return self.routed_attention(q, k, v, routing.lut, alpha)
+
+    def hard_routing(self, q: torch.Tensor, k: torch.Tensor) -> Routing:
+        """Hard top-k routing with this layer's router projections, sparsity and blocks."""
+        return route(
             q, k, sparsity=self.sparsity, proj_q=self.proj_q, proj_k=self.proj_k,
             block_q=self.block_q, block_k=self.block_k,
         )
-        alpha = None if routing.all_selected else self.predict_alpha(routing, q.shape[2])
+
+    def routed_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor, alpha: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The op on a look-up table with this layer's blocks and low-bit mode (alpha None: O_s alone)."""
         return sla2_attention_routed(
-            q, k, v, routing.lut, alpha=alpha, block_q=self.block_q, block_k=self.block_k,
-            quant=self.resolved_quant(q),
+            q, k, v, lut, alpha=alpha, block_q=self.block_q, block_k=self.block_k, quant=self.resolved_quant(q)
         )
 
     def forward_bshd(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

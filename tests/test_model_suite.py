@@ -40,7 +40,7 @@ def test_skipping_self_attention_keeps_the_rest_of_the_model_running(monkeypatch
     for layer in (m for m in model.modules() if isinstance(m, SLA2Attention)):
         layer.attend = lambda q, k, v: calls.append(v.shape) or v
     assert torch.equal(suite.step(model, inputs, suite.FORWARD, grad_out)(), skipped) and len(calls) == 2
-    suite.step(model, inputs, suite.TRAINING_STEP, grad_out)()
+    suite.step(model, inputs, suite.FORWARD_BACKWARD, grad_out)()
     around = [p for name, p in model.named_parameters() if "attn1.to_v" in name or "attn1.to_out" in name]
     assert around and all(p.grad is not None for p in around)
 

@@ -46,7 +46,7 @@ from torch import nn
 from sla2cli.errors import UserError
 from sla2cli.integration.conversion import sla2_processors
 from sla2cli.module import SLA2Attention
-from sla2cli.ops import Routing, route, sla2_attention_routed
+from sla2cli.ops import Routing, route
 from sla2cli.ops.reference import expand_block_values
 from sla2cli.ops.routing import select_blocks
 from sla2cli.report.metrics import DEFAULT_CHUNK_ELEMENTS, selection_mask, true_block_mass
@@ -90,14 +90,7 @@ class SparseOnlyLayer(SLA2Attention):
             self.alpha_log_temperature.zero_()
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        routing = route(
-            q, k, sparsity=self.sparsity, proj_q=self.proj_q, proj_k=self.proj_k,
-            block_q=self.block_q, block_k=self.block_k,
-        )
-        return sla2_attention_routed(
-            q, k, v, routing.lut, alpha=None, block_q=self.block_q, block_k=self.block_k,
-            quant=self.resolved_quant(q),
-        )
+        return self.routed_attention(q, k, v, self.hard_routing(q, k).lut, None)
 
 
 class SLAProjLayer(SLA2Attention):
@@ -112,12 +105,11 @@ class SLAProjLayer(SLA2Attention):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         routing = route(q, k, sparsity=self.sparsity, block_q=self.block_q, block_k=self.block_k)
-        kwargs = dict(block_q=self.block_q, block_k=self.block_k, quant=self.resolved_quant(q))
-        sparse = sla2_attention_routed(q, k, v, routing.lut, alpha=None, **kwargs)
+        sparse = self.routed_attention(q, k, v, routing.lut, None)
         if routing.all_selected:
             return sparse
         zeros = torch.zeros(routing.lut.shape[:3], dtype=torch.float32, device=q.device)
-        linear = sla2_attention_routed(q, k, v, routing.lut, alpha=zeros, **kwargs)
+        linear = self.routed_attention(q, k, v, routing.lut, zeros)
         return (sparse.float() + linear.float() @ self.linear_projection).to(q.dtype)
 
 
@@ -129,10 +121,7 @@ class OracleRouterLayer(SLA2Attention):
 
     def oracle_routing(self, q: torch.Tensor, k: torch.Tensor) -> Routing:
         """The layer's router scores (alpha's input) with the look-up table of the true top-k blocks."""
-        learned = route(
-            q, k, sparsity=self.sparsity, proj_q=self.proj_q, proj_k=self.proj_k,
-            block_q=self.block_q, block_k=self.block_k,
-        )
+        learned = self.hard_routing(q, k)
         if learned.all_selected:
             return learned
         chunk = ORACLE_CHUNK_ELEMENTS.get(q.device.type, ORACLE_CHUNK_ELEMENTS["cuda"])
@@ -145,10 +134,7 @@ class OracleRouterLayer(SLA2Attention):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         routing = self.oracle_routing(q, k)
         alpha = None if routing.all_selected else self.predict_alpha(routing, q.shape[2])
-        return sla2_attention_routed(
-            q, k, v, routing.lut, alpha=alpha, block_q=self.block_q, block_k=self.block_k,
-            quant=self.resolved_quant(q),
-        )
+        return self.routed_attention(q, k, v, routing.lut, alpha)
 
 
 class ExactRestLayer(SLA2Attention):
@@ -158,14 +144,8 @@ class ExactRestLayer(SLA2Attention):
     trainable: tuple[str, ...] = ALPHA_PARAMETERS
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        routing = route(
-            q, k, sparsity=self.sparsity, proj_q=self.proj_q, proj_k=self.proj_k,
-            block_q=self.block_q, block_k=self.block_k,
-        )
-        sparse = sla2_attention_routed(
-            q, k, v, routing.lut, alpha=None, block_q=self.block_q, block_k=self.block_k,
-            quant=self.resolved_quant(q),
-        )
+        routing = self.hard_routing(q, k)
+        sparse = self.routed_attention(q, k, v, routing.lut, None)
         if routing.all_selected:
             return sparse
         length = q.shape[2]
