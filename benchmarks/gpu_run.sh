@@ -9,7 +9,7 @@
 #           (validation dense/before/after, minutes, memory; also evaluated with int8) and 3 steps of a
 #           full-size Wan2.1-1.3B at 480p x 81 frames with gradient checkpointing (samples/s, peak memory)
 #   qat:    the same embedded run with --quant int8, evaluated with and without int8 (run after finetune)
-#   quality-pilot: the quality suite's acceptance matrix, 9 workers at once, 200 steps (and the shipped form):
+#   quality-pilot: the quality suite's acceptance matrix, 10 workers at once, 200 steps (and the shipped form):
 #           checks every method on CUDA and measures per-job rates under concurrency; its last line says how many
 #           steps fit in 8 minutes
 #   verify: kernel checksums against the tree in .old/ (an earlier commit's sla2cli/ and kernels/ as sla2_kernels/,
@@ -101,7 +101,7 @@ elif [ "$phase" = verify ]; then
     --out /tmp/quality-pilot --csv "$out/quality_pilot.csv" --time-budget-minutes 3 > "$out/quality_pilot.log" 2>&1
   tail -14 "$out/quality_pilot.log" >> "$log"
 elif [ "$phase" = quality-pilot ]; then
-  timeout 480 python3 benchmarks/quality_suite.py --matrix acceptance --jobs 9 --steps 200 --device cuda \
+  timeout 480 python3 benchmarks/quality_suite.py --matrix acceptance --jobs 10 --steps 200 --device cuda \
     --out /tmp/quality-pilot --csv "$out/quality_pilot.csv" --ship "$out/shipped_pilot" --time-budget-minutes 6.5 \
     > "$out/quality_pilot.log" 2>&1
   tail -12 "$out/quality_pilot.log" >> "$log"
@@ -115,7 +115,7 @@ elif [ "$phase" = quality ]; then
   [ -n "${QUALITY_METHODS:-}" ] && [[ ",$QUALITY_METHODS," != *,sla2,* ]] && ship=()
   # Stage 1 on the GPU: QUALITY_CALIBRATION_CLIPS and QUALITY_ROUTER_STEPS, by default 3 and 400 as the README's
   # first tables were made (the recipe's defaults, 1 and 150, are sized to take under 10 minutes on 2 CPU cores).
-  timeout 575 python3 benchmarks/quality_suite.py "${matrix[@]}" --jobs 9 --steps "${QUALITY_STEPS:?}" \
+  timeout 575 python3 benchmarks/quality_suite.py "${matrix[@]}" --jobs 10 --steps "${QUALITY_STEPS:?}" \
     --calibration-clips "${QUALITY_CALIBRATION_CLIPS:-3}" --router-steps "${QUALITY_ROUTER_STEPS:-400}" \
     --device cuda --out /tmp/quality --csv "$out/quality_embedded.csv" "${ship[@]}" \
     --time-budget-minutes "${QUALITY_MINUTES:-8}" > "$out/quality.log" 2>&1

@@ -1,8 +1,8 @@
 """Quality suite on the embedded model: convert -> calibrate -> fine-tune -> validate, per method and sparsity.
 
 Every job starts from the shipped embedded model, converts it at its sparsity, runs the stage-1
-calibration its method has (sla2, oracle_router, exact_rest: router + alpha; heuristic: alpha with the identity
-router; dense, sparse_only, sla_proj: none), turns the layers into the method's variant
+calibration its method has (sla2, oracle_router, exact_rest, oracle_exact: router + alpha; heuristic: alpha
+with the identity router; dense, sparse_only, sla_proj: none), turns the layers into the method's variant
 (`sla2cli.training.variants`), fine-tunes with THE SAME budget for every method (steps, batch, learning-rate
 schedule, seed, procedural clips: the recipe's `finetune` defaults unless overridden; each variant trains
 its own SLA2 parameters and every base weight), then measures the held-out validation loss with
@@ -70,6 +70,7 @@ from sla2cli.training.variants import (
     EXACT_REST,
     HEURISTIC,
     METHODS,
+    ORACLE_EXACT,
     ORACLE_ROUTER,
     SLA2,
     SLA_PROJ,
@@ -91,10 +92,11 @@ MATRICES = ("full", "acceptance")
 TRAINED_METHODS = tuple(method for method in METHODS if method != DENSE)
 DENSE_SPARSITY = 0.0  # the dense reference's row: full attention
 # Stage 1 per method: what `sla2 calibrate` trains before the variant is applied (None: no stage 1).
-# oracle_router and exact_rest get sla2's calibration, so that only the selection or the rest differs from sla2.
+# oracle_router, exact_rest and oracle_exact get sla2's calibration, so that only the selection or the rest differs
+# from sla2.
 ROUTER_AND_ALPHA, ALPHA_ONLY = "router+alpha", "alpha"
 CALIBRATION = {DENSE: None, SPARSE_ONLY: None, SLA_PROJ: None, HEURISTIC: ALPHA_ONLY, SLA2: ROUTER_AND_ALPHA,
-               ORACLE_ROUTER: ROUTER_AND_ALPHA, EXACT_REST: ROUTER_AND_ALPHA}
+               ORACLE_ROUTER: ROUTER_AND_ALPHA, EXACT_REST: ROUTER_AND_ALPHA, ORACLE_EXACT: ROUTER_AND_ALPHA}
 OK, FAILED = "ok", "failed"
 # A job's fine-tuning stops early enough for what follows it: the final validation at the training clip and
 # the evaluation at twice the frames (together about 1.5 of the latter, timed before training, when the kernels

@@ -39,11 +39,11 @@ def _read(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 def test_matrices():
     sparsities = [0.9, 0.95, 0.97]
     full = suite.build_jobs(list(suite.TRAINED_METHODS), sparsities, "full")
-    assert full[0] == suite.Job("dense", 0.0) and len(full) == 1 + 6 * 3
+    assert full[0] == suite.Job("dense", 0.0) and len(full) == 1 + 7 * 3
     acceptance = suite.build_jobs(list(suite.METHODS), sparsities, "acceptance")
     assert [job.name for job in acceptance] == [
         "dense", "sparse_only-0.97", "heuristic-0.97", "sla_proj-0.97", "sla2-0.9", "sla2-0.95", "sla2-0.97",
-        "oracle_router-0.97", "exact_rest-0.97",
+        "oracle_router-0.97", "exact_rest-0.97", "oracle_exact-0.97",
     ]
     with pytest.raises(suite.UserError, match="unknown attention method"):
         suite.build_jobs(["sla3"], sparsities, "full")

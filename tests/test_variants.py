@@ -82,7 +82,7 @@ def reference_output(layer: SLA2Attention, method: str, q, k, v) -> torch.Tensor
             BLOCK_Q, BLOCK_K,
         )
         k_sel = 2
-        chosen = reference_block_mass(q, k) if method == "oracle_router" else scores
+        chosen = reference_block_mass(q, k) if method in ("oracle_router", "oracle_exact") else scores
         mask = hard_block_mask(chosen, k_sel).to(q.dtype)
 
     def mix(alpha):
@@ -90,7 +90,7 @@ def reference_output(layer: SLA2Attention, method: str, q, k, v) -> torch.Tensor
 
     if method == "sparse_only":
         return mix(None)
-    if method == "exact_rest":
+    if method in ("exact_rest", "oracle_exact"):
         selected = mask.repeat_interleave(BLOCK_Q, -2)[..., :LENGTH, :].repeat_interleave(BLOCK_K, -1)[..., :LENGTH]
         logits = q @ k.transpose(-1, -2) * HEAD_DIM**-0.5
         sparse = torch.softmax(logits.masked_fill(selected == 0, float("-inf")), dim=-1) @ v
@@ -145,6 +145,7 @@ def test_what_each_variant_trains():
     assert trains == {
         "dense": set(), "sparse_only": set(), "heuristic": alpha, "sla_proj": {"linear_projection"},
         "sla2": alpha, "oracle_router": alpha, "exact_rest": alpha,
+        "oracle_exact": alpha,
     }
 
 
@@ -154,7 +155,7 @@ def test_variants_keep_or_reset_what_their_definition_says():
     for method in ("heuristic", "sla_proj"):
         layer = variant_layer(base, method)
         assert torch.equal(layer.proj_q, eye) and torch.equal(layer.proj_k, eye)
-    for method in ("sla2", "oracle_router", "exact_rest", "sparse_only"):
+    for method in ("sla2", "oracle_router", "exact_rest", "oracle_exact", "sparse_only"):
         assert torch.equal(variant_layer(base, method).proj_q, base.proj_q)
     assert torch.equal(variant_layer(base, "heuristic").alpha_bias, base.alpha_bias)
     sparse = variant_layer(base, "sparse_only")
@@ -202,7 +203,7 @@ def test_every_variant_trains_in_a_model(small_model, method):
     assert all(grads[name] is not None for name in base_names)
     assert any(grads[name].abs().sum() > 0 for name in base_names if "attn1.to_q" in name)
     expected = {"dense": 0, "sparse_only": 0, "heuristic": 12, "sla_proj": 4, "sla2": 12, "oracle_router": 12,
-                "exact_rest": 12}
+                "exact_rest": 12, "oracle_exact": 12}
     assert len(sla2_names) == expected[method]
     assert all(grads[name] is not None for name in sla2_names)
     assert not any(name.endswith(("proj_q", "proj_k")) for name in sla2_names)  # routers never train here

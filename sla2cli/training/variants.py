@@ -15,6 +15,7 @@ loop see the usual `sla2_layers`. Each runs forward and backward on CPU and GPU.
 | sla2 | the layer's (calibrated) | alpha O_s + (1 - alpha) O_l | alpha predictor | yes |
 | oracle_router | true top-k blocks of full attention | alpha O_s + (1 - alpha) O_l | alpha predictor | no |
 | exact_rest | the layer's (calibrated) | alpha O_s + (1 - alpha) O_r, O_r: softmax over the rest | alpha | no |
+| oracle_exact | true top-k blocks of full attention | alpha O_s + (1 - alpha) O_r | alpha predictor | no |
 
 sparse_only, heuristic and sla2 are plain SLA2 layers with particular parameters (sparse_only: alpha
 pinned to exactly 1), so `sla2cli.save` stores them and `sla2cli.load` gives the same outputs. The
@@ -34,6 +35,11 @@ exact_rest keeps sla2's router, alpha and exact branch and replaces the linear b
 for: softmax attention over the same unselected key blocks (dense L x L masks, so only at the embedded
 model's lengths). Beside sla2 it measures what the linear branch's approximation costs; it is an upper
 bound on any cheap stand-in for the rest at this block budget.
+
+oracle_exact takes both bounds at once: the oracle's blocks for O_s, exact softmax attention over all the
+others, mixed by the layer's alpha. What it still loses against dense is the decomposition itself (one alpha
+per query block instead of each query's true share of the mass) and the training budget: no router and no
+linear branch can do better.
 """
 
 from __future__ import annotations
@@ -58,7 +64,8 @@ SLA_PROJ = "sla_proj"
 SLA2 = "sla2"
 ORACLE_ROUTER = "oracle_router"
 EXACT_REST = "exact_rest"
-METHODS: tuple[str, ...] = (DENSE, SPARSE_ONLY, HEURISTIC, SLA_PROJ, SLA2, ORACLE_ROUTER, EXACT_REST)
+ORACLE_EXACT = "oracle_exact"
+METHODS: tuple[str, ...] = (DENSE, SPARSE_ONLY, HEURISTIC, SLA_PROJ, SLA2, ORACLE_ROUTER, EXACT_REST, ORACLE_EXACT)
 SAVEABLE_METHODS: tuple[str, ...] = (SPARSE_ONLY, HEURISTIC, SLA2)
 
 ALPHA_PARAMETERS = ("alpha_weight", "alpha_bias", "alpha_log_temperature")
@@ -113,26 +120,27 @@ class SLAProjLayer(SLA2Attention):
         return (sparse.float() + linear.float() @ self.linear_projection).to(q.dtype)
 
 
+def oracle_routing(layer: SLA2Attention, q: torch.Tensor, k: torch.Tensor) -> Routing:
+    """The layer's router scores (alpha's input) with the look-up table of the true top-k blocks."""
+    learned = layer.hard_routing(q, k)
+    if learned.all_selected:
+        return learned
+    chunk = ORACLE_CHUNK_ELEMENTS.get(q.device.type, ORACLE_CHUNK_ELEMENTS["cuda"])
+    with torch.no_grad():
+        mass = true_block_mass(
+            q.detach(), k.detach(), block_q=layer.block_q, block_k=layer.block_k, max_chunk_elements=chunk
+        )
+    return Routing(scores=learned.scores, lut=select_blocks(mass, learned.k_sel), k_sel=learned.k_sel)
+
+
 class OracleRouterLayer(SLA2Attention):
     """Routing by the true block masses of full attention (no gradient), alpha from the layer's predictor."""
 
     method = ORACLE_ROUTER
     trainable: tuple[str, ...] = ALPHA_PARAMETERS
 
-    def oracle_routing(self, q: torch.Tensor, k: torch.Tensor) -> Routing:
-        """The layer's router scores (alpha's input) with the look-up table of the true top-k blocks."""
-        learned = self.hard_routing(q, k)
-        if learned.all_selected:
-            return learned
-        chunk = ORACLE_CHUNK_ELEMENTS.get(q.device.type, ORACLE_CHUNK_ELEMENTS["cuda"])
-        with torch.no_grad():
-            mass = true_block_mass(
-                q.detach(), k.detach(), block_q=self.block_q, block_k=self.block_k, max_chunk_elements=chunk
-            )
-        return Routing(scores=learned.scores, lut=select_blocks(mass, learned.k_sel), k_sel=learned.k_sel)
-
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        routing = self.oracle_routing(q, k)
+        routing = oracle_routing(self, q, k)
         alpha = None if routing.all_selected else self.predict_alpha(routing, q.shape[2])
         return self.routed_attention(q, k, v, routing.lut, alpha)
 
@@ -143,8 +151,12 @@ class ExactRestLayer(SLA2Attention):
     method = EXACT_REST
     trainable: tuple[str, ...] = ALPHA_PARAMETERS
 
+    def rest_routing(self, q: torch.Tensor, k: torch.Tensor) -> Routing:
+        """The blocks O_s attends to; the rest is every other key block (here: the layer's own router)."""
+        return self.hard_routing(q, k)
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        routing = self.hard_routing(q, k)
+        routing = self.rest_routing(q, k)
         sparse = self.routed_attention(q, k, v, routing.lut, None)
         if routing.all_selected:
             return sparse
@@ -156,6 +168,15 @@ class ExactRestLayer(SLA2Attention):
         return (alpha * sparse.float() + (1.0 - alpha) * rest.float()).to(q.dtype)
 
 
+class OracleExactLayer(ExactRestLayer):
+    """The true top-k blocks for O_s and exact attention over the rest: only alpha's form and training remain."""
+
+    method = ORACLE_EXACT
+
+    def rest_routing(self, q: torch.Tensor, k: torch.Tensor) -> Routing:
+        return oracle_routing(self, q, k)
+
+
 LAYER_CLASSES: dict[str, type[SLA2Attention]] = {
     DENSE: DenseLayer,
     SPARSE_ONLY: SparseOnlyLayer,
@@ -164,6 +185,7 @@ LAYER_CLASSES: dict[str, type[SLA2Attention]] = {
     SLA2: SLA2Attention,
     ORACLE_ROUTER: OracleRouterLayer,
     EXACT_REST: ExactRestLayer,
+    ORACLE_EXACT: OracleExactLayer,
 }
 
 
