@@ -18,7 +18,9 @@
 #   quality: the same with QUALITY_STEPS steps (required) and QUALITY_MINUTES of budget (default 8): writes
 #           quality_embedded.csv, quality.log and shipped/ (the three files that go into sla2cli/assets/);
 #           QUALITY_METHODS=sla2 runs dense and sla2 at every sparsity only (4 jobs: more steps in the same time; a list
-#           without sla2 writes no shipped/); QUALITY_CALIBRATION_CLIPS, QUALITY_ROUTER_STEPS: stage 1 (3, 400)
+#           without sla2 writes no shipped/); QUALITY_SPARSITIES (e.g. 0.97) instead of 0.9,0.95,0.97;
+#           QUALITY_CALIBRATION_CLIPS, QUALITY_ROUTER_STEPS: stage 1 (3, 400); QUALITY_TESTS=1 runs every GPU test
+#           beside it (gpu_tests.log), which takes GPU time from the jobs
 #   final: kernel checksums of this tree, .old/ and .speed/ (a candidate kernel change), every GPU test, `sla2 bench`
 #           at 0.97 on both default shapes for this tree and .speed/, and 3 full-size Wan2.1-1.3B fine-tuning steps
 #   speed: every GPU test, `sla2 bench` with sla2-lowbit at 0.97 on both default shapes, the forward's and backward's
@@ -113,13 +115,19 @@ elif [ "$phase" = quality ]; then
   # The shipped form comes from the sla2 job at 0.97, so a run without sla2 writes none.
   ship=(--ship "$out/shipped")
   [ -n "${QUALITY_METHODS:-}" ] && [[ ",$QUALITY_METHODS," != *,sla2,* ]] && ship=()
+  [ -n "${QUALITY_SPARSITIES:-}" ] && matrix+=(--sparsities "$QUALITY_SPARSITIES")
+  if [ "${QUALITY_TESTS:-0}" = 1 ]; then
+    (timeout 300 python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | grep -v DEBUG > "$out/gpu_tests.log") &
+  fi
   # Stage 1 on the GPU: QUALITY_CALIBRATION_CLIPS and QUALITY_ROUTER_STEPS, by default 3 and 400 as the README's
   # first tables were made (the recipe's defaults, 1 and 150, are sized to take under 10 minutes on 2 CPU cores).
   timeout 575 python3 benchmarks/quality_suite.py "${matrix[@]}" --jobs 10 --steps "${QUALITY_STEPS:?}" \
     --calibration-clips "${QUALITY_CALIBRATION_CLIPS:-3}" --router-steps "${QUALITY_ROUTER_STEPS:-400}" \
     --device cuda --out /tmp/quality --csv "$out/quality_embedded.csv" "${ship[@]}" \
     --time-budget-minutes "${QUALITY_MINUTES:-8}" > "$out/quality.log" 2>&1
+  wait
   tail -12 "$out/quality.log" >> "$log"
+  [ -f "$out/gpu_tests.log" ] && tail -4 "$out/gpu_tests.log" | tee -a "$log"
 elif [ "$phase" = final ]; then
   # kernel checksums of this tree, of .old/ (an earlier commit) and of .speed/ (a candidate kernel change), each tree
   # laid out as installed (kernels/ as sla2_kernels/, recipes/ inside sla2cli/); every GPU test of this tree and the
