@@ -14,7 +14,7 @@ loop see the usual `sla2_layers`. Each runs forward and backward on CPU and GPU.
 | sla_proj | identity W_q, W_k | O_s + O_l P, P a D x D matrix, zero at start | P | no |
 | sla2 | the layer's (calibrated) | alpha O_s + (1 - alpha) O_l | alpha predictor | yes |
 | oracle_router | true top-k blocks of full attention | alpha O_s + (1 - alpha) O_l | alpha predictor | no |
-| exact_rest | the layer's (calibrated) | alpha O_s + (1 - alpha) O_r, O_r: softmax over the rest | alpha | no |
+| exact_rest | the layer's (calibrated) | alpha O_s + (1 - alpha) O_r, O_r softmax on the rest | alpha predictor | no |
 | oracle_exact | true top-k blocks of full attention | alpha O_s + (1 - alpha) O_r | alpha predictor | no |
 
 sparse_only, heuristic and sla2 are plain SLA2 layers with particular parameters (sparse_only: alpha
